@@ -1,0 +1,140 @@
+"""The one error family of edgeserve.
+
+Every error the core raises is an ``EdgeserveError``; its *kind* is protocol-neutral
+and exactly one table per edge (``api/status.py`` for gRPC, ``cli.py`` for exit codes)
+maps kinds to wire codes. Constructors take the facts and build the message, so a
+message always names the model, version, input or config key at fault.
+
+    EdgeserveError
+    ├── NotFound            unknown model or version
+    ├── InvalidArgument     bad shape / dtype / size / input name
+    ├── Overloaded          queue full (no work done)
+    ├── Expired             deadline passed while queued (model not run)
+    ├── Cancelled           the caller went away while queued
+    ├── NotReady            model or server not ready
+    ├── HandlerFailed       user or model code raised; message never carries input data
+    ├── MessageTooLarge     request over the configured size limit
+    ├── ConfigError         bad configuration, names the dotted key
+    ├── ArchiveError        malformed / tampered / unsafe model archive
+    ├── StoreError          model store I/O failure
+    ├── WarmupFailed        sample inputs did not give the expected outputs
+    └── ManagementError     refused management call (permissions, budget)
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Kind(enum.Enum):
+    NOT_FOUND = "not_found"
+    INVALID_ARGUMENT = "invalid_argument"
+    OVERLOADED = "overloaded"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    NOT_READY = "not_ready"
+    INTERNAL = "internal"
+    TOO_LARGE = "too_large"
+    PERMISSION_DENIED = "permission_denied"
+    FAILED_PRECONDITION = "failed_precondition"
+
+
+class EdgeserveError(Exception):
+    """Root of every error edgeserve raises on purpose."""
+
+    kind: Kind = Kind.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(EdgeserveError):
+    kind = Kind.NOT_FOUND
+
+    @classmethod
+    def model(cls, name: str, version: str | None = None) -> NotFound:
+        if version:
+            return cls(f"model '{name}' version '{version}' is not loaded")
+        return cls(f"model '{name}' is not loaded")
+
+
+class InvalidArgument(EdgeserveError):
+    kind = Kind.INVALID_ARGUMENT
+
+    @classmethod
+    def for_input(cls, model: str, input_name: str, problem: str) -> InvalidArgument:
+        return cls(f"model '{model}' input '{input_name}': {problem}")
+
+
+class Overloaded(EdgeserveError):
+    kind = Kind.OVERLOADED
+
+    @classmethod
+    def queue_full(cls, model: str, version: str, limit: int) -> Overloaded:
+        return cls(f"model '{model}' version '{version}': queue is full ({limit} requests)")
+
+
+class Expired(EdgeserveError):
+    kind = Kind.EXPIRED
+
+    @classmethod
+    def while_queued(cls, model: str, version: str) -> Expired:
+        return cls(f"model '{model}' version '{version}': deadline passed while queued")
+
+
+class Cancelled(EdgeserveError):
+    kind = Kind.CANCELLED
+
+
+class NotReady(EdgeserveError):
+    kind = Kind.NOT_READY
+
+    @classmethod
+    def model(cls, name: str, version: str, state: str) -> NotReady:
+        return cls(f"model '{name}' version '{version}' is not ready (state: {state})")
+
+
+class HandlerFailed(EdgeserveError):
+    """Model or handler code raised. The message is fixed text plus a correlation id."""
+
+    kind = Kind.INTERNAL
+
+    def __init__(self, model: str, version: str, correlation_id: str) -> None:
+        super().__init__(
+            f"model '{model}' version '{version}' failed during inference "
+            f"(correlation id {correlation_id}; see the daemon log)"
+        )
+        self.correlation_id = correlation_id
+
+
+class MessageTooLarge(EdgeserveError):
+    kind = Kind.TOO_LARGE
+
+
+class ConfigError(EdgeserveError):
+    kind = Kind.INVALID_ARGUMENT
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+class ArchiveError(EdgeserveError):
+    kind = Kind.INVALID_ARGUMENT
+
+
+class StoreError(EdgeserveError):
+    kind = Kind.INTERNAL
+
+
+class WarmupFailed(EdgeserveError):
+    kind = Kind.FAILED_PRECONDITION
+
+
+class ManagementError(EdgeserveError):
+    kind = Kind.FAILED_PRECONDITION
+
+
+class PermissionDenied(EdgeserveError):
+    kind = Kind.PERMISSION_DENIED

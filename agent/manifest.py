@@ -1,0 +1,231 @@
+"""The archive manifest: schema, validation (errors name the field), and JSON form.
+
+``manifest.json`` sits at the root of every archive::
+
+    {
+      "schema": 1,
+      "name": "mlp", "version": "1", "format": "torchscript",
+      "model_file": "model.pt",
+      "handler": "tensor",                      # built-in name, or a .py member of the archive
+      "handler_config": {},                     # free-form settings for the handler
+      "inputs":  [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
+      "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+      "batching": {"max_batch_size": 32, "max_queue_delay_ms": 2.0, "preferred_batch_sizes": []},
+      "quantization": {"mode": "dynamic", "engine": "fbgemm", "dtype": "qint8"} | null,
+      "samples": [{"inputs": {"x": "samples/0/x.npy"}, "outputs": {"y": "samples/0/y.npy"}}],
+      "tolerance": {"rtol": 1e-5, "atol": 1e-6},
+      "files": {"model.pt": "<sha256 hex>", ...},   # every member except manifest.json
+      "created_by": "edgeserve 0.1.0"
+    }
+
+Sample members: ``.npy`` for numeric tensors; for BYTES inputs a raw file holding one
+element (shape [1]); for BYTES outputs a ``.json`` list of UTF-8 strings.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeserve.errors import ArchiveError
+from edgeserve.types import DATATYPE_SIZES, TensorSpec
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FORMATS = ("torchscript",)
+QUANTIZATION_MODES = ("dynamic", "static")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class BatchingDefaults:
+    max_batch_size: int = 1
+    max_queue_delay_ms: float = 2.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sample:
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    model_file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    files: dict[str, str]
+    format: str = "torchscript"
+    handler: str = "tensor"
+    handler_config: dict[str, Any] = field(default_factory=dict)
+    batching: BatchingDefaults = BatchingDefaults()
+    quantization: dict[str, str] | None = None
+    samples: tuple[Sample, ...] = ()
+    rtol: float = 1e-5
+    atol: float = 1e-6
+    created_by: str = ""
+    schema: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "name": self.name,
+            "version": self.version,
+            "format": self.format,
+            "model_file": self.model_file,
+            "handler": self.handler,
+            "handler_config": self.handler_config,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "batching": {
+                "max_batch_size": self.batching.max_batch_size,
+                "max_queue_delay_ms": self.batching.max_queue_delay_ms,
+                "preferred_batch_sizes": list(self.batching.preferred_batch_sizes),
+            },
+            "quantization": self.quantization,
+            "samples": [{"inputs": s.inputs, "outputs": s.outputs} for s in self.samples],
+            "tolerance": {"rtol": self.rtol, "atol": self.atol},
+            "files": dict(sorted(self.files.items())),
+            "created_by": self.created_by,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        """Validate a parsed manifest; every error names the offending field."""
+        if not isinstance(data, dict):
+            raise _bad("manifest", "must be a JSON object")
+        schema = _get(data, "schema", int)
+        if schema != SCHEMA_VERSION:
+            raise _bad("schema", f"unsupported schema {schema} (this edgeserve reads {SCHEMA_VERSION})")
+        fmt = _get(data, "format", str)
+        if fmt not in FORMATS:
+            raise _bad("format", f"must be one of {list(FORMATS)}, got '{fmt}'")
+        files = _get(data, "files", dict)
+        for member, digest in files.items():
+            if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+                raise _bad(f"files.{member}", "must be a lowercase sha256 hex digest")
+        model_file = _get(data, "model_file", str)
+        if model_file not in files:
+            raise _bad("model_file", f"'{model_file}' is not listed in files")
+        batching = _batching(data.get("batching", {}))
+        quant = data.get("quantization")
+        if quant is not None:
+            if not isinstance(quant, dict) or quant.get("mode") not in QUANTIZATION_MODES:
+                raise _bad("quantization.mode", f"must be one of {list(QUANTIZATION_MODES)}")
+        tol = data.get("tolerance", {})
+        if not isinstance(tol, dict):
+            raise _bad("tolerance", "must be an object")
+        handler_config = data.get("handler_config", {})
+        if not isinstance(handler_config, dict):
+            raise _bad("handler_config", "must be an object")
+        return cls(
+            schema=schema,
+            name=_name(data, "name"),
+            version=_name(data, "version"),
+            format=fmt,
+            model_file=model_file,
+            handler=_get(data, "handler", str),
+            handler_config=handler_config,
+            inputs=_specs(data, "inputs"),
+            outputs=_specs(data, "outputs"),
+            batching=batching,
+            quantization=quant,
+            samples=_samples(data.get("samples", []), files),
+            rtol=_number(tol.get("rtol", 1e-5), "tolerance.rtol"),
+            atol=_number(tol.get("atol", 1e-6), "tolerance.atol"),
+            files=files,
+            created_by=str(data.get("created_by", "")),
+        )
+
+
+def _bad(key: str, problem: str) -> ArchiveError:
+    return ArchiveError(f"manifest field '{key}': {problem}")
+
+
+def _get(data: dict[str, Any], key: str, typ: type) -> Any:
+    if key not in data:
+        raise _bad(key, "is missing")
+    value = data[key]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise _bad(key, f"must be {typ.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _name(data: dict[str, Any], key: str) -> str:
+    value = _get(data, key, str)
+    if not _NAME_RE.match(value):
+        raise _bad(key, f"'{value}' must be 1-128 of letters, digits, '_', '.', '-'")
+    return value
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise _bad(key, f"must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def _specs(data: dict[str, Any], key: str) -> tuple[TensorSpec, ...]:
+    raw = _get(data, key, list)
+    if not raw:
+        raise _bad(key, "must list at least one tensor")
+    specs, seen = [], set()
+    for i, item in enumerate(raw):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(where, "must be an object")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise _bad(f"{where}.name", "must be a non-empty string")
+        if name in seen:
+            raise _bad(f"{where}.name", f"duplicate tensor name '{name}'")
+        seen.add(name)
+        dt = item.get("datatype")
+        if dt not in DATATYPE_SIZES:
+            raise _bad(f"{where}.datatype", f"must be one of {sorted(DATATYPE_SIZES)}, got {dt!r}")
+        shape = item.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape
+        ):
+            raise _bad(f"{where}.shape", "must be a list of integers >= -1")
+        specs.append(TensorSpec(name, dt, tuple(shape)))
+    return tuple(specs)
+
+
+def _batching(raw: Any) -> BatchingDefaults:
+    if not isinstance(raw, dict):
+        raise _bad("batching", "must be an object")
+    mbs = raw.get("max_batch_size", 1)
+    if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1:
+        raise _bad("batching.max_batch_size", f"must be an integer >= 1, got {mbs!r}")
+    delay = _number(raw.get("max_queue_delay_ms", 2.0), "batching.max_queue_delay_ms")
+    pref = raw.get("preferred_batch_sizes", [])
+    if not isinstance(pref, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= mbs for p in pref
+    ):
+        raise _bad("batching.preferred_batch_sizes", f"must be integers in 1..{mbs}")
+    return BatchingDefaults(mbs, delay, tuple(sorted(set(pref))))
+
+
+def _samples(raw: Any, files: dict[str, str]) -> tuple[Sample, ...]:
+    if not isinstance(raw, list):
+        raise _bad("samples", "must be a list")
+    samples = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise _bad(f"samples[{i}]", "must be an object")
+        parts = {}
+        for side in ("inputs", "outputs"):
+            mapping = item.get(side, {})
+            if not isinstance(mapping, dict):
+                raise _bad(f"samples[{i}].{side}", "must be an object")
+            for tensor, member in mapping.items():
+                if member not in files:
+                    raise _bad(f"samples[{i}].{side}.{tensor}", f"'{member}' is not listed in files")
+            parts[side] = dict(mapping)
+        samples.append(Sample(parts["inputs"], parts["outputs"]))
+    return tuple(samples)
