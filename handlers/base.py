@@ -42,6 +42,17 @@ class BaseHandler:
 
     context: HandlerContext
 
+    @classmethod
+    def served_signature(
+        cls, config: dict[str, Any]
+    ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None:
+        """The (inputs, outputs) clients see, when they differ from the model's own.
+
+        The image classifier, say, takes encoded BYTES and returns labels, while its
+        TorchScript module takes a float tensor. None means: the model's signature.
+        """
+        return None
+
     def initialize(self, context: HandlerContext) -> None:
         self.context = context
 
