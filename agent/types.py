@@ -103,3 +103,31 @@ class InferResult:
     outputs: dict[str, TensorValue]
     request_id: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How one live version is served. None means: take the archive's default."""
+
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float | None = None
+    max_queue_size: int = 256
+    preferred_batch_sizes: tuple[int, ...] | None = None
+    instances: int = 1
+    # Intra-op threads per instance; None splits the cores across instances.
+    intra_op_threads: int | None = None
+    # auto | cpu | cuda | cuda:N; None = the daemon's runtime.device.
+    device: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        if self.preferred_batch_sizes is not None:
+            data["preferred_batch_sizes"] = list(self.preferred_batch_sizes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSettings:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("preferred_batch_sizes") is not None:
+            known["preferred_batch_sizes"] = tuple(known["preferred_batch_sizes"])
+        return cls(**known)
