@@ -1,0 +1,193 @@
+"""The composition root: builds the object graph from ``Config`` and owns start and stop.
+
+Start order: directories -> store -> registry -> lifecycle -> restore what was live ->
+configured archives -> gRPC server -> READY=1. Stop order (SIGTERM/SIGINT): STOPPING=1 ->
+the server stops accepting and drains in-flight RPCs within ``server.grace_period_s`` ->
+lifecycle drains and unloads every batcher -> exit 0. Signal handlers only set flags; the
+tick loop acts on them (and on SIGHUP's reload flag) and pets the systemd watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeserve import __version__
+from edgeserve.api.server import InferenceServer
+from edgeserve.config import Config, ModelConfig
+from edgeserve.errors import EdgeserveError
+from edgeserve.lifecycle import Lifecycle
+from edgeserve.registry import ModelRegistry
+from edgeserve.runtime import RuntimeOptions
+from edgeserve.sdnotify import Notifier
+from edgeserve.signing import TrustStore
+from edgeserve.store import ModelStore
+from edgeserve.types import ModelSettings
+
+log = logging.getLogger("edgeserve.daemon")
+
+TICK_SECONDS = 1.0
+
+
+@dataclass
+class _Flags:
+    should_exit: bool = False
+    force_exit: bool = False
+    reload: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Daemon:
+    """One edgeserve process: serve until told to stop, then drain and exit."""
+
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier.from_env()
+        self.started_at = time.time()
+        state_dir = Path(config.state_dir)
+        trust = TrustStore.from_paths([Path(p) for p in config.trust.keys])
+        self.store = ModelStore(
+            state_dir / "models",
+            trust if config.trust.require_signed else None,
+            live_state_path=state_dir / "live.json",
+        )
+        self.registry = ModelRegistry()
+        self.lifecycle = Lifecycle(
+            store=self.store,
+            registry=self.registry,
+            runtime_options=RuntimeOptions(device=config.runtime.device, fp16=config.runtime.fp16),
+            memory_budget_mb=config.runtime.memory_budget_mb,
+            drain_timeout_s=config.server.grace_period_s,
+        )
+        self.server = InferenceServer(
+            registry=self.registry,
+            listen=list(config.server.listen),
+            max_message_bytes=config.server.max_message_bytes,
+            allow_non_loopback=config.server.allow_non_loopback,
+            server_version=__version__,
+            is_ready=self.is_ready,
+        )
+        self._flags = _Flags()
+        self._ready = False
+
+    def is_ready(self) -> bool:
+        return self._ready and self.registry.all_ready()
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; return the process exit code."""
+        restore = self._install_signal_handlers()
+        try:
+            await self._startup()
+            await self._tick_loop()
+        finally:
+            await self._shutdown()
+            restore()
+        return 0
+
+    # -- startup --------------------------------------------------------------------------
+
+    async def _startup(self) -> None:
+        for path in (Path(self.config.state_dir), Path(self.config.run_dir)):
+            path.mkdir(parents=True, exist_ok=True, mode=0o750)
+        await asyncio.to_thread(self.store.collect_garbage)
+        problems = await self.lifecycle.restore(self.store.read_live_state())
+        for model in self.config.models:
+            await self._load_configured(model)
+        await self.server.start()
+        self._ready = True
+        for address in self.server.addresses:
+            log.info("serving inference on %s", address)
+        self.notifier.ready()
+        self.notifier.status(self._status_line(problems))
+
+    async def _load_configured(self, model: ModelConfig) -> None:
+        if model.archive is not None:
+            installed = await self.lifecycle.install(Path(model.archive))
+            name, version = installed.name, installed.version
+        elif model.name and model.version:
+            name, version = model.name, model.version
+        else:  # config validation guarantees one of the two; keep mypy honest
+            raise EdgeserveError("models[]: needs 'archive' or 'name' and 'version'")
+        settings = ModelSettings(**model.settings_dict())
+        if self.registry.find(name, version) is None:
+            await self.lifecycle.load(name, version, settings, make_default=model.default)
+        elif model.default:
+            await self.lifecycle.set_default(name, version)
+
+    def _status_line(self, problems: list[str]) -> str:
+        live = ", ".join(f"{m.name}/{m.version}" for m in self.registry.all()) or "no models"
+        text = f"serving {live}"
+        return text + (f"; {len(problems)} failed to restore" if problems else "")
+
+    # -- running --------------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        watchdog = self.notifier.watchdog_interval()
+        tick = min(TICK_SECONDS, watchdog / 2) if watchdog else TICK_SECONDS
+        while not self._flags.should_exit:
+            try:
+                await asyncio.wait_for(self._flags.wake.wait(), tick)
+            except TimeoutError:
+                pass
+            self._flags.wake.clear()
+            self.notifier.watchdog()
+            if self._flags.reload:
+                self._flags.reload = False
+                await self._reload()
+
+    async def _reload(self) -> None:
+        """SIGHUP: load configured models that are not live yet (config is re-read by cli)."""
+        self.notifier.reloading()
+        try:
+            for model in self.config.models:
+                await self._load_configured(model)
+        except EdgeserveError as exc:
+            log.error("reload failed: %s", exc)
+        self.notifier.ready()
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        self._ready = False
+        self.notifier.stopping()
+        grace = self.config.server.grace_period_s
+        log.info("stopping: draining in-flight requests (up to %.0fs)", grace)
+        await self.server.stop(grace)
+        await self.lifecycle.close()
+        log.info("stopped")
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        loop = asyncio.get_running_loop()
+
+        def on_exit() -> None:
+            if self._flags.should_exit:
+                self._flags.force_exit = True
+                log.warning("second signal: exiting without waiting for the drain")
+                raise SystemExit(1)
+            self._flags.should_exit = True
+            self._flags.wake.set()
+
+        def on_hup() -> None:
+            self._flags.reload = True
+            self._flags.wake.set()
+
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_exit)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+        def restore() -> None:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+        return restore
+
+    def request_stop(self) -> None:
+        """Stop as SIGTERM would (for embedding and tests)."""
+        self._flags.should_exit = True
+        self._flags.wake.set()

@@ -1,0 +1,292 @@
+"""The one interface that changes what is live: load, unload, set default, scale, swap.
+
+Every change runs under one lock and follows load-new, flip, drain-old:
+a version is loaded, warmed and self-checked *beside* what is live, and only then added
+to the registry; a failure on the way leaves the registry exactly as it was. An unload
+takes the version out of the index first (new requests go elsewhere or get NOT_FOUND),
+waits until the requests it admitted have finished, then frees its memory.
+After each change the live set is persisted atomically through the store, so a restart
+(also after kill -9) comes back to the same set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from edgeserve.batching import AdaptiveBatcher, BatchSettings
+from edgeserve.errors import ManagementError, NotFound
+from edgeserve.registry import LiveModel, ModelRegistry, ModelState
+from edgeserve.runtime import LoadedModel, RuntimeOptions, load_model
+from edgeserve.store import InstalledModel, LiveEntry, ModelStore
+from edgeserve.types import ModelSettings
+from edgeserve.worker import InstanceWorker
+
+log = logging.getLogger("edgeserve.lifecycle")
+
+# A TorchScript module needs roughly its file size again while it loads (zip + tensors).
+_LOAD_MEMORY_FACTOR = 2.0
+
+
+@dataclass
+class _Serving:
+    """What lifecycle keeps per live version to tear it down again."""
+
+    live: LiveModel
+    loaded: LoadedModel
+    batcher: AdaptiveBatcher
+    workers: list[InstanceWorker]
+    settings: ModelSettings
+
+
+class Lifecycle:
+    """Loads, swaps and unloads model versions; the only writer of the registry."""
+
+    def __init__(
+        self,
+        *,
+        store: ModelStore,
+        registry: ModelRegistry,
+        runtime_options: RuntimeOptions,
+        memory_budget_mb: int = 0,
+        drain_timeout_s: float = 30.0,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._runtime_options = runtime_options
+        self._memory_budget = memory_budget_mb * 1024 * 1024
+        self._drain_timeout = drain_timeout_s
+        self._on_change = on_change
+        self._serving: dict[tuple[str, str], _Serving] = {}
+        self._lock = asyncio.Lock()
+
+    # -- queries --------------------------------------------------------------------------
+
+    def settings(self, name: str, version: str) -> ModelSettings:
+        serving = self._serving.get((name, version))
+        if serving is None:
+            raise NotFound.model(name, version)
+        return serving.settings
+
+    def live_entries(self) -> list[LiveEntry]:
+        return [
+            LiveEntry(
+                name=s.live.name,
+                version=s.live.version,
+                default=self._registry.default_version(s.live.name) == s.live.version,
+                settings=s.settings.to_dict(),
+            )
+            for s in self._serving.values()
+        ]
+
+    # -- changes --------------------------------------------------------------------------
+
+    async def install(self, archive: Path) -> InstalledModel:
+        """Verify an archive and add it to the store (nothing becomes live)."""
+        return await asyncio.to_thread(self._store.install, archive)
+
+    async def load(
+        self,
+        name: str,
+        version: str,
+        settings: ModelSettings | None = None,
+        *,
+        make_default: bool = False,
+    ) -> LiveModel:
+        """Load a stored version beside what is live; flip the default when asked."""
+        async with self._lock:
+            live = await self._load_locked(name, version, settings or ModelSettings())
+            if make_default:
+                self._registry.set_default(name, version)
+            self._persist()
+            return live
+
+    async def swap(self, name: str, version: str, settings: ModelSettings | None = None) -> None:
+        """Load ``version``, make it the default, then unload every other version of ``name``."""
+        async with self._lock:
+            if (name, version) not in self._serving:
+                await self._load_locked(name, version, settings or ModelSettings())
+            self._registry.set_default(name, version)
+            self._persist()
+            old = [v for v in self._registry.versions(name) if v != version]
+            for other in old:
+                await self._unload_locked(name, other)
+            self._persist()
+
+    async def unload(self, name: str, version: str) -> None:
+        async with self._lock:
+            await self._unload_locked(name, version)
+            self._persist()
+
+    async def set_default(self, name: str, version: str) -> None:
+        async with self._lock:
+            self._registry.set_default(name, version)
+            self._persist()
+
+    async def scale(self, name: str, version: str, **changes: Any) -> ModelSettings:
+        """Apply new serving settings by loading a fresh instance set, then swapping.
+
+        The version keeps serving throughout: the new batcher and workers are built and
+        warmed first, the registry entry is replaced, and the old set drains.
+        """
+        async with self._lock:
+            serving = self._serving.get((name, version))
+            if serving is None:
+                raise NotFound.model(name, version)
+            settings = replace(serving.settings, **changes)
+            was_default = self._registry.default_version(name) == version
+            fresh = await self._build(name, version, settings)
+            self._registry.remove(name, version)
+            self._registry.add(fresh.live, make_default=was_default)
+            self._serving[(name, version)] = fresh
+            await self._teardown(serving)
+            self._persist()
+            return settings
+
+    async def restore(self, entries: Sequence[LiveEntry]) -> list[str]:
+        """Bring back a persisted live set; returns one message per entry that failed."""
+        problems = []
+        for entry in entries:
+            try:
+                await self.load(
+                    entry.name,
+                    entry.version,
+                    ModelSettings.from_dict(entry.settings),
+                    make_default=entry.default,
+                )
+            except Exception as exc:  # one bad entry must not keep the others down
+                log.error("could not restore %s/%s: %s", entry.name, entry.version, exc)
+                problems.append(f"{entry.name}/{entry.version}: {exc}")
+        return problems
+
+    async def close(self) -> None:
+        """Drain and unload everything (daemon shutdown); the persisted set is kept."""
+        async with self._lock:
+            for name, version in list(self._serving):
+                await self._unload_locked(name, version)
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _load_locked(self, name: str, version: str, settings: ModelSettings) -> LiveModel:
+        if (name, version) in self._serving:
+            raise ManagementError(f"model '{name}' version '{version}' is already live")
+        serving = await self._build(name, version, settings)
+        self._registry.add(serving.live)
+        self._serving[(name, version)] = serving
+        return serving.live
+
+    async def _build(self, name: str, version: str, settings: ModelSettings) -> _Serving:
+        started = time.monotonic()
+        installed = await asyncio.to_thread(self._store.get, name, version)
+        self._check_memory(installed)
+        options = self._runtime_options
+        if settings.device:
+            options = replace(options, device=settings.device)
+        loaded = await asyncio.to_thread(load_model, installed.path, installed.manifest, options)
+        try:
+            if options.warmup:
+                await asyncio.to_thread(loaded.warm_up)
+            return self._assemble(installed, loaded, settings, time.monotonic() - started)
+        except BaseException:
+            await asyncio.to_thread(loaded.close)
+            raise
+
+    def _assemble(
+        self, installed: InstalledModel, loaded: LoadedModel, settings: ModelSettings, took: float
+    ) -> _Serving:
+        manifest = installed.manifest
+        defaults = manifest.batching
+        instances = max(1, settings.instances)
+        threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // instances)
+        batch = BatchSettings(
+            max_batch_size=settings.max_batch_size or defaults.max_batch_size,
+            max_queue_delay_s=(
+                settings.max_queue_delay_ms
+                if settings.max_queue_delay_ms is not None
+                else defaults.max_queue_delay_ms
+            )
+            / 1000.0,
+            max_queue_size=settings.max_queue_size,
+            preferred_batch_sizes=(
+                settings.preferred_batch_sizes
+                if settings.preferred_batch_sizes is not None
+                else defaults.preferred_batch_sizes
+            ),
+            instances=instances,
+        )
+        label = f"{manifest.name}/{manifest.version}"
+        workers = [
+            InstanceWorker(loaded.run, threads, loaded.device, f"{label}#{i}")
+            for i in range(instances)
+        ]
+        batcher = AdaptiveBatcher(manifest.name, manifest.version, batch, workers)
+        live = LiveModel(
+            name=manifest.name,
+            version=manifest.version,
+            inputs=manifest.inputs,
+            outputs=manifest.outputs,
+            max_batch_size=batch.max_batch_size,
+            submit=batcher.submit,
+            device=str(loaded.device),
+            state=ModelState.READY,
+            info={
+                "instances": instances,
+                "intra_op_threads": threads,
+                "max_batch_size": batch.max_batch_size,
+                "max_queue_delay_ms": batch.max_queue_delay_s * 1000.0,
+                "max_queue_size": batch.max_queue_size,
+                "loaded_at": time.time(),
+                "load_seconds": round(took, 3),
+                "quantization": manifest.quantization,
+            },
+        )
+        log.info("loaded %s on %s in %.2fs (%d instance(s))", label, loaded.device, took, instances)
+        return _Serving(live, loaded, batcher, workers, settings)
+
+    async def _unload_locked(self, name: str, version: str) -> None:
+        serving = self._serving.pop((name, version), None)
+        if serving is None:
+            raise NotFound.model(name, version)
+        self._registry.remove(name, version)
+        await self._teardown(serving)
+
+    async def _teardown(self, serving: _Serving) -> None:
+        live = serving.live
+        try:
+            await asyncio.wait_for(live.wait_idle(), self._drain_timeout)
+        except TimeoutError:
+            log.warning("%s/%s: drain timed out, failing what is left", live.name, live.version)
+        await serving.batcher.close()
+        for worker in serving.workers:
+            await asyncio.to_thread(worker.close)
+        await asyncio.to_thread(serving.loaded.close)
+        gc.collect()
+        log.info("unloaded %s/%s", live.name, live.version)
+
+    def _check_memory(self, installed: InstalledModel) -> None:
+        if not self._memory_budget:
+            return
+        model_bytes = (installed.path / installed.manifest.model_file).stat().st_size
+        need = int(model_bytes * _LOAD_MEMORY_FACTOR)
+        rss = psutil.Process().memory_info().rss
+        if rss + need > self._memory_budget:
+            raise ManagementError(
+                f"model '{installed.name}' version '{installed.version}' needs about "
+                f"{need / 2**20:.0f} MiB; {rss / 2**20:.0f} MiB in use of a "
+                f"{self._memory_budget / 2**20:.0f} MiB budget (runtime.memory_budget_mb)"
+            )
+
+    def _persist(self) -> None:
+        self._store.write_live_state(self.live_entries())
+        if self._on_change is not None:
+            self._on_change()
