@@ -20,7 +20,21 @@ import torch
 
 from edgeserve.types import BytesTensor, TensorSpec, TensorValue
 
-__all__ = ["BaseHandler", "BytesTensor", "HandlerContext", "TensorValue"]
+__all__ = ["BaseHandler", "BytesTensor", "HandlerContext", "InputRejected", "TensorValue"]
+
+
+class InputRejected(ValueError):
+    """Raised by a handler when the client sent an input it cannot use.
+
+    The runtime turns it into an InvalidArgument error naming the model and input, so
+    the client gets INVALID_ARGUMENT instead of INTERNAL. ``problem`` must describe the
+    fault without quoting the input's content (no payloads in messages or logs).
+    """
+
+    def __init__(self, input_name: str, problem: str) -> None:
+        super().__init__(f"input '{input_name}': {problem}")
+        self.input_name = input_name
+        self.problem = problem
 
 
 @dataclass
