@@ -1,0 +1,142 @@
+"""End to end: package -> `edgeserve serve` in a child process -> stock clients -> SIGTERM."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton
+
+from tests.conftest import SLOW_HANDLER_SOURCE
+
+
+def _reference(mlp_source: Path, quantize: bool = False) -> torch.nn.Module:
+    spec = importlib.util.spec_from_file_location("mlp_ref", mlp_source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.build()
+    if quantize:
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def _triton_infer(url: str, model: str, x: np.ndarray, version: str = ""):
+    with triton.InferenceServerClient(url=url) as client:
+        inp = triton.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer(model, [inp], model_version=version)
+
+
+def test_fp32_outputs_equal_in_process_torch(daemons, mlp_archive_factory, mlp_source):
+    daemon = daemons.start(mlp_archive_factory("1"))
+    x = np.random.default_rng(7).standard_normal((3, 16)).astype(np.float32)
+    result = _triton_infer(daemon.tcp, "mlp", x)
+    served = result.as_numpy("output__0")
+    with torch.inference_mode():
+        expected = _reference(mlp_source)(torch.from_numpy(x)).numpy()
+    assert served.shape == (3, 4)
+    torch.testing.assert_close(torch.from_numpy(served), torch.from_numpy(expected))
+    assert result.get_response().model_version == "1"
+
+
+def test_int8_outputs_within_tolerance_of_fp32(daemons, mlp_archive_factory, mlp_source):
+    daemon = daemons.start(mlp_archive_factory("1", quantize="dynamic"))
+    x = np.random.default_rng(8).standard_normal((4, 16)).astype(np.float32)
+    served = _triton_infer(daemon.tcp, "mlp", x).as_numpy("output__0")
+    with torch.inference_mode():
+        fp32 = _reference(mlp_source)(torch.from_numpy(x)).numpy()
+        int8 = _reference(mlp_source, quantize=True)(torch.from_numpy(x)).numpy()
+    # Served int8 matches in-process int8 closely, and fp32 within quantization error.
+    np.testing.assert_allclose(served, int8, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(served, fp32, rtol=0.1, atol=0.05)
+    assert not np.allclose(served, fp32, rtol=0, atol=1e-7), "int8 served exactly fp32?"
+
+
+def test_unix_socket_serves_the_same_model(daemons, mlp_archive_factory):
+    daemon = daemons.start(mlp_archive_factory("1"))
+    x = np.ones((1, 16), dtype=np.float32)
+    with daemon.client() as tcp_client, __import__(
+        "edgeserve.api.client", fromlist=["InferenceClient"]
+    ).InferenceClient(daemon.uds_address) as uds_client:
+        _, over_tcp = tcp_client.infer("mlp", {"x": x})
+        _, over_uds = uds_client.infer("mlp", {"x": x})
+    np.testing.assert_array_equal(over_tcp["output__0"], over_uds["output__0"])
+    assert oct(daemon.uds.stat().st_mode & 0o777) == oct(0o660)
+
+
+def test_sigterm_drains_requests_in_flight(daemons, mlp_archive_factory, tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    handler = tmp_path / "slow_handler.py"
+    handler.write_text(SLOW_HANDLER_SOURCE)
+    archive = mlp_archive_factory(
+        "1", handler=str(handler), max_batch_size=1, name="slow",
+        handler_config={"sleep_s": 1.5, "marker_dir": str(markers)},
+    )
+    # Three instances: each request starts on its own instance and drops a marker file.
+    daemon = daemons.start(archive, extra_config="batching:\n  instances: 3\n")
+    x = np.ones((1, 16), dtype=np.float32)
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            results.append(_triton_infer(daemon.tcp, "slow", x).as_numpy("output__0"))
+        except Exception as exc:  # collected and asserted below
+            results.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    warmups = len(list(markers.iterdir()))  # warm-up ran the handler too
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(list(markers.iterdir())) < warmups + 3:
+        assert time.monotonic() < deadline, "requests never reached the model"
+        time.sleep(0.01)
+    code = daemon.terminate()
+    for t in threads:
+        t.join(30)
+    assert code == 0, daemon.log()
+    assert len(results) == 3
+    assert all(isinstance(r, np.ndarray) and r.shape == (1, 4) for r in results), results
+    with pytest.raises(triton.InferenceServerException):
+        _triton_infer(daemon.tcp, "slow", x)
+
+
+def test_restart_comes_back_with_the_same_models(daemons, mlp_archive_factory):
+    daemon = daemons.start(mlp_archive_factory("1"))
+    assert daemon.terminate() == 0
+    again = daemons.start(state_dir=daemon.state_dir)
+    version, _ = again.client().infer("mlp", {"x": np.ones((1, 16), dtype=np.float32)})
+    assert version == "1"
+
+
+def test_unsigned_archive_is_refused(daemons, mlp_source, mlp_example, tmp_path):
+    from edgeserve.packager import build_archive
+
+    unsigned = tmp_path / "unsigned.esar"
+    build_archive(f"{mlp_source}:build", name="mlp", version="1", output=unsigned,
+                  example_inputs=[("x", mlp_example)])
+    daemon = daemons.start(unsigned, wait=False)
+    code = daemon.process.wait(timeout=60)
+    assert code != 0
+    assert "not signed" in daemon.log()
+    assert not (daemon.state_dir / "models" / "mlp").exists()
+
+
+def test_config_error_names_the_key_and_exits_2(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("server:\n  grace_period_s: -1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeserve", "serve", "--config", str(config),
+         "--state-dir", str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "server.grace_period_s" in proc.stderr
