@@ -1,0 +1,565 @@
+"""Batching mechanics for one live model version (the policy is ``batch_policy``).
+
+``AdaptiveBatcher.submit`` is what ``LiveModel.submit`` calls. A request goes into the
+queue of its *key* (name, dtype and non-batch shape of every input, so requests that
+cannot be concatenated never meet), the total across keys bounded by
+``max_queue_size``; the caller awaits a future that is resolved exactly once:
+
+- with its outputs, split back from the batch (views, no copies);
+- ``Overloaded`` at once when the queue is full (nothing queued, no work done);
+- ``Expired`` when its deadline passes while queued (a timer fails it at the deadline,
+  and dispatch re-checks; an expired request never runs);
+- ``HandlerFailed`` (the original exception as ``__cause__``, logged with the same
+  correlation id) or the ``EdgeserveError`` itself when its batch raised: a failing
+  batch fails only its own requests;
+- ``NotReady`` when the batcher is drained or closed before the request ran.
+A caller that goes away (its task cancelled) leaves the queue: the entry is marked dead,
+skipped at dispatch, and compacted away, so memory stays bounded.
+
+Dispatch is event driven rather than one asyncio task per instance: whenever something
+changes (a request arrives, a batch finishes, a policy timer fires) ``_kick`` runs
+synchronously on the loop and, for each idle instance, asks ``batch_policy.decide``
+about the queue whose head is oldest, then hands up to ``n`` rows to that instance's
+executor, or arms one timer for ``Wait.until``. At concurrency 1 a request therefore
+costs one hop to the instance thread and one back, with no dispatcher task to wake in
+between. The batcher feeds the policy: arrival times are recorded at submit, and each
+batch's service time (dispatch to results, as the loop sees it) goes into the fit.
+
+A request whose own batch dimension is larger than ``max_batch_size`` runs alone, whole
+(it is never split across batches). Stacking and splitting are the executor's job
+(``worker``), on the instance thread; this module never touches tensor data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+from edgeserve.batch_policy import ArrivalRate, ServiceTimeFit, Wait, decide
+from edgeserve.errors import (
+    ConfigError,
+    EdgeserveError,
+    Expired,
+    HandlerFailed,
+    NotReady,
+    Overloaded,
+)
+from edgeserve.types import InferRequest, InferResult, TensorValue
+
+log = logging.getLogger("edgeserve.batching")
+
+Tensors = dict[str, TensorValue]
+# Keep this many empty per-shape queues around before dropping them.
+_KEEP_EMPTY_QUEUES = 16
+# Compact a queue once its dead entries outnumber the live ones by this much.
+_COMPACT_SLACK = 16
+_QUEUED, _RUNNING, _FINISHED = 0, 1, 2
+
+
+class BatchExecutor(Protocol):
+    """Runs formed batches on one instance (``worker.InstanceWorker``)."""
+
+    def submit_parts(
+        self,
+        parts: Sequence[Mapping[str, TensorValue]],
+        sizes: Sequence[int],
+        loop: asyncio.AbstractEventLoop,
+        done: Callable[[list[Tensors] | None, BaseException | None], None],
+    ) -> None: ...
+
+    def close(self, timeout: float | None = None) -> bool: ...
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """Batching for one model version; errors name the ``batching.*`` key."""
+
+    max_batch_size: int
+    """Most rows (dim 0, summed over requests) in one batch."""
+    max_queue_delay_s: float
+    """Upper bound on the wait added for the oldest queued request, in seconds."""
+    max_queue_size: int
+    """Most requests queued (not yet running) across all shapes; more are refused."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Sizes to cut a batch at when not waiting (e.g. kernels tuned for 8 and 16)."""
+    instances: int = 1
+    """Execution threads (one executor each)."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigError("batching.max_batch_size", f"must be >= 1, got {self.max_batch_size}")
+        if not (self.max_queue_delay_s >= 0.0 and math.isfinite(self.max_queue_delay_s)):
+            raise ConfigError(
+                "batching.max_queue_delay", f"must be >= 0 s, got {self.max_queue_delay_s}"
+            )
+        if self.max_queue_size < 1:
+            raise ConfigError("batching.max_queue_size", f"must be >= 1, got {self.max_queue_size}")
+        if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
+            raise ConfigError(
+                "batching.preferred_batch_sizes",
+                f"must be in 1..{self.max_batch_size}, got {list(self.preferred_batch_sizes)}",
+            )
+        if self.instances < 1:
+            raise ConfigError("batching.instances", f"must be >= 1, got {self.instances}")
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    """A snapshot for recorders and ``status``."""
+
+    queue_depth: int
+    running: int
+    batches: int
+    completed: int
+    failed: int
+    expired: int
+    cancelled: int
+    rejected: int
+    batch_sizes: dict[int, int]
+    """Batch size in rows -> number of batches of that size."""
+
+    @property
+    def mean_batch_size(self) -> float:
+        total = sum(self.batch_sizes.values())
+        return sum(s * n for s, n in self.batch_sizes.items()) / total if total else 0.0
+
+
+class _Queue:
+    __slots__ = ("entries", "rows", "live", "dead")
+
+    def __init__(self) -> None:
+        self.entries: deque[_Entry] = deque()
+        self.rows = 0
+        self.live = 0
+        self.dead = 0
+
+
+class _Entry:
+    __slots__ = ("request", "rows", "future", "enqueued_at", "queue", "timer", "state", "ran")
+
+    def __init__(
+        self,
+        request: InferRequest,
+        rows: int,
+        future: asyncio.Future[Tensors],
+        at: float,
+        q: _Queue,
+    ) -> None:
+        self.request = request
+        self.rows = rows
+        self.future = future
+        self.enqueued_at = at
+        self.queue = q
+        self.timer: asyncio.TimerHandle | None = None
+        self.state = _QUEUED
+        self.ran: tuple[float, float] = (0.0, 0.0)  # (dispatched at, batch service time)
+
+
+class _Batch:
+    __slots__ = ("entries", "executor", "started", "rows")
+
+    def __init__(self, entries: list[_Entry], executor: BatchExecutor, started: float) -> None:
+        self.entries = entries
+        self.executor = executor
+        self.started = started
+        self.rows = sum(e.rows for e in entries)
+
+
+class AdaptiveBatcher:
+    """Queues, batches and dispatches the requests of one model version."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        settings: BatchSettings,
+        executors: Sequence[BatchExecutor],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        fit: ServiceTimeFit | None = None,
+        arrivals: ArrivalRate | None = None,
+    ) -> None:
+        if len(executors) != settings.instances:
+            raise ValueError(
+                f"model '{model}' version '{version}': {len(executors)} executors "
+                f"for {settings.instances} instances"
+            )
+        self.model = model
+        self.version = version
+        self.settings = settings
+        self._executors = tuple(executors)
+        self._idle = list(executors)
+        self._clock = clock
+        self._fit = fit or ServiceTimeFit()
+        self._arrivals = arrivals or ArrivalRate()
+        self._queues: dict[Hashable, _Queue] = {}
+        self._active: set[_Batch] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._quiet: asyncio.Event | None = None
+        self._state = "ready"
+        self._depth = self._running = 0
+        self._batches = self._completed = self._failed = 0
+        self._expired = self._cancelled = self._rejected = 0
+        self._sizes: dict[int, int] = {}
+
+    # -- reads --------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests queued and not yet running."""
+        return self._depth
+
+    @property
+    def running(self) -> int:
+        """Requests in batches that are running now."""
+        return self._running
+
+    @property
+    def admitting(self) -> bool:
+        """False once ``drain`` or ``close`` started."""
+        return self._state == "ready"
+
+    @property
+    def fit(self) -> ServiceTimeFit:
+        return self._fit
+
+    def stats(self) -> BatcherStats:
+        return BatcherStats(
+            queue_depth=self._depth,
+            running=self._running,
+            batches=self._batches,
+            completed=self._completed,
+            failed=self._failed,
+            expired=self._expired,
+            cancelled=self._cancelled,
+            rejected=self._rejected,
+            batch_sizes=dict(self._sizes),
+        )
+
+    # -- the hot path -------------------------------------------------------------------
+
+    async def submit(self, request: InferRequest) -> InferResult:
+        """Queue ``request``, wait for its batch, return its own outputs."""
+        if self._state != "ready":
+            raise NotReady.model(self.model, self.version, self._state)
+        if self._depth >= self.settings.max_queue_size:
+            self._rejected += 1
+            raise Overloaded.queue_full(self.model, self.version, self.settings.max_queue_size)
+        loop = self._loop = asyncio.get_running_loop()
+        entry = self._enqueue(request, self._clock(), loop)
+        self._kick()
+        try:
+            outputs = await entry.future
+        except asyncio.CancelledError:
+            if entry.state == _QUEUED:
+                self._remove(entry)
+                self._cancelled += 1
+                self._check_quiet()
+            raise
+        wanted = request.requested_outputs
+        if wanted:
+            outputs = {name: outputs[name] for name in wanted if name in outputs}
+        dispatched_at, service = entry.ran
+        return InferResult(
+            self.model,
+            self.version,
+            outputs,
+            request.request_id,
+            {"queue_s": dispatched_at - entry.enqueued_at, "batch_s": service},
+        )
+
+    def _enqueue(
+        self, request: InferRequest, now: float, loop: asyncio.AbstractEventLoop
+    ) -> _Entry:
+        inputs = request.inputs
+        key = _queue_key(inputs)
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = _Queue()
+        rows = _rows(inputs)
+        entry = _Entry(request, rows, loop.create_future(), now, q)
+        q.entries.append(entry)
+        q.rows += rows
+        q.live += 1
+        self._depth += 1
+        self._arrivals.record(now, rows)
+        if request.deadline is not None:
+            entry.timer = loop.call_later(request.deadline - now, self._expire, entry)
+        return entry
+
+    def _kick(self) -> None:
+        """Give work to idle instances, or arm the policy's timer."""
+        s = self.settings
+        while self._idle and self._depth:
+            now = self._clock()
+            q = self._oldest_queue()
+            if q is None:
+                return
+            rate = self._arrivals.rate(now) if self._state == "ready" else 0.0
+            decision = decide(
+                now,
+                q.entries[0].enqueued_at,
+                q.rows,
+                s.max_batch_size,
+                s.max_queue_delay_s,
+                s.preferred_batch_sizes,
+                rate,
+                self._fit,
+                True,
+            )
+            if isinstance(decision, Wait):
+                self._arm_timer(now, decision.until)
+                return
+            entries = self._take(q, decision.size, now)
+            if entries:
+                self._launch(_Batch(entries, self._idle.pop(), now))
+
+    def _oldest_queue(self) -> _Queue | None:
+        best: _Queue | None = None
+        empty: list[Hashable] = []
+        for key, q in self._queues.items():
+            entries = q.entries
+            while entries and entries[0].state != _QUEUED:
+                entries.popleft()
+                q.dead -= 1
+            if not entries:
+                empty.append(key)
+            elif best is None or entries[0].enqueued_at < best.entries[0].enqueued_at:
+                best = q
+        if len(empty) > _KEEP_EMPTY_QUEUES:
+            for key in empty:
+                del self._queues[key]
+        return best
+
+    def _take(self, q: _Queue, size: int, now: float) -> list[_Entry]:
+        """Up to ``size`` rows from the head of ``q`` (at least one request), FIFO."""
+        entries = q.entries
+        taken: list[_Entry] = []
+        rows = 0
+        while entries:
+            entry = entries[0]
+            if entry.state != _QUEUED:
+                entries.popleft()
+                q.dead -= 1
+                continue
+            if taken and rows + entry.rows > size:
+                break
+            entries.popleft()
+            self._unqueue(entry)
+            deadline = entry.request.deadline
+            if deadline is not None and deadline <= now:
+                self._expired += 1
+                _fail(entry, Expired.while_queued(self.model, self.version))
+                continue
+            entry.state = _RUNNING
+            taken.append(entry)
+            rows += entry.rows
+            if rows >= size:
+                break
+        return taken
+
+    def _launch(self, batch: _Batch) -> None:
+        self._active.add(batch)
+        self._running += len(batch.entries)
+        parts = [e.request.inputs for e in batch.entries]
+        sizes = [e.rows for e in batch.entries]
+        try:
+            if self._loop is None:
+                raise RuntimeError("no event loop: launch before any submit")
+            batch.executor.submit_parts(parts, sizes, self._loop, partial(self._finish, batch))
+        except Exception as exc:
+            self._finish(batch, None, exc)
+
+    def _finish(
+        self, batch: _Batch, results: list[Tensors] | None, error: BaseException | None
+    ) -> None:
+        """On the loop, once the executor is done with ``batch``."""
+        elapsed = self._clock() - batch.started
+        self._active.discard(batch)
+        entries = batch.entries
+        self._running -= len(entries)
+        self._batches += 1
+        self._sizes[batch.rows] = self._sizes.get(batch.rows, 0) + 1
+        if results is not None and len(results) != len(entries):
+            error = RuntimeError(f"executor returned {len(results)} results for {len(entries)}")
+            results = None
+        if results is not None:
+            self._fit.record(batch.rows, elapsed)
+            ran = (batch.started, elapsed)
+            for entry, outputs in zip(entries, results, strict=False):
+                entry.state = _FINISHED
+                entry.ran = ran
+                if not entry.future.done():
+                    entry.future.set_result(outputs)
+            self._completed += len(entries)
+        else:
+            self._fail_batch(entries, error or RuntimeError("executor returned nothing"))
+        self._idle.append(batch.executor)
+        self._kick()
+        self._check_quiet()
+
+    def _fail_batch(self, entries: list[_Entry], error: BaseException) -> None:
+        self._failed += len(entries)
+        if isinstance(error, EdgeserveError):
+            for entry in entries:
+                _fail(entry, error)
+            return
+        correlation_id = uuid.uuid4().hex[:12]
+        log.error(
+            "model '%s' version '%s': batch of %d requests failed (correlation id %s)",
+            self.model,
+            self.version,
+            len(entries),
+            correlation_id,
+            exc_info=error,
+        )
+        for entry in entries:
+            wrapped = HandlerFailed(self.model, self.version, correlation_id)
+            wrapped.__cause__ = error
+            _fail(entry, wrapped)
+
+    # -- queue bookkeeping --------------------------------------------------------------
+
+    def _unqueue(self, entry: _Entry) -> None:
+        """Account for ``entry`` leaving the queue (the caller pops or marks it)."""
+        q = entry.queue
+        q.rows -= entry.rows
+        q.live -= 1
+        self._depth -= 1
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+
+    def _remove(self, entry: _Entry) -> None:
+        """Take a queued entry out in place: mark it dead, compact when dead pile up."""
+        self._unqueue(entry)
+        entry.state = _FINISHED
+        q = entry.queue
+        q.dead += 1
+        if q.dead > q.live + _COMPACT_SLACK:
+            q.entries = deque(e for e in q.entries if e.state == _QUEUED)
+            q.dead = 0
+
+    def _expire(self, entry: _Entry) -> None:
+        entry.timer = None
+        if entry.state == _QUEUED:
+            self._remove(entry)
+            self._expired += 1
+            _fail(entry, Expired.while_queued(self.model, self.version))
+            self._check_quiet()
+
+    def _arm_timer(self, now: float, until: float) -> None:
+        if until == math.inf or self._loop is None:
+            return
+        if self._timer is not None:
+            if self._timer_at <= until:
+                return
+            self._timer.cancel()
+        self._timer_at = until
+        self._timer = self._loop.call_later(max(until - now, 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        self._kick()
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop admitting; wait up to ``timeout`` s for queued and running requests.
+
+        Queued requests are dispatched at once (no waiting for more). What is still
+        queued or running at the timeout gets ``NotReady``. True if everything finished.
+        """
+        if self._state == "ready":
+            self._state = "draining"
+        self._kick()
+        finished = await self._wait_quiet(timeout)
+        if not finished:
+            self._fail_all("drained")
+        return finished
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Fail whatever is queued or running with ``NotReady``, then stop the executors.
+
+        Waits up to ``timeout`` s for running batches to come back, so the instance
+        threads are idle when they are joined; a thread stuck in a batch is left behind
+        (a daemon thread) with a warning rather than blocking the loop.
+        """
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._fail_all("closed")
+        idle = await self._wait_quiet(timeout)
+        for executor in self._executors:
+            if not executor.close(timeout=1.0 if idle else 0.0):
+                log.warning(
+                    "model '%s' version '%s': an instance thread is still running a batch",
+                    self.model,
+                    self.version,
+                )
+
+    def _fail_all(self, state: str) -> None:
+        for q in self._queues.values():
+            for entry in list(q.entries):
+                if entry.state == _QUEUED:
+                    self._remove(entry)
+                    _fail(entry, NotReady.model(self.model, self.version, state))
+        for batch in self._active:
+            for entry in batch.entries:
+                _fail(entry, NotReady.model(self.model, self.version, state))
+
+    async def _wait_quiet(self, timeout: float) -> bool:
+        if self._depth == 0 and self._running == 0:
+            return True
+        self._quiet = quiet = self._quiet or asyncio.Event()
+        quiet.clear()
+        try:
+            await asyncio.wait_for(quiet.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _check_quiet(self) -> None:
+        if self._quiet is not None and self._depth == 0 and self._running == 0:
+            self._quiet.set()
+
+
+def _fail(entry: _Entry, error: BaseException) -> None:
+    entry.state = _FINISHED
+    if not entry.future.done():
+        entry.future.set_exception(error)
+
+
+def _queue_key(inputs: Mapping[str, Any]) -> Hashable:
+    """Requests with equal keys can be concatenated along dim 0."""
+    if len(inputs) == 1:
+        for name, value in inputs.items():
+            return (name, getattr(value, "dtype", "BYTES"), tuple(value.shape[1:]))
+    return tuple(
+        sorted(
+            (name, getattr(value, "dtype", "BYTES"), tuple(value.shape[1:]))
+            for name, value in inputs.items()
+        )
+    )
+
+
+def _rows(inputs: Mapping[str, Any]) -> int:
+    """Batch rows of a request: dim 0 of its first input (0-d inputs count as 1)."""
+    for value in inputs.values():
+        shape = value.shape
+        return int(shape[0]) if len(shape) else 1
+    return 0

@@ -1,0 +1,227 @@
+"""One execution thread per model instance.
+
+An ``InstanceWorker`` owns one OS thread that runs every batch of its instance, so the
+asyncio loop never runs torch. The thread, once at start:
+
+- sets its own intra-op thread budget (``torch.set_num_threads`` sets the OpenMP
+  thread count of the calling thread only, so each instance has its own budget);
+- on a CUDA device, makes the device current and enters its own ``torch.cuda.Stream``;
+- enters ``torch.inference_mode()`` for its whole life (one guard, not one per call).
+
+Jobs reach the thread through a ``queue.SimpleQueue`` (C-implemented, the cheapest hop
+measured here; a ``ThreadPoolExecutor`` adds a Python work item and two futures per
+call) and come back with ``loop.call_soon_threadsafe``.
+
+Stacking and splitting happen here, on the instance thread, so the loop never copies a
+tensor and this is the only core module below ``runtime`` that needs torch: one
+``torch.cat`` per input (``BytesTensor.concat`` for BYTES), one ``torch.split`` per
+output (views, no copies; ``BytesTensor.split`` for BYTES). A batch of one request
+passes through untouched, with no copy at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, TypeVar
+
+import torch
+from edgeserve.types import BytesTensor, TensorValue
+
+log = logging.getLogger("edgeserve.worker")
+
+Tensors = dict[str, TensorValue]
+RunFn = Callable[[Tensors], Mapping[str, TensorValue]]
+# Called on the loop: (per-request outputs, None) or (None, the exception).
+PartsDone = Callable[[list[Tensors] | None, BaseException | None], None]
+_T = TypeVar("_T")
+
+
+def default_intra_op_threads(instances: int) -> int:
+    """The cores this process may use, split across instances; at least one each."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, instances))
+
+
+def stack_parts(parts: Sequence[Mapping[str, TensorValue]]) -> Tensors:
+    """Concatenate requests along dim 0: one ``torch.cat`` per input, none for one part."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    stacked: Tensors = {}
+    for name, first in parts[0].items():
+        values = [part[name] for part in parts]
+        if isinstance(first, BytesTensor):
+            stacked[name] = BytesTensor.concat(values)  # type: ignore[arg-type]
+        else:
+            stacked[name] = torch.cat(values)  # type: ignore[arg-type]
+    return stacked
+
+
+def split_outputs(outputs: Mapping[str, TensorValue], sizes: Sequence[int]) -> list[Tensors]:
+    """Split batched outputs back per request (dim 0 sizes ``sizes``) as views."""
+    if len(sizes) == 1:
+        return [dict(outputs)]
+    per_request: list[Tensors] = [{} for _ in sizes]
+    size_list = list(sizes)
+    for name, value in outputs.items():
+        pieces: Sequence[TensorValue]
+        if isinstance(value, BytesTensor):
+            if value.batch_size != sum(size_list):
+                raise ValueError(
+                    f"output '{name}' has {value.batch_size} rows, the batch had {sum(size_list)}"
+                )
+            pieces = value.split(size_list)
+        else:
+            pieces = torch.split(value, size_list)
+        for result, piece in zip(per_request, pieces, strict=True):
+            result[name] = piece
+    return per_request
+
+
+class InstanceWorker:
+    """One instance's execution thread; see the module docstring.
+
+    ``run`` takes a dict of batched inputs and returns a dict of batched outputs (it will
+    be ``LoadedModel.run`` from ``runtime``). ``close`` stops and joins the thread.
+    """
+
+    def __init__(
+        self,
+        run: RunFn,
+        intra_op_threads: int | None = None,
+        device: torch.device | None = None,
+        name: str = "edgeserve-instance",
+    ) -> None:
+        self._run = run
+        self.intra_op_threads = intra_op_threads or default_intra_op_threads(1)
+        self.device = device
+        self.name = name
+        self._stream: Any = None
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    # -- loop side ----------------------------------------------------------------------
+
+    def submit_parts(
+        self,
+        parts: Sequence[Mapping[str, TensorValue]],
+        sizes: Sequence[int],
+        loop: asyncio.AbstractEventLoop,
+        done: PartsDone,
+    ) -> None:
+        """Stack ``parts``, run them, split the outputs by ``sizes``; ``done`` on ``loop``."""
+        self._put(partial(self._execute_parts, parts, sizes, loop, done))
+
+    async def run_batch(self, inputs: Mapping[str, TensorValue]) -> Tensors:
+        """Run one already-formed batch on the instance thread."""
+        return await self._call(partial(self._run_once, inputs))
+
+    async def run_parts(self, parts: Sequence[Mapping[str, TensorValue]]) -> list[Tensors]:
+        """Stack, run and split, awaiting the per-request outputs."""
+        sizes = [_rows(part) for part in parts]
+        return await self._call(partial(self._stack_run_split, parts, sizes))
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the thread after the jobs already queued; True once it has exited."""
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(None)
+        if self._thread is threading.current_thread():
+            return False
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _put(self, job: Callable[[], None]) -> None:
+        if self._closed:
+            raise RuntimeError(f"instance worker '{self.name}' is closed")
+        self._jobs.put(job)
+
+    async def _call(self, fn: Callable[[], _T]) -> _T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._put(partial(self._execute, fn, loop, future))
+        return await future
+
+    # -- instance thread ----------------------------------------------------------------
+
+    def _main(self) -> None:
+        with contextlib.ExitStack() as stack:
+            self._setup(stack)
+            jobs = self._jobs
+            while (job := jobs.get()) is not None:
+                job()
+
+    def _setup(self, stack: contextlib.ExitStack) -> None:
+        torch.set_num_threads(self.intra_op_threads)
+        device = self.device
+        if device is not None and device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.set_device(device)
+            self._stream = torch.cuda.Stream(device=device)
+            stack.enter_context(torch.cuda.stream(self._stream))
+        stack.enter_context(torch.inference_mode())
+
+    def _run_once(self, inputs: Mapping[str, TensorValue]) -> Tensors:
+        outputs = dict(self._run(dict(inputs)))
+        if self._stream is not None:
+            # Results leave this thread: make them safe to read from any stream.
+            self._stream.synchronize()
+        return outputs
+
+    def _stack_run_split(
+        self, parts: Sequence[Mapping[str, TensorValue]], sizes: Sequence[int]
+    ) -> list[Tensors]:
+        return split_outputs(self._run_once(stack_parts(parts)), sizes)
+
+    def _execute_parts(
+        self,
+        parts: Sequence[Mapping[str, TensorValue]],
+        sizes: Sequence[int],
+        loop: asyncio.AbstractEventLoop,
+        done: PartsDone,
+    ) -> None:
+        try:
+            results = self._stack_run_split(parts, sizes)
+        except BaseException as exc:  # handed to the loop as the batch error
+            _post(loop, done, None, exc)
+        else:
+            _post(loop, done, results, None)
+
+    def _execute(
+        self, fn: Callable[[], _T], loop: asyncio.AbstractEventLoop, future: asyncio.Future[_T]
+    ) -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # handed to the awaiting caller
+            _post(loop, _resolve, future, None, exc)
+        else:
+            _post(loop, _resolve, future, result, None)
+
+
+def _rows(inputs: Mapping[str, TensorValue]) -> int:
+    for value in inputs.values():
+        return int(value.shape[0]) if len(value.shape) else 1
+    return 0
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        log.warning("event loop closed before a batch result could be delivered")
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,391 @@
+"""The batcher over real instance threads: formation, routing, deadlines, cancellation,
+backpressure, shapes, failure isolation, instances, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import pytest
+import torch
+from edgeserve.batching import AdaptiveBatcher, BatchSettings
+from edgeserve.errors import (
+    ConfigError,
+    Expired,
+    HandlerFailed,
+    InvalidArgument,
+    NotReady,
+    Overloaded,
+)
+from edgeserve.types import BytesTensor, InferRequest
+from edgeserve.worker import InstanceWorker
+
+from .conftest import Recorder, request, run, serving, until
+
+
+async def occupy(batcher: AdaptiveBatcher, recorder: Recorder, marker: float = -1.0):
+    """Hold the only instance with one running batch; returns its task."""
+    recorder.hold()
+    calls = recorder.calls
+    task = asyncio.ensure_future(batcher.submit(request(marker)))
+    await until(lambda: recorder.calls > calls)
+    return task
+
+
+def test_a_lone_request_runs_at_once_and_comes_back():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder) as batcher:
+            result = await batcher.submit(request(3.0))
+        assert torch.equal(result.outputs["y"], torch.full((1, 4), 6.0))
+        assert (result.model, result.version, result.request_id) == ("m", "1", "r3.0")
+        assert recorder.sizes == [1]
+        assert result.timings["queue_s"] >= 0.0 and result.timings["batch_s"] > 0.0
+
+    run(main())
+
+
+def test_concurrent_requests_share_a_batch_behind_a_slow_one():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder) as batcher:
+            first = await occupy(batcher, recorder, marker=0.0)
+            rest = [asyncio.ensure_future(batcher.submit(request(float(i)))) for i in range(1, 6)]
+            await until(lambda: batcher.queue_depth == 5)
+            recorder.release()
+            await asyncio.gather(first, *rest)
+            stats = batcher.stats()
+        assert recorder.sizes == [1, 5]
+        assert stats.batches == 2 and stats.batch_sizes == {1: 1, 5: 1}
+        assert stats.completed == 6 and stats.queue_depth == 0
+
+    run(main())
+
+
+def test_each_caller_gets_its_own_rows_back():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder) as batcher:
+            first = await occupy(batcher, recorder)
+            rows = {float(i): 1 + i % 3 for i in range(1, 9)}
+            tasks = {
+                m: asyncio.ensure_future(batcher.submit(request(m, rows=n)))
+                for m, n in rows.items()
+            }
+            await until(lambda: batcher.queue_depth == len(rows))
+            recorder.release()
+            await first
+            results = {m: await t for m, t in tasks.items()}
+        assert recorder.sizes == [1, sum(rows.values())]
+        for marker, result in results.items():
+            assert torch.equal(result.outputs["y"], torch.full((rows[marker], 4), 2 * marker))
+
+    run(main())
+
+
+def test_a_request_expires_while_the_only_instance_is_busy_and_never_runs():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder) as batcher:
+            first = await occupy(batcher, recorder)
+            started = time.monotonic()
+            late = asyncio.ensure_future(batcher.submit(request(7.0, deadline=started + 0.05)))
+            with pytest.raises(Expired):
+                await late  # fails at its deadline, while the slow batch still holds the instance
+            assert time.monotonic() - started < 2.0
+            assert recorder.calls == 1
+            assert batcher.queue_depth == 0
+            recorder.release()
+            await first
+            assert batcher.stats().expired == 1
+        assert 7.0 not in recorder.markers
+
+    run(main())
+
+
+def test_a_request_already_past_its_deadline_never_runs():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder) as batcher:
+            with pytest.raises(Expired):
+                await batcher.submit(request(5.0, deadline=time.monotonic() - 1.0))
+            ok = await batcher.submit(request(6.0, deadline=time.monotonic() + 60.0))
+        assert torch.equal(ok.outputs["y"], torch.full((1, 4), 12.0))
+        assert recorder.markers == [6.0]
+
+    run(main())
+
+
+def test_a_cancelled_caller_leaves_the_queue_and_never_runs():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder) as batcher:
+            first = await occupy(batcher, recorder)
+            gone = asyncio.ensure_future(batcher.submit(request(9.0)))
+            kept = asyncio.ensure_future(batcher.submit(request(10.0)))
+            await until(lambda: batcher.queue_depth == 2)
+            gone.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            assert batcher.queue_depth == 1
+            recorder.release()
+            await first
+            await kept
+            assert batcher.stats().cancelled == 1
+        assert 9.0 not in recorder.markers and 10.0 in recorder.markers
+
+    run(main())
+
+
+def test_many_cancelled_callers_do_not_pile_up():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder, max_queue_size=8) as batcher:
+            first = await occupy(batcher, recorder)
+            for i in range(200):  # far more than the queue holds, one at a time
+                task = asyncio.ensure_future(batcher.submit(request(100.0 + i)))
+                await until(lambda: batcher.queue_depth == 1)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            assert batcher.queue_depth == 0
+            last = asyncio.ensure_future(batcher.submit(request(1.0)))
+            recorder.release()
+            await first
+            await last
+        assert recorder.markers == [-1.0, 1.0]
+
+    run(main())
+
+
+def test_a_full_queue_refuses_at_once_and_does_no_work():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder, max_queue_size=2) as batcher:
+            first = await occupy(batcher, recorder)
+            queued = [asyncio.ensure_future(batcher.submit(request(m))) for m in (1.0, 2.0)]
+            await until(lambda: batcher.queue_depth == 2)
+            with pytest.raises(Overloaded, match="queue is full"):
+                await batcher.submit(request(3.0))
+            assert batcher.stats().rejected == 1
+            recorder.release()
+            await asyncio.gather(first, *queued)
+        assert 3.0 not in recorder.markers
+
+    run(main())
+
+
+def test_different_shapes_are_batched_separately():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder) as batcher:
+            first = await occupy(batcher, recorder)
+            narrow = [asyncio.ensure_future(batcher.submit(request(m, width=4))) for m in (1, 2, 3)]
+            wide = [asyncio.ensure_future(batcher.submit(request(m, width=8))) for m in (4, 5)]
+            await until(lambda: batcher.queue_depth == 5)
+            recorder.release()
+            await first
+            narrow_results = await asyncio.gather(*narrow)
+            wide_results = await asyncio.gather(*wide)
+        assert sorted(recorder.shapes[1:]) == [(2, 8), (3, 4)]
+        assert [tuple(r.outputs["y"].shape) for r in narrow_results] == [(1, 4)] * 3
+        assert [tuple(r.outputs["y"].shape) for r in wide_results] == [(1, 8)] * 2
+
+    run(main())
+
+
+def raise_on_wide(inputs):
+    x = inputs["x"]
+    if x.shape[1] == 8:
+        raise ZeroDivisionError("model blew up")
+    if x.shape[1] == 6:
+        raise InvalidArgument.for_input("m", "x", "six is not allowed")
+    return {"y": x * 2}
+
+
+def test_a_failing_batch_fails_only_its_own_requests(caplog):
+    async def main():
+        recorder = Recorder(raise_on_wide)
+        async with serving(recorder) as batcher:
+            first = await occupy(batcher, recorder)
+            bad = [asyncio.ensure_future(batcher.submit(request(m, width=8))) for m in (1, 2)]
+            good = [asyncio.ensure_future(batcher.submit(request(m, width=4))) for m in (3, 4)]
+            await until(lambda: batcher.queue_depth == 4)
+            recorder.release()
+            await first
+            errors = await asyncio.gather(*bad, return_exceptions=True)
+            results = await asyncio.gather(*good)
+            with pytest.raises(InvalidArgument, match="six"):
+                await batcher.submit(request(5.0, width=6))
+            ok = await batcher.submit(request(6.0, width=4))
+            assert batcher.stats().failed == 3
+        return errors, results, ok
+
+    with caplog.at_level(logging.ERROR, logger="edgeserve.batching"):
+        errors, results, ok = run(main())
+    assert all(isinstance(e, HandlerFailed) for e in errors)
+    assert all(isinstance(e.__cause__, ZeroDivisionError) for e in errors)
+    assert errors[0].correlation_id == errors[1].correlation_id
+    assert "model blew up" not in str(errors[0])
+    logged = [r for r in caplog.records if errors[0].correlation_id in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert [float(r.outputs["y"][0, 0]) for r in results] == [6.0, 8.0]
+    assert torch.equal(ok.outputs["y"], torch.full((1, 4), 12.0))
+
+
+def test_a_request_larger_than_the_batch_limit_runs_alone_and_whole():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder, max_batch_size=4) as batcher:
+            first = await occupy(batcher, recorder)
+            big = asyncio.ensure_future(batcher.submit(request(1.0, rows=6)))
+            small = [asyncio.ensure_future(batcher.submit(request(m))) for m in (2.0, 3.0)]
+            await until(lambda: batcher.queue_depth == 3)
+            recorder.release()
+            await first
+            result = await big
+            await asyncio.gather(*small)
+        assert recorder.sizes == [1, 6, 2]
+        assert tuple(result.outputs["y"].shape) == (6, 4)
+
+    run(main())
+
+
+def test_batches_are_cut_at_the_limit():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder, max_batch_size=4) as batcher:
+            first = await occupy(batcher, recorder)
+            tasks = [asyncio.ensure_future(batcher.submit(request(float(m)))) for m in range(10)]
+            await until(lambda: batcher.queue_depth == 10)
+            recorder.release()
+            await first
+            await asyncio.gather(*tasks)
+        assert recorder.sizes == [1, 4, 4, 2]
+        assert recorder.markers == [-1.0, *map(float, range(10))]  # FIFO
+
+    run(main())
+
+
+def test_two_instances_run_at_the_same_time():
+    barrier = threading.Barrier(2, timeout=5.0)
+
+    def both_at_once(inputs):
+        barrier.wait()  # raises BrokenBarrierError unless the other instance runs too
+        return {"y": inputs["x"] * 2}
+
+    async def main():
+        async with serving(both_at_once, instances=2) as batcher:
+            return await asyncio.gather(batcher.submit(request(1.0)), batcher.submit(request(2.0)))
+
+    first, second = run(main())
+    assert float(first.outputs["y"][0, 0]) == 2.0 and float(second.outputs["y"][0, 0]) == 4.0
+
+
+def test_bytes_inputs_are_concatenated_and_split_back():
+    def echo(inputs):
+        return {"y": inputs["s"], "n": torch.tensor([[len(b)] for b in inputs["s"].items])}
+
+    async def main():
+        worker = InstanceWorker(echo, intra_op_threads=1)
+        settings = BatchSettings(max_batch_size=8, max_queue_delay_s=0.0, max_queue_size=8)
+        batcher = AdaptiveBatcher("m", "1", settings, [worker])
+        try:
+            reqs = [
+                InferRequest("m", "1", {"s": BytesTensor([w.encode()] * k, (k, 1))})
+                for w, k in (("a", 1), ("bb", 2), ("ccc", 1))
+            ]
+            return await asyncio.gather(*(batcher.submit(r) for r in reqs))
+        finally:
+            await batcher.close()
+
+    results = run(main())
+    assert [r.outputs["y"].items for r in results] == [[b"a"], [b"bb", b"bb"], [b"ccc"]]
+    assert [r.outputs["n"].flatten().tolist() for r in results] == [[1], [2, 2], [3]]
+
+
+def test_requested_outputs_are_the_only_ones_returned():
+    def two(inputs):
+        return {"y": inputs["x"] * 2, "z": inputs["x"] * 3}
+
+    async def main():
+        async with serving(two) as batcher:
+            req = request(1.0)
+            req.requested_outputs = ("z",)
+            return await batcher.submit(req)
+
+    assert list(run(main()).outputs) == ["z"]
+
+
+def test_drain_finishes_what_was_admitted_and_refuses_the_rest():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder) as batcher:
+            first = await occupy(batcher, recorder)
+            queued = [asyncio.ensure_future(batcher.submit(request(m))) for m in (1.0, 2.0)]
+            await until(lambda: batcher.queue_depth == 2)
+            draining = asyncio.ensure_future(batcher.drain(timeout=10.0))
+            await until(lambda: not batcher.admitting)
+            with pytest.raises(NotReady):
+                await batcher.submit(request(3.0))
+            recorder.release()
+            assert await draining is True
+            await asyncio.gather(first, *queued)
+        assert 3.0 not in recorder.markers
+
+    run(main())
+
+
+def test_drain_timeout_fails_what_is_left_with_not_ready():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder) as batcher:
+            first = await occupy(batcher, recorder)
+            queued = asyncio.ensure_future(batcher.submit(request(1.0)))
+            await until(lambda: batcher.queue_depth == 1)
+            assert await batcher.drain(timeout=0.05) is False
+            for task in (first, queued):
+                with pytest.raises(NotReady):
+                    await task
+            assert batcher.queue_depth == 0
+        assert 1.0 not in recorder.markers
+
+    run(main())
+
+
+def test_close_fails_queued_requests_and_stops_the_threads():
+    async def main():
+        recorder = Recorder()
+        worker = InstanceWorker(recorder, intra_op_threads=1, name="closing-instance")
+        settings = BatchSettings(max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=4)
+        batcher = AdaptiveBatcher("m", "1", settings, [worker])
+        first = await occupy(batcher, recorder)
+        queued = asyncio.ensure_future(batcher.submit(request(1.0)))
+        await until(lambda: batcher.queue_depth == 1)
+        closing = asyncio.ensure_future(batcher.close(timeout=10.0))
+        with pytest.raises(NotReady):
+            await queued
+        recorder.release()
+        await closing
+        with pytest.raises(NotReady):
+            await first
+        with pytest.raises(NotReady):
+            await batcher.submit(request(2.0))
+        return worker
+
+    worker = run(main())
+    assert not any(t.name == "closing-instance" for t in threading.enumerate())
+    assert worker.close() is True
+
+
+def test_settings_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"batching\.max_batch_size"):
+        BatchSettings(max_batch_size=0, max_queue_delay_s=0.001, max_queue_size=1)
+    with pytest.raises(ConfigError, match=r"batching\.max_queue_delay"):
+        BatchSettings(max_batch_size=1, max_queue_delay_s=-1.0, max_queue_size=1)
+    with pytest.raises(ConfigError, match=r"batching\.preferred_batch_sizes"):
+        BatchSettings(
+            max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=1, preferred_batch_sizes=(8,)
+        )
