@@ -1,0 +1,257 @@
+"""The inference ``grpc.aio`` server: listeners, servicers, health, reflection, stop.
+
+Addresses (``listen``):
+
+* ``unix:///abs/path.sock`` (or ``unix:relative.sock``): the parent folder is created,
+  a stale socket file left by a dead process is removed (a live one, or a file that is
+  not a socket, is refused), and the socket is made ``socket_mode`` (0660) after bind.
+* ``HOST:PORT`` with a loopback host (``127.0.0.1``, ``[::1]``, ``localhost``). Any other
+  host is refused with a ConfigError unless ``allow_non_loopback`` is set. Port 0 binds a
+  free port; ``addresses`` reports the real one.
+
+Messages larger than ``max_message_bytes`` are refused by gRPC itself with
+RESOURCE_EXHAUSTED. ``SO_REUSEPORT`` is off, so a second daemon cannot silently share
+our port. Reflection answers for every service the server hosts: it gets a descriptor
+pool of its own holding our KServe file (from ``edgeserve.proto.POOL``) and the health
+and reflection files (from protobuf's default pool).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from edgeserve.api.health import ModelHealth
+from edgeserve.api.inference import InferenceServicer
+from edgeserve.errors import ConfigError
+from edgeserve.proto import kserve_v2_pb2 as pb
+from edgeserve.proto import kserve_v2_pb2_grpc as pb_grpc
+from edgeserve.registry import ModelRegistry
+
+log = logging.getLogger("edgeserve.api")
+
+LISTEN_KEY = "server.listen"
+_UNIX = "unix:"
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One more service on the same server (e.g. the management API)."""
+
+    descriptor: ServiceDescriptor
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+
+
+@dataclass(frozen=True)
+class _Listener:
+    address: str  # as configured
+    unix_path: Path | None  # set for unix: addresses
+
+
+def parse_listen(address: str, *, allow_non_loopback: bool = False) -> _Listener:
+    """Validate one listen address; ConfigError names it when it is refused."""
+    if address.startswith(_UNIX):
+        rest = address[len(_UNIX) :]
+        path = rest[2:] if rest.startswith("//") else rest
+        if not path or (rest.startswith("//") and not path.startswith("/")):
+            raise ConfigError(LISTEN_KEY, f"'{address}' has no socket path")
+        return _Listener(address, Path(path))
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            LISTEN_KEY, f"'{address}' is neither unix:///path nor HOST:PORT with a numeric port"
+        )
+    if not allow_non_loopback and not _is_loopback(host):
+        raise ConfigError(
+            LISTEN_KEY,
+            f"'{address}' is not a loopback address; set server.allow_non_loopback to listen on it",
+        )
+    return _Listener(address, None)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class InferenceServer:
+    """The KServe v2 gRPC server of one daemon: ``await start()``, ``await stop(grace)``."""
+
+    def __init__(
+        self,
+        *,
+        registry: ModelRegistry,
+        listen: Sequence[str],
+        max_message_bytes: int,
+        is_ready: Callable[[], bool],
+        server_version: str,
+        server_name: str = "edgeserve",
+        allow_non_loopback: bool = False,
+        socket_mode: int = 0o660,
+        max_stream_in_flight: int = 1024,
+        extra_services: Sequence[ServiceBinding] = (),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if not listen:
+            raise ConfigError(LISTEN_KEY, "needs at least one address")
+        if max_message_bytes < 1:
+            raise ConfigError("server.max_message_bytes", f"must be > 0, got {max_message_bytes}")
+        self._listeners = [parse_listen(a, allow_non_loopback=allow_non_loopback) for a in listen]
+        self._max_message_bytes = max_message_bytes
+        self._socket_mode = socket_mode
+        self._extra = tuple(extra_services)
+        self._options = tuple(options)
+        self.inference = InferenceServicer(
+            registry,
+            server_name,
+            server_version,
+            is_ready,
+            max_stream_in_flight=max_stream_in_flight,
+        )
+        self.health = ModelHealth(registry, is_ready)
+        self._server: grpc.aio.Server | None = None
+        self._addresses: list[str] = []
+        self._sockets: list[Path] = []
+
+    @property
+    def addresses(self) -> list[str]:
+        """The bound addresses (TCP with the real port), after ``start``."""
+        return list(self._addresses)
+
+    async def start(self) -> list[str]:
+        """Bind every listener and start serving; returns the bound addresses."""
+        if self._server is not None:
+            raise RuntimeError("InferenceServer.start called twice")
+        options = [
+            ("grpc.max_receive_message_length", self._max_message_bytes),
+            ("grpc.max_send_message_length", self._max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            *self._options,
+        ]
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        for binding in self._extra:
+            binding.add_to_server(binding.servicer, server)
+        services = self._service_descriptors()
+        reflection.enable_server_reflection(
+            [s.full_name for s in services], server, pool=_reflection_pool(services)
+        )
+        try:
+            for listener in self._listeners:
+                self._addresses.append(self._bind(server, listener))
+            await self.health.start()
+            await server.start()
+        except BaseException:
+            await server.stop(None)
+            self._remove_sockets()
+            self._addresses.clear()
+            raise
+        self._server = server
+        return self.addresses
+
+    async def refresh_health(self) -> None:
+        """Re-read readiness into the health service (call after becoming ready)."""
+        await self.health.refresh()
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting, let in-flight RPCs finish within ``grace`` s, then cancel them."""
+        if self._server is None:
+            return
+        await self.health.shutdown()
+        await self._server.stop(grace)
+        self._remove_sockets()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    def _service_descriptors(self) -> list[ServiceDescriptor]:
+        return [
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+            *(binding.descriptor for binding in self._extra),
+        ]
+
+    def _bind(self, server: grpc.aio.Server, listener: _Listener) -> str:
+        path = listener.unix_path
+        if path is None:
+            port = server.add_insecure_port(listener.address)
+            if port == 0:
+                raise ConfigError(LISTEN_KEY, f"cannot bind '{listener.address}'")
+            host = listener.address.rpartition(":")[0]
+            return f"{host}:{port}"
+        _prepare_socket_path(path)
+        if server.add_insecure_port(listener.address) == 0:
+            raise ConfigError(LISTEN_KEY, f"cannot bind '{listener.address}'")
+        self._sockets.append(path)
+        os.chmod(path, self._socket_mode)
+        return listener.address
+
+    def _remove_sockets(self) -> None:
+        for path in self._sockets:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()
+        self._sockets.clear()
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Create the parent folder; remove a stale socket; refuse a live one or another file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(LISTEN_KEY, f"'{path}' exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale socket %s", path)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    finally:
+        probe.close()
+    raise ConfigError(LISTEN_KEY, f"another process is listening on '{path}'")
+
+
+def _reflection_pool(services: Sequence[ServiceDescriptor]) -> descriptor_pool.DescriptorPool:
+    """A pool holding the files of ``services`` and their imports, whatever pool they are in."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    for service in services:
+        add(service.file)
+    return pool
