@@ -92,7 +92,7 @@ class ManagementConfig:
     allowed_group: str | None = "edgeserve"
     """Group whose members may call management over the Unix socket; root is always allowed."""
     token_file: Path | None = None
-    """File holding the bearer token; required when listen has a TCP address, mode 0600."""
+    """File holding the bearer token; required when listen has TCP; nothing for others."""
     socket_mode: int = 0o660
     """Permission bits of the Unix socket (write it as YAML octal: 0660); never for others."""
 
@@ -136,12 +136,12 @@ class TrustConfig:
 class BatchingConfig:
     max_batch_size: int | None = None
     """Largest batch; None takes the archive's value (1 when it has none)."""
-    max_queue_delay_ms: float = 2.0
-    """Upper bound on the wait added for a batch to fill; 0 never waits."""
+    max_queue_delay_ms: float | None = None
+    """Upper bound on the wait added for a batch to fill; 0 never waits; None: archive's, 2.0."""
     max_queue_size: int = 256
     """Requests queued per model version before RESOURCE_EXHAUSTED."""
-    preferred_batch_sizes: tuple[int, ...] = ()
-    """Batch sizes worth waiting for (ascending, each <= max_batch_size); empty = none."""
+    preferred_batch_sizes: tuple[int, ...] | None = None
+    """Batch sizes worth waiting for (ascending, each <= max_batch_size); None: archive's."""
     instances: int = 1
     """Execution threads per model version."""
     intra_op_threads: int | None = None
@@ -154,13 +154,13 @@ class BatchingConfig:
 @dataclass(frozen=True)
 class ModelBatching:
     max_batch_size: int | None = None
-    """Overrides the archive's and the global max_batch_size."""
+    """Overrides the global and the archive's max_batch_size."""
     max_queue_delay_ms: float | None = None
-    """Overrides the archive's and the global max_queue_delay_ms."""
+    """Overrides the global and the archive's max_queue_delay_ms."""
     max_queue_size: int | None = None
     """Overrides the global max_queue_size."""
     preferred_batch_sizes: tuple[int, ...] | None = None
-    """Overrides the archive's and the global preferred_batch_sizes."""
+    """Overrides the global and the archive's preferred_batch_sizes."""
     instances: int | None = None
     """Overrides the global instances."""
     intra_op_threads: int | None = None
@@ -183,7 +183,7 @@ class ModelConfig:
     device: str | None = None
     """Overrides runtime.device for this model."""
     batching: ModelBatching = field(default_factory=ModelBatching)
-    """Per-model batching; wins over the archive's defaults, which win over global batching."""
+    """Per-model batching: wins over global batching, which wins over the archive's defaults."""
 
     def __post_init__(self) -> None:
         if self.archive is None and self.name is None:
@@ -194,6 +194,15 @@ class ModelConfig:
                 raise _bad(key, "must be 1-128 of letters, digits, '_', '.', '-'", value)
         if self.device is not None:
             _check_device(self.device, "device")
+
+    def settings_dict(self, defaults: BatchingConfig | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``types.ModelSettings``: this model's batching over the
+        global ``defaults``, plus ``device``; unset fields are left out, so the archive's
+        defaults (applied by ``lifecycle``) fill them."""
+        out = dataclasses.asdict(defaults or BatchingConfig())
+        out.update((k, v) for k, v in dataclasses.asdict(self.batching).items() if v is not None)
+        out["device"] = self.device
+        return {k: v for k, v in out.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -299,21 +308,25 @@ def effective_batching(
     *,
     cpus: int | None = None,
 ) -> BatchSettings:
-    """Resolve one model's batching: per-model config > archive defaults > global defaults.
+    """Resolve one model's batching: per-model config > global ``defaults`` (fields set)
+    > archive defaults > built-in (max_batch_size 1, max_queue_delay_ms 2.0).
+
+    Global fields beat the archive only when set: their defaults are None for the fields an
+    archive carries, so a global ``batching.max_batch_size: 8`` means what it says.
 
     ``intra_op_threads`` left open becomes ``cpus // instances`` (at least 1), where ``cpus``
     defaults to the CPUs this process may run on (systemd ``CPUAffinity=`` counts).
     """
     layers: list[Any] = [
         model_cfg.batching if model_cfg else None,
-        archive_defaults,
         defaults or BatchingConfig(),
+        archive_defaults,
     ]
 
     def pick(name: str) -> Any:
         for layer in layers:
             value = getattr(layer, name, None)
-            if value is not None and value != ():
+            if value is not None:
                 return value
         return None
 
@@ -324,7 +337,7 @@ def effective_batching(
     try:
         return BatchSettings(
             max_batch_size=pick("max_batch_size") or 1,
-            max_queue_delay_ms=float(pick("max_queue_delay_ms") or 0.0),
+            max_queue_delay_ms=float(_first(pick("max_queue_delay_ms"), 2.0)),
             max_queue_size=pick("max_queue_size") or 256,
             preferred_batch_sizes=tuple(pick("preferred_batch_sizes") or ()),
             instances=instances,
@@ -476,8 +489,8 @@ def _check_files(config: Config) -> None:
     for key, path in files:
         if path is not None and not path.is_file():
             raise ConfigError(key, f"file not found: {path}")
-    if token is not None and token.stat().st_mode & 0o077:
-        raise ConfigError("management.token_file", f"{token} is open to group or others; chmod 600")
+    if token is not None and token.stat().st_mode & 0o007:
+        raise ConfigError("management.token_file", f"{token} is open to others; chmod o-rwx it")
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -561,12 +574,21 @@ def _env_value(var: str, raw: str) -> Any:
 def _set_dotted(
     data: dict[str, Any], key: str, value: Any, sources: dict[str, str], source: str
 ) -> None:
+    append = key.endswith("+")  # "models+": append to the list instead of replacing it
+    key = key.removesuffix("+")
     *parents, leaf = key.split(".")
     node = data
     for i, part in enumerate(parents):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(".".join(parents[: i + 1]), f"must be a mapping, got {_tname(node)}")
+    if append:
+        old = node.get(leaf, [])
+        if not isinstance(old, list) or not isinstance(value, list | tuple):
+            raise ConfigError(key, f"can only append a list to a list, got {_tname(old)}")
+        node[leaf] = [*old, *value]
+        sources.update((f"{key}[{i}]", source) for i in range(len(old), len(node[leaf])))
+        return
     node[leaf] = value
     for k in [k for k in sources if k.startswith((f"{key}.", f"{key}["))]:
         del sources[k]
@@ -648,6 +670,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if not ok(value):
         raise ConfigError(key, f"must be {what}, got {value!r}")
     return tp(value)
+
+
+def _first(value: Any, fallback: Any) -> Any:
+    return fallback if value is None else value
 
 
 def _join(prefix: str, key: str) -> str:
