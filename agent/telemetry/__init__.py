@@ -1,0 +1,1 @@
+"""In-memory recorders and system samples; SQLite and upload come later."""

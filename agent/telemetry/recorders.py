@@ -1,0 +1,296 @@
+"""In-memory recorders for each live model version: counters, fixed-bucket histograms, gauges.
+
+No I/O and no background thread: the hot path pays a lock, a clock read and a few
+bisects (see ``bench/recorder_overhead.py``). A later rollup turns ``snapshot()`` into
+rows; ``edgeserve status`` and the Prometheus endpoint read the same snapshot.
+
+Who calls what::
+
+    recorders = Recorders()                      # built by daemon.py, handed to collaborators
+    rec = recorders.for_model("resnet", "2")     # cached; keep the object beside the live model
+    rec.set_queue_depth_source(batcher.depth)    # the batcher owns the number; read at snapshot
+    rec.observe_load(3.2)                        # lifecycle, after load + warm-up
+    rec.observe_request("OK", total_s, queue_s, compute_s)   # api edge, once per request
+    rec.observe_batch(8, compute_s)              # worker thread, once per batch
+    recorders.forget("resnet", "1")              # lifecycle, after the old version drained
+
+Status codes are gRPC status code names (``grpc.StatusCode.X.name``: "OK",
+"RESOURCE_EXHAUSTED", ...); this module does not import grpc and counts any name given.
+
+Latency histograms (total, queue and compute time) describe *served* requests: only
+``"OK"`` requests go into them, so an overload answered at once with RESOURCE_EXHAUSTED
+cannot make p50/p99 look better. Failed requests are counted by code.
+
+Windowed figures for the last minute come from a ring of six 10-second slots, each a
+bucket-count array of total latency plus counts by code; p50/p99 merge the slots' bucket
+counts and interpolate linearly inside the bucket (as Prometheus' histogram_quantile
+does), so their error is bounded by the bucket width. No per-request list is kept.
+
+Thread-safety: ``observe_*`` may be called from the event loop and from worker threads
+at once; each ``ModelRecorder`` holds one lock around its writes and its copy in
+``snapshot()``. The queue-depth callable is invoked outside that lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
+from typing import Any
+
+log = logging.getLogger("edgeserve.telemetry")
+
+OK = "OK"
+"""The status code name of a served request."""
+STATUS_CODES: tuple[str, ...] = (
+    "OK",
+    "CANCELLED",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "UNAVAILABLE",
+    "INTERNAL",
+)
+"""The codes the serving path produces; others are still counted if given."""
+
+LATENCY_BOUNDS_S: tuple[float, ...] = tuple(
+    round(mantissa * 10.0**exp, 6) for exp in range(-4, 1) for mantissa in (1.0, 1.8, 3.2, 5.6)
+) + (10.0,)
+"""Upper bounds ("le") of the latency buckets, 0.1 ms .. 10 s, four per decade; +Inf after."""
+BATCH_SIZE_BOUNDS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+"""Upper bounds of the batch size buckets; +Inf after."""
+WINDOW_SLOT_S = 10.0
+"""Width of one slot of the last-minute ring."""
+WINDOW_SLOTS = 6
+"""Slots in the ring: the window is WINDOW_SLOTS * WINDOW_SLOT_S = 60 s."""
+
+Clock = Callable[[], float]
+QueueDepthSource = Callable[[], int]
+
+
+class Histogram:
+    """Fixed-bucket histogram; not locked itself (its owner's lock covers it)."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data: ``bounds``, per-bucket (not cumulative) ``counts`` ending with +Inf."""
+        return {
+            "bounds": list(self.bounds),
+            "counts": list(self.counts),
+            "sum": self.sum,
+            "count": self.count,
+        }
+
+
+def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
+    """The q-quantile (0..1) estimated from per-bucket counts; None when there are none.
+
+    The rank ``q * total`` is located in its bucket and interpolated linearly between
+    the bucket's lower and upper bound (0 below the first). A rank in the +Inf bucket
+    gives the highest finite bound, as nothing better is known.
+    """
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            if i == len(bounds):
+                return float(bounds[-1])
+            lower = float(bounds[i - 1]) if i else 0.0
+            return lower + (float(bounds[i]) - lower) * max(rank - seen, 0.0) / n
+        seen += n
+    return float(bounds[-1])
+
+
+class ModelRecorder:
+    """Figures of one (model, version). Get it from ``Recorders.for_model``."""
+
+    def __init__(self, name: str, version: str, clock: Clock, wall_clock: Clock) -> None:
+        self.name = name
+        self.version = version
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._lock = threading.Lock()
+        self._created = clock()
+        self._codes: dict[str, int] = {}
+        self._total = Histogram(LATENCY_BOUNDS_S)
+        self._queue = Histogram(LATENCY_BOUNDS_S)
+        self._compute = Histogram(LATENCY_BOUNDS_S)
+        self._batch_size = Histogram(BATCH_SIZE_BOUNDS)
+        self._batch_compute = Histogram(LATENCY_BOUNDS_S)
+        self._queue_depth: QueueDepthSource | None = None
+        self._load_s: float | None = None
+        self._last_load_at: float | None = None
+        self._warmup_failures = 0
+        n = len(LATENCY_BOUNDS_S) + 1
+        self._slot_keys = [-1] * WINDOW_SLOTS
+        self._slot_latency = [[0] * n for _ in range(WINDOW_SLOTS)]
+        self._slot_codes: list[dict[str, int]] = [{} for _ in range(WINDOW_SLOTS)]
+
+    def observe_request(
+        self, status: str, total_s: float, queue_s: float | None, compute_s: float | None
+    ) -> None:
+        """Count one finished request; its times (seconds) enter the histograms if OK."""
+        key = int(self._clock() // WINDOW_SLOT_S)
+        slot = key % WINDOW_SLOTS
+        bucket = bisect_left(LATENCY_BOUNDS_S, total_s)
+        with self._lock:
+            if self._slot_keys[slot] != key:
+                self._slot_keys[slot] = key
+                self._slot_latency[slot] = [0] * (len(LATENCY_BOUNDS_S) + 1)
+                self._slot_codes[slot] = {}
+            codes = self._slot_codes[slot]
+            codes[status] = codes.get(status, 0) + 1
+            self._codes[status] = self._codes.get(status, 0) + 1
+            if status != OK:
+                return
+            self._slot_latency[slot][bucket] += 1
+            total = self._total
+            total.counts[bucket] += 1
+            total.sum += total_s
+            total.count += 1
+            if queue_s is not None:
+                self._queue.observe(queue_s)
+            if compute_s is not None:
+                self._compute.observe(compute_s)
+
+    def observe_batch(self, size: int, compute_s: float) -> None:
+        """Count one batch the model ran: its size and how long the model took on it."""
+        with self._lock:
+            self._batch_size.observe(size)
+            self._batch_compute.observe(compute_s)
+
+    def set_queue_depth_source(self, source: QueueDepthSource | None) -> None:
+        """Register the callable that tells the queue depth (read at snapshot time)."""
+        self._queue_depth = source
+
+    def observe_load(self, seconds: float) -> None:
+        """Record a load (including warm-up) that took ``seconds``; stamps the wall time."""
+        with self._lock:
+            self._load_s = seconds
+            self._last_load_at = self._wall_clock()
+
+    def observe_warmup_failure(self) -> None:
+        """Count one warm-up self-check that failed."""
+        with self._lock:
+            self._warmup_failures += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data (JSON-able) of cumulative figures and the last minute's."""
+        now = self._clock()
+        with self._lock:
+            data: dict[str, Any] = {
+                "model": self.name,
+                "version": self.version,
+                "requests": dict(self._codes),
+                "latency_s": {
+                    "total": self._total.as_dict(),
+                    "queue": self._queue.as_dict(),
+                    "compute": self._compute.as_dict(),
+                },
+                "batch_size": self._batch_size.as_dict(),
+                "batch_compute_s": self._batch_compute.as_dict(),
+                "load_s": self._load_s,
+                "last_load_at": self._last_load_at,
+                "warmup_failures": self._warmup_failures,
+            }
+            window = self._window(now)
+        data["window"] = window
+        data["queue_depth"] = self._read_queue_depth()
+        return data
+
+    def _window(self, now: float) -> dict[str, Any]:
+        """Merged figures of the slots still inside the window; the caller holds the lock."""
+        current = int(now // WINDOW_SLOT_S)
+        oldest = current - WINDOW_SLOTS + 1
+        latency = [0] * (len(LATENCY_BOUNDS_S) + 1)
+        codes: dict[str, int] = {}
+        for slot, key in enumerate(self._slot_keys):
+            if not oldest <= key <= current:
+                continue
+            latency = [a + b for a, b in zip(latency, self._slot_latency[slot], strict=True)]
+            for code, n in self._slot_codes[slot].items():
+                codes[code] = codes.get(code, 0) + n
+        span = now - max(oldest * WINDOW_SLOT_S, self._created)
+        requests = sum(codes.values())
+        return {
+            "seconds": span,
+            "requests": requests,
+            "requests_per_s": requests / span if span > 0 else 0.0,
+            "p50_s": quantile(LATENCY_BOUNDS_S, latency, 0.50),
+            "p99_s": quantile(LATENCY_BOUNDS_S, latency, 0.99),
+            "errors": {code: n for code, n in codes.items() if code != OK},
+        }
+
+    def _read_queue_depth(self) -> int | None:
+        source = self._queue_depth
+        if source is None:
+            return None
+        try:
+            return int(source())
+        except Exception:  # a gone batcher must not break status or a scrape
+            log.warning(
+                "queue depth of model %s version %s could not be read",
+                self.name,
+                self.version,
+                exc_info=True,
+            )
+            return None
+
+
+class Recorders:
+    """All model recorders of one daemon. ``clock`` is monotonic, ``wall_clock`` epoch time."""
+
+    def __init__(self, clock: Clock = time.monotonic, wall_clock: Clock = time.time) -> None:
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._lock = threading.Lock()
+        self._models: dict[tuple[str, str], ModelRecorder] = {}
+
+    def for_model(self, name: str, version: str) -> ModelRecorder:
+        """The recorder of (name, version), created on first use and then cached."""
+        key = (name, version)
+        recorder = self._models.get(key)
+        if recorder is None:
+            with self._lock:
+                recorder = self._models.get(key)
+                if recorder is None:
+                    recorder = ModelRecorder(name, version, self._clock, self._wall_clock)
+                    self._models[key] = recorder
+        return recorder
+
+    def forget(self, name: str, version: str) -> None:
+        """Drop the figures of (name, version), after unload; unknown pairs are ignored.
+
+        Holders of the old ``ModelRecorder`` may still write to it; nothing reads it.
+        """
+        with self._lock:
+            self._models.pop((name, version), None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data: ``taken_at`` (epoch s), ``window_s`` and one entry per model version."""
+        with self._lock:
+            recorders = sorted(self._models.items())
+        return {
+            "taken_at": self._wall_clock(),
+            "window_s": WINDOW_SLOTS * WINDOW_SLOT_S,
+            "models": [recorder.snapshot() for _, recorder in recorders],
+        }
