@@ -1,0 +1,583 @@
+"""The model archive: one zip with ``manifest.json`` at its root (schema in ``manifest.py``).
+
+Writing is deterministic (manifest first, then the signature, then members by name; fixed
+timestamps and modes) and atomic (temporary file, fsync, rename).
+
+Reading validates everything before a byte is written anywhere: the zip itself (not a
+zip, truncated, encrypted, odd compression), every member name (``..``, absolute paths,
+backslashes, drive letters, duplicates, a file that is also a directory), member types
+(symlinks and other non-regular entries, from ``external_attr``), zip bombs (a bound on
+the total uncompressed size, and on the expansion ratio of large archives), the manifest
+(JSON, schema), the signature when a ``TrustStore`` is given, and the member set against
+``manifest.files`` with each sha256. Every error is an ``ArchiveError`` naming the
+archive, the problem and the member.
+
+``verify_tree`` re-checks an unpacked directory the same way; the runtime only loads
+directories that pass it. ``read_mar`` reads a TorchServe ``.mar`` under the same zip
+rules (``packager.import_mar`` turns it into an archive).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from edgeserve.errors import ArchiveError
+from edgeserve.manifest import MANIFEST_NAME, Manifest
+from edgeserve.signing import SIGNATURE_NAME, TrustStore, sign_manifest
+
+log = logging.getLogger("edgeserve.archive")
+
+RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
+_FIXED_DATE = (1980, 1, 1, 0, 0, 0)
+_FILE_ATTR = (stat.S_IFREG | 0o644) << 16
+_CHUNK = 1 << 20
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+_COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Bounds that make a hostile archive fail before it fills the disk."""
+
+    max_total_bytes: int = 2 << 30
+    """Sum of the members' uncompressed sizes."""
+    max_ratio: float = 100.0
+    """Uncompressed total / archive file size, checked once the total passes ``ratio_floor``."""
+    ratio_floor_bytes: int = 16 << 20
+    """Archives that unpack to less than this are never refused for their ratio."""
+    max_members: int = 10_000
+    max_manifest_bytes: int = 1 << 20
+
+
+DEFAULT_LIMITS = ArchiveLimits()
+
+
+def _fail(source: str, problem: str, what: str = "archive") -> ArchiveError:
+    return ArchiveError(f"{what} '{source}': {problem}")
+
+
+def _names(names: list[str]) -> str:
+    """Name up to five members, with the verb that agrees: "'a' is", "'a', 'b' are"."""
+    shown = ", ".join(f"'{n}'" for n in names[:5]) + (", ..." if len(names) > 5 else "")
+    return f"{shown} {'is' if len(names) == 1 else 'are'}"
+
+
+def member_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a safe relative member path, or None when it is."""
+    if not name:
+        return "has an empty name"
+    if "\\" in name:
+        return "contains a backslash"
+    if "\x00" in name:
+        return "contains a NUL byte"
+    if name.startswith("/") or _DRIVE_RE.match(name):
+        return "is an absolute path"
+    parts = name.split("/")
+    if ".." in parts:
+        return "escapes the archive ('..')"
+    if any(part in ("", ".") for part in parts):
+        return "is not a normalised relative path"
+    return None
+
+
+# -- writing --------------------------------------------------------------------------------
+
+
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """The exact bytes stored (and signed) as ``manifest.json``."""
+    return json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
+
+
+def write_archive(
+    path: Path,
+    manifest: Manifest,
+    members: Mapping[str, bytes | Path],
+    *,
+    sign_key: Path | None = None,
+) -> Manifest:
+    """Write an archive; ``manifest.files`` is recomputed from ``members``. Returns it.
+
+    With ``sign_key`` (an Ed25519 private key PEM) the archive carries
+    ``signature.ed25519.json`` over the manifest bytes.
+    """
+    source = str(path)
+    for name in members:
+        problem = member_name_problem(name)
+        if problem is None and name in RESERVED_NAMES:
+            problem = "is a reserved name"
+        if problem:
+            raise _fail(source, f"cannot write member '{name}': it {problem}")
+    names = sorted(members)
+    final = dataclasses.replace(manifest, files={n: _digest_of(members[n]) for n in names})
+    data = manifest_bytes(final)
+    try:
+        Manifest.from_dict(json.loads(data))
+    except ArchiveError as exc:
+        raise _fail(source, f"cannot write: {exc.message}") from None
+    signature = sign_manifest(data, sign_key) if sign_key is not None else None
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(tmp, "xb") as raw:
+            with zipfile.ZipFile(raw, "w") as zf:
+                _add_member(zf, MANIFEST_NAME, data)
+                if signature is not None:
+                    _add_member(zf, SIGNATURE_NAME, signature)
+                for name in names:
+                    _add_member(zf, name, members[name], final.files[name], source)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote archive %s (%s %s, %d members)", path, final.name, final.version, len(names))
+    return final
+
+
+def _digest_of(content: bytes | Path) -> str:
+    if isinstance(content, bytes):
+        return hashlib.sha256(content).hexdigest()
+    with open(content, "rb") as f:
+        return _hash_stream(f)
+
+
+def _hash_stream(stream: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    while chunk := stream.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _add_member(
+    zf: zipfile.ZipFile,
+    name: str,
+    content: bytes | Path,
+    expected: str | None = None,
+    source: str = "",
+) -> None:
+    info = zipfile.ZipInfo(name, date_time=_FIXED_DATE)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = _FILE_ATTR
+    info.create_system = 3
+    if isinstance(content, bytes):
+        zf.writestr(info, content)
+        return
+    digest = hashlib.sha256()
+    with open(content, "rb") as src, zf.open(info, "w", force_zip64=True) as out:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != expected:
+        raise _fail(source, f"member '{name}' ({content}) changed while it was being written")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Checked:
+    manifest: Manifest
+    manifest_bytes: bytes
+    signature: bytes | None
+    infos: dict[str, zipfile.ZipInfo]
+
+
+def open_zip(path: Path, what: str = "archive") -> zipfile.ZipFile:
+    """Open ``path`` as a zip; ArchiveError when it is missing, not a zip or truncated."""
+    source = str(path)
+    try:
+        return zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise _fail(source, "does not exist", what) from None
+    except IsADirectoryError:
+        raise _fail(source, "is a directory, not an archive file", what) from None
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+        raise _fail(source, f"is not a zip file or is truncated ({exc})", what) from None
+    except OSError as exc:
+        raise _fail(source, f"cannot be read ({exc.strerror})", what) from None
+
+
+def scan_members(
+    zf: zipfile.ZipFile,
+    source: str,
+    limits: ArchiveLimits,
+    *,
+    allow_dirs: bool = False,
+    what: str = "archive",
+) -> dict[str, zipfile.ZipInfo]:
+    """Check every entry's name, type, flags and size; return the regular files by name."""
+    entries = zf.infolist()
+    if len(entries) > limits.max_members:
+        raise _fail(source, f"has {len(entries)} members (limit {limits.max_members})", what)
+    files: dict[str, zipfile.ZipInfo] = {}
+    seen: set[str] = set()
+    total = 0
+    for info in entries:
+        raw = info.filename
+        is_dir = raw.endswith("/")
+        name = raw[:-1] if is_dir else raw
+        problem = member_name_problem(name) or _entry_problem(info, is_dir, allow_dirs)
+        if problem is None and name in seen:
+            problem = "is a duplicate name"
+        if problem:
+            raise _fail(source, f"member '{raw}' {problem}", what)
+        seen.add(name)
+        total += info.file_size
+        if not is_dir:
+            files[name] = info
+    _check_no_prefix_clash(files, source, what)
+    if total > limits.max_total_bytes:
+        raise _fail(
+            source,
+            f"unpacks to {total} bytes, over the limit of {limits.max_total_bytes} (zip bomb?)",
+            what,
+        )
+    size = os.fstat(zf.fp.fileno()).st_size if zf.fp is not None else 0
+    if total > limits.ratio_floor_bytes and total > limits.max_ratio * max(size, 1):
+        raise _fail(
+            source,
+            f"unpacks to {total} bytes from {size} ({total / max(size, 1):.0f}x, limit "
+            f"{limits.max_ratio:.0f}x): zip bomb?",
+            what,
+        )
+    return files
+
+
+def _entry_problem(info: zipfile.ZipInfo, is_dir: bool, allow_dirs: bool) -> str | None:
+    mode = info.external_attr >> 16
+    kind = stat.S_IFMT(mode)
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link"
+    if is_dir or stat.S_ISDIR(mode):
+        return None if allow_dirs and is_dir else "is a directory entry"
+    if kind and not stat.S_ISREG(mode):
+        return "is not a regular file"
+    if info.flag_bits & 0x1:
+        return "is encrypted"
+    if info.compress_type not in _COMPRESSIONS:
+        return f"uses unsupported compression method {info.compress_type}"
+    return None
+
+
+def _check_no_prefix_clash(files: Mapping[str, object], source: str, what: str) -> None:
+    for name in files:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in files:
+                raise _fail(source, f"member '{parent}' is both a file and a directory", what)
+
+
+def read_member(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, limit: int, what: str = "archive"
+) -> bytes:
+    """A member's bytes, refusing more than ``limit``."""
+    if info.file_size > limit:
+        raise _fail(source, f"member '{info.filename}' is larger than {limit} bytes", what)
+    chunks = list(_iter_member(zf, info, source, what))
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise _fail(source, f"member '{info.filename}' is larger than {limit} bytes", what)
+    return data
+
+
+def _iter_member(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, what: str = "archive"
+) -> Iterator[bytes]:
+    """Stream a member; more bytes than the header declares, or a bad CRC, is an error."""
+    read = 0
+    try:
+        with zf.open(info) as stream:
+            while chunk := stream.read(_CHUNK):
+                read += len(chunk)
+                if read > info.file_size:
+                    raise _fail(source, f"member '{info.filename}' exceeds its declared size", what)
+                yield chunk
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        raise _fail(source, f"member '{info.filename}' is corrupt ({exc})", what) from None
+
+
+def parse_manifest(data: bytes, source: str, what: str = "archive") -> Manifest:
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(source, f"{MANIFEST_NAME} is not valid JSON ({exc})", what) from None
+    try:
+        manifest = Manifest.from_dict(parsed)
+    except ArchiveError as exc:
+        raise _fail(source, exc.message, what) from None
+    for name in manifest.files:
+        problem = member_name_problem(name)
+        if problem is None and name in RESERVED_NAMES:
+            problem = "is a reserved name"
+        if problem:
+            raise _fail(source, f"manifest lists member '{name}', which {problem}", what)
+    return manifest
+
+
+def _validate(
+    zf: zipfile.ZipFile, source: str, trust: TrustStore | None, limits: ArchiveLimits
+) -> _Checked:
+    infos = scan_members(zf, source, limits)
+    if MANIFEST_NAME not in infos:
+        raise _fail(source, f"has no {MANIFEST_NAME} at its root")
+    data = read_member(zf, infos[MANIFEST_NAME], source, limits.max_manifest_bytes)
+    manifest = parse_manifest(data, source)
+    signature = None
+    if SIGNATURE_NAME in infos:
+        signature = read_member(zf, infos[SIGNATURE_NAME], source, 4096)
+    if trust is not None:
+        trust.verify(data, signature, source=source)
+    present = set(infos) - RESERVED_NAMES
+    if missing := sorted(set(manifest.files) - present):
+        raise _fail(source, f"member {_names(missing)} listed in the manifest but missing")
+    if extra := sorted(present - set(manifest.files)):
+        raise _fail(source, f"member {_names(extra)} not listed in the manifest")
+    for name, expected in sorted(manifest.files.items()):
+        digest = hashlib.sha256()
+        for chunk in _iter_member(zf, infos[name], source):
+            digest.update(chunk)
+        if digest.hexdigest() != expected:
+            raise _fail(
+                source,
+                f"member '{name}' sha256 mismatch (manifest {expected[:12]}..., "
+                f"content {digest.hexdigest()[:12]}...)",
+            )
+    return _Checked(manifest, data, signature, infos)
+
+
+def read_manifest(
+    path: Path, *, trust: TrustStore | None, limits: ArchiveLimits = DEFAULT_LIMITS
+) -> Manifest:
+    """Validate a whole archive (members, hashes, signature when ``trust``); its manifest."""
+    with open_zip(path) as zf:
+        return _validate(zf, str(path), trust, limits).manifest
+
+
+def extract_archive(
+    path: Path, dest: Path, *, trust: TrustStore | None, limits: ArchiveLimits = DEFAULT_LIMITS
+) -> Manifest:
+    """Validate, then unpack into ``dest`` (which must not exist), all or nothing.
+
+    Members are written beside ``dest`` first (regular files, mode 0644, fsynced, each
+    hashed again as it is written) and the directory is renamed to ``dest`` at the end.
+    """
+    source = str(path)
+    if dest.exists() or dest.is_symlink():
+        raise _fail(source, f"extract destination '{dest}' already exists")
+    with open_zip(path) as zf:
+        checked = _validate(zf, source, trust, limits)
+        partial = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.partial")
+        try:
+            partial.mkdir(mode=0o755)
+            _write_tree(zf, checked, partial, source)
+            os.rename(partial, dest)
+            fsync_dir(dest.parent)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    log.info("extracted %s to %s", path, dest)
+    return checked.manifest
+
+
+def _write_tree(zf: zipfile.ZipFile, checked: _Checked, root: Path, source: str) -> None:
+    _write_file(root / MANIFEST_NAME, [checked.manifest_bytes])
+    if checked.signature is not None:
+        _write_file(root / SIGNATURE_NAME, [checked.signature])
+    dirs = {root}
+    for name, expected in sorted(checked.manifest.files.items()):
+        target = root.joinpath(*name.split("/"))
+        for parent in reversed(target.parents):
+            if parent not in dirs and parent.is_relative_to(root) and parent != root:
+                parent.mkdir(mode=0o755)
+                dirs.add(parent)
+        digest = _write_file(target, _iter_member(zf, checked.infos[name], source))
+        if digest != expected:
+            raise _fail(source, f"member '{name}' changed while it was being extracted")
+    for directory in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(directory)
+
+
+def _write_file(target: Path, chunks: Iterator[bytes] | list[bytes]) -> str:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(target, flags, 0o644)
+    digest = hashlib.sha256()
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), 0o644)
+        for chunk in chunks:
+            digest.update(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+# -- unpacked directories -------------------------------------------------------------------
+
+
+def verify_tree(model_dir: Path, *, trust: TrustStore | None) -> Manifest:
+    """Re-verify an unpacked archive: manifest, signature (when ``trust``), files, hashes.
+
+    Nothing may be there but ``manifest.json``, the listed files, their directories and
+    ``signature.ed25519.json``; no symlinks.
+    """
+    source, what = str(model_dir), "model directory"
+    if not model_dir.is_dir() or model_dir.is_symlink():
+        raise _fail(source, "is not a directory", what)
+    found, dirs = _walk(model_dir, source)
+    if MANIFEST_NAME not in found:
+        raise _fail(source, f"has no {MANIFEST_NAME}", what)
+    data = _read_small(model_dir / MANIFEST_NAME, DEFAULT_LIMITS.max_manifest_bytes, source)
+    manifest = parse_manifest(data, source, what)
+    signature = None
+    if SIGNATURE_NAME in found:
+        signature = _read_small(model_dir / SIGNATURE_NAME, 4096, source)
+    if trust is not None:
+        trust.verify(data, signature, source=source)
+    listed = set(manifest.files)
+    if missing := sorted(listed - found):
+        raise _fail(source, f"file {_names(missing)} listed in the manifest but missing", what)
+    if extra := sorted(found - listed - RESERVED_NAMES):
+        raise _fail(source, f"file {_names(extra)} not listed in the manifest", what)
+    wanted_dirs = {"/".join(n.split("/")[:i]) for n in listed for i in range(1, n.count("/") + 1)}
+    if extra_dirs := sorted(dirs - wanted_dirs):
+        raise _fail(source, f"directory {_names(extra_dirs)} not part of the archive", what)
+    for name, expected in sorted(manifest.files.items()):
+        fd = os.open(model_dir.joinpath(*name.split("/")), os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            actual = _hash_stream(f)
+        if actual != expected:
+            raise _fail(source, f"file '{name}' sha256 mismatch (modified on disk?)", what)
+    return manifest
+
+
+def _walk(root: Path, source: str) -> tuple[set[str], set[str]]:
+    files: set[str] = set()
+    dirs: set[str] = set()
+    for current, dirnames, filenames in os.walk(root, followlinks=False):
+        rel = Path(current).relative_to(root)
+        for entry in [*dirnames, *filenames]:
+            path = Path(current, entry)
+            name = (rel / entry).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                dirs.add(name)
+            elif stat.S_ISREG(mode):
+                files.add(name)
+            else:
+                kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+                raise _fail(source, f"'{name}' is {kind}", "model directory")
+    return files, dirs
+
+
+def _read_small(path: Path, limit: int, source: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise _fail(source, f"'{path.name}' is larger than {limit} bytes", "model directory")
+    return data
+
+
+# -- TorchServe .mar ------------------------------------------------------------------------
+
+MAR_MANIFEST = "MAR-INF/MANIFEST.json"
+MAR_LABELS = "index_to_name.json"
+TORCHSERVE_HANDLERS = {"image_classifier": "image_classifier", "base_handler": "tensor"}
+"""TorchServe built-in handler -> ours. Others (object_detector, text_classifier,
+image_segmenter, custom .py) have no equivalent and are refused."""
+
+
+@dataclass(frozen=True)
+class MarModel:
+    """What a TorchServe ``.mar`` holds that edgeserve uses."""
+
+    name: str
+    version: str
+    handler: str
+    """TorchServe's handler string, as written in MAR-INF/MANIFEST.json."""
+    model_file: str
+    model_bytes: bytes
+    labels: bytes | None
+    """``index_to_name.json`` when present."""
+
+
+def read_mar(mar_path: Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) -> MarModel:
+    """Read a ``.mar`` under the archive's zip rules; its serialized file must be TorchScript."""
+    source, what = str(mar_path), "TorchServe archive"
+    with open_zip(mar_path, what) as zf:
+        infos = scan_members(zf, source, limits, allow_dirs=True, what=what)
+        if MAR_MANIFEST not in infos:
+            raise _fail(source, f"has no {MAR_MANIFEST}", what)
+        raw = read_member(zf, infos[MAR_MANIFEST], source, limits.max_manifest_bytes, what)
+        try:
+            model = json.loads(raw)["model"]
+            serialized = model["serializedFile"]
+            handler = model.get("handler") or ""
+            name, version = model.get("modelName") or "", model.get("modelVersion") or "1.0"
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise _fail(
+                source, f"{MAR_MANIFEST} is not JSON with model.serializedFile", what
+            ) from None
+        if not all(isinstance(v, str) for v in (serialized, handler, name, version)):
+            raise _fail(source, f"{MAR_MANIFEST}: model fields must be strings", what)
+        if serialized not in infos:
+            raise _fail(source, f"serializedFile '{serialized}' is not in the archive", what)
+        data = read_member(zf, infos[serialized], source, limits.max_total_bytes, what)
+        labels = None
+        if MAR_LABELS in infos:
+            labels = read_member(zf, infos[MAR_LABELS], source, limits.max_manifest_bytes, what)
+    _check_torchscript(data, source, serialized)
+    return MarModel(name, version, handler, serialized, data, labels)
+
+
+def mar_handler(handler: str, source: str) -> str:
+    """Our built-in handler for a TorchServe handler string; ArchiveError when none fits."""
+    mapped = TORCHSERVE_HANDLERS.get(handler.strip().removeprefix("ts.torch_handler."))
+    if mapped is None:
+        raise _fail(
+            source,
+            f"TorchServe handler '{handler}' has no edgeserve equivalent; repackage with --handler",
+            "TorchServe archive",
+        )
+    return mapped
+
+
+def _check_torchscript(data: bytes, source: str, member: str) -> None:
+    import io
+
+    import torch  # lazy: only .mar import needs it here
+
+    try:
+        torch.jit.load(io.BytesIO(data), map_location="cpu")
+    except Exception as exc:  # torch raises RuntimeError, ValueError, pickle errors...
+        raise _fail(
+            source,
+            f"serialized file '{member}' is not TorchScript ({type(exc).__name__}); an eager "
+            "model or state dict cannot be imported: script or trace it and package it with "
+            "`edgeserve package module.py:factory`",
+            "TorchServe archive",
+        ) from None

@@ -1,0 +1,315 @@
+"""The on-disk model store and the persisted live state.
+
+Layout (``root`` is ``<state_dir>/models``)::
+
+    <root>/<name>/<version>/      a verified, unpacked archive (manifest.json at its top)
+    <root>/.staging/<random>/     installs in progress; removed by collect_garbage()
+    <root>/.lock                  serialises installs and removals across processes
+    <state_dir>/live.json         what is live and which version is default
+
+An install validates and unpacks into staging (every file and directory fsynced), then
+renames the version directory into place: a crash or a failure leaves no trace outside
+staging, and staging is cleared on the next start. Versions are immutable: installing
+the same name/version again is a no-op when the manifest is identical and an error
+otherwise.
+
+A TorchServe ``.mar`` carries no signature, so it is installed directly only by a store
+without a trust store (``trust=None``). With one, convert and sign it first:
+``edgeserve package --from-mar FILE.mar --sign-key KEY -o FILE.esar``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeserve.archive import extract_archive, fsync_dir, verify_tree, write_archive
+from edgeserve.errors import ArchiveError, NotFound, StoreError
+from edgeserve.manifest import MANIFEST_NAME, Manifest
+from edgeserve.signing import TrustStore
+
+log = logging.getLogger("edgeserve.store")
+
+STAGING = ".staging"
+_LOCK = ".lock"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_LIVE_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    name: str
+    version: str
+    path: Path
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class LiveEntry:
+    """One live version as persisted in ``live.json``."""
+
+    name: str
+    version: str
+    default: bool
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelStore:
+    def __init__(self, root: Path, trust: TrustStore | None, *, live_state_path: Path) -> None:
+        self.root = root
+        self.trust = trust
+        self.live_state_path = live_state_path
+        self._lock = threading.Lock()
+
+    # -- models ---------------------------------------------------------------------------
+
+    def install(self, archive: Path) -> InstalledModel:
+        """Verify ``archive`` (or import a ``.mar``) and add it; atomic, all or nothing."""
+        with self._locked():
+            staging = self._new_staging()
+            try:
+                return self._install(archive, staging)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def get(self, name: str, version: str) -> InstalledModel:
+        """An installed version, re-verified (files, hashes, signature) on every call."""
+        path = self._version_dir(name, version)
+        if not path.is_dir():
+            raise NotFound(f"model '{name}' version '{version}' is not installed")
+        try:
+            manifest = verify_tree(path, trust=self.trust)
+        except ArchiveError as exc:
+            raise StoreError(
+                f"installed model '{name}' version '{version}' fails verification: {exc.message}"
+            ) from None
+        if (manifest.name, manifest.version) != (name, version):
+            raise StoreError(
+                f"model directory '{path}' holds '{manifest.name}' version '{manifest.version}'"
+            )
+        return InstalledModel(name, version, path, manifest)
+
+    def list(self) -> list[InstalledModel]:
+        """Installed versions, by name then version. Reads manifests only (``get`` verifies);
+        a directory whose manifest does not parse is logged and skipped."""
+        found = []
+        for name_dir in sorted(self._children(self.root)):
+            for version_dir in sorted(self._children(name_dir)):
+                manifest_path = version_dir / MANIFEST_NAME
+                try:
+                    manifest = Manifest.from_dict(json.loads(manifest_path.read_bytes()))
+                except (OSError, ValueError, ArchiveError) as exc:
+                    log.warning("store: skipping %s: %s", version_dir, exc)
+                    continue
+                found.append(InstalledModel(manifest.name, manifest.version, version_dir, manifest))
+        return found
+
+    def remove(self, name: str, version: str) -> None:
+        """Delete an installed version (moved into staging first, so removal is atomic)."""
+        with self._locked():
+            path = self._version_dir(name, version)
+            if not path.is_dir():
+                raise NotFound(f"model '{name}' version '{version}' is not installed")
+            staging = self._new_staging()
+            try:
+                os.rename(path, staging / "removed")
+                fsync_dir(path.parent)
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()  # only when no other version is left
+                    fsync_dir(self.root)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        log.info("store: removed %s %s", name, version)
+
+    def collect_garbage(self) -> int:
+        """Remove leftovers of interrupted installs; how many. Call at startup."""
+        staging_root = self.root / STAGING
+        if not staging_root.is_dir():
+            return 0
+        with self._locked():
+            leftovers = list(staging_root.iterdir())
+            for path in leftovers:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        if leftovers:
+            log.info("store: removed %d leftover staging entries", len(leftovers))
+        return len(leftovers)
+
+    # -- live state -----------------------------------------------------------------------
+
+    def read_live_state(self) -> builtins.list[LiveEntry]:
+        """The persisted live set; empty when none was written yet."""
+        path = self.live_state_path
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreError(f"live state '{path}' cannot be read: {exc.strerror}") from None
+        try:
+            data = json.loads(raw)
+            if data.get("schema") != _LIVE_SCHEMA:
+                raise ValueError(f"unsupported schema {data.get('schema')!r}")
+            entries = [
+                LiveEntry(
+                    str(e["name"]),
+                    str(e["version"]),
+                    bool(e["default"]),
+                    dict(e.get("settings", {})),
+                )
+                for e in data["models"]
+            ]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StoreError(f"live state '{path}' is malformed: {exc}") from None
+        _check_live(entries, str(path))
+        return entries
+
+    def write_live_state(self, entries: Sequence[LiveEntry]) -> None:
+        """Replace ``live.json`` atomically (temporary file, fsync, rename, fsync dir)."""
+        path = self.live_state_path
+        _check_live(entries, str(path))
+        document = {
+            "schema": _LIVE_SCHEMA,
+            "models": [
+                {"name": e.name, "version": e.version, "default": e.default, "settings": e.settings}
+                for e in entries
+            ],
+        }
+        try:
+            data = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"live state: settings are not JSON ({exc})") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            with open(tmp, "xb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _install(self, archive: Path, staging: Path) -> InstalledModel:
+        if archive.suffix == ".mar":
+            archive = self._convert_mar(archive, staging)
+        unpacked = staging / "model"
+        manifest = extract_archive(archive, unpacked, trust=self.trust)
+        target = self._version_dir(manifest.name, manifest.version)
+        if target.exists() or target.is_symlink():
+            return self._existing(target, manifest)
+        try:
+            if _ensure_dir(target.parent):
+                fsync_dir(self.root)
+            os.rename(unpacked, target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                target.parent.rmdir()  # only succeeds when empty (nothing else there)
+            raise StoreError(
+                f"cannot install model '{manifest.name}' version "
+                f"'{manifest.version}' into '{target}': {exc.strerror}"
+            ) from None
+        fsync_dir(target.parent)
+        log.info("store: installed %s %s from %s", manifest.name, manifest.version, archive)
+        return InstalledModel(manifest.name, manifest.version, target, manifest)
+
+    def _existing(self, target: Path, manifest: Manifest) -> InstalledModel:
+        current = self.get(manifest.name, manifest.version)
+        if current.manifest.to_dict() != manifest.to_dict():
+            raise StoreError(
+                f"model '{manifest.name}' version '{manifest.version}' is already installed "
+                "with different content; versions are immutable (install a new version)"
+            )
+        log.info("store: %s %s already installed", manifest.name, manifest.version)
+        return current
+
+    def _convert_mar(self, mar: Path, staging: Path) -> Path:
+        if self.trust is not None:
+            raise ArchiveError(
+                f"archive '{mar}' is a TorchServe .mar, which carries no signature; convert "
+                f"and sign it: edgeserve package --from-mar {mar} --sign-key KEY -o FILE.esar"
+            )
+        from edgeserve.packager import import_mar  # torch; only this path needs it
+
+        manifest, members = import_mar(mar)
+        converted = staging / "imported.esar"
+        write_archive(converted, manifest, members)
+        return converted
+
+    def _version_dir(self, name: str, version: str) -> Path:
+        for what, value in (("name", name), ("version", version)):
+            if not _NAME_RE.match(value):
+                raise NotFound(f"model {what} '{value}' is not a valid store name")
+        return self.root / name / version
+
+    def _new_staging(self) -> Path:
+        staging_root = self.root / STAGING
+        staging_root.mkdir(parents=True, exist_ok=True)
+        path = staging_root / secrets.token_hex(8)
+        path.mkdir(mode=0o700)
+        return path
+
+    @staticmethod
+    def _children(path: Path) -> Iterator[Path]:
+        if not path.is_dir():
+            return iter(())
+        return (
+            p
+            for p in path.iterdir()
+            if not p.name.startswith(".") and p.is_dir() and not p.is_symlink()
+        )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time: a thread lock plus ``flock`` on ``<root>/.lock``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.root / _LOCK, "a+b") as lock_file:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def _ensure_dir(path: Path) -> bool:
+    try:
+        path.mkdir(mode=0o755)
+    except FileExistsError:
+        if not path.is_dir() or path.is_symlink():
+            raise NotADirectoryError(20, "exists and is not a directory", str(path)) from None
+        return False
+    return True
+
+
+def _check_live(entries: Sequence[LiveEntry], source: str) -> None:
+    seen: set[tuple[str, str]] = set()
+    defaults: set[str] = set()
+    for entry in entries:
+        key = (entry.name, entry.version)
+        if key in seen:
+            raise StoreError(f"live state '{source}': {entry.name} {entry.version} listed twice")
+        seen.add(key)
+        if entry.default:
+            if entry.name in defaults:
+                raise StoreError(
+                    f"live state '{source}': model '{entry.name}' has more than one default version"
+                )
+            defaults.add(entry.name)
