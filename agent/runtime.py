@@ -20,6 +20,8 @@ Device policy:
 - ``fp16`` applies on CUDA only: the module is cast with ``half()``, the handler casts
   float inputs (``HandlerContext.compute_dtype``) and ``run`` casts float outputs back to
   the signature's dtype. On a CPU it is ignored (logged), so one config fits a mixed fleet.
+  Samples are usually recorded in fp32, so under fp16 warm-up compares with at least
+  ``FP16_TOLERANCE`` (rtol, atol), or the manifest's tolerance when that is looser.
 
 Intra-op thread budgets belong to the worker thread that calls ``run``; nothing here
 changes torch's global thread settings. The quantized engine is process-global in torch:
@@ -78,6 +80,7 @@ log = logging.getLogger("edgeserve.runtime")
 DEVICE_KEY = "runtime.device"
 _CUDA_RE = re.compile(r"cuda(?::(\d+))?")
 _ENGINE_PREFERENCE = ("x86", "fbgemm", "qnnpack", "onednn")
+FP16_TOLERANCE = (1e-2, 1e-2)
 
 Signature = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]
 # A loader turns a model directory into a module on the device (eval mode).
@@ -139,10 +142,9 @@ def _load_torchscript(
     try:
         module = torch.jit.load(str(model_dir / manifest.model_file), map_location=device)
     except (RuntimeError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArchiveError(
             f"{_label(manifest)}: '{manifest.model_file}' is not a loadable TorchScript "
-            f"file ({reason})"
+            f"file ({_last_line(exc)})"
         ) from exc
     return module.eval()
 
@@ -216,6 +218,9 @@ class LoadedModel:
         manifest = self.manifest
         if not manifest.samples:
             return self._synthetic_warm_up()
+        rtol, atol = manifest.rtol, manifest.atol
+        if self.compute_dtype == torch.float16:
+            rtol, atol = max(rtol, FP16_TOLERANCE[0]), max(atol, FP16_TOLERANCE[1])
         durations: list[float] = []
         worst: dict[str, float] = {}
         for index, sample in enumerate(manifest.samples):
@@ -226,7 +231,7 @@ class LoadedModel:
             outputs = self._warm_run(inputs, f"sample {index}")
             durations.append(time.perf_counter() - started)
             for name, want in expected.items():
-                error, problem = _compare(outputs[name], want, manifest.rtol, manifest.atol)
+                error, problem = _compare(outputs[name], want, rtol, atol)
                 if error is not None:
                     worst[name] = max(worst.get(name, 0.0), error)
                 if problem is not None:
@@ -270,7 +275,8 @@ class LoadedModel:
             return self.run(inputs)
         except Exception as exc:
             raise WarmupFailed(
-                f"{self._label} failed warm-up: {what} raised {type(exc).__name__}: {exc}"
+                f"{self._label} failed warm-up: {what} raised {type(exc).__name__}: "
+                f"{_last_line(exc)}"
             ) from exc
 
     def _check_outputs(self, outputs: object, batch: int | None) -> dict[str, TensorValue]:
@@ -456,6 +462,13 @@ def _compare(
 def _preview(items: list[bytes], limit: int = 5) -> str:
     shown = [item.decode("utf-8", "replace") for item in items[:limit]]
     return f"{shown}{' ...' if len(items) > limit else ''} ({len(items)} items)"
+
+
+def _last_line(exc: BaseException, limit: int = 300) -> str:
+    """The telling line of an error (TorchScript puts a traceback before it)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _label(manifest: Manifest) -> str:

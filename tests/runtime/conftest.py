@@ -59,10 +59,10 @@ class RaiseOnFlag(nn.Module):
 
 
 class TinyCNN(nn.Module):
-    def __init__(self, classes: int = 6) -> None:
+    def __init__(self, classes: int = 6, channels: int = 3) -> None:
         super().__init__()
         torch.manual_seed(1)
-        self.conv = nn.Conv2d(3, 8, kernel_size=3, stride=2)
+        self.conv = nn.Conv2d(channels, 8, kernel_size=3, stride=2)
         self.head = nn.Linear(8, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

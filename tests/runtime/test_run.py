@@ -246,3 +246,25 @@ def test_handler_sees_the_model_context(model_dirs, mlp, load) -> None:
     assert context.model is model.module and context.model_dir == model_dir
     assert context.config == {"k": 1} and context.inputs == MLP_IN and context.compute_dtype is None
     assert "edgeserve.runtime" in sys.modules
+
+
+def test_half_compute_casts_inputs_and_outputs(model_dirs, mlp) -> None:
+    """The fp16 path of a GPU, exercised on the CPU (torch has half kernels there too)."""
+    model_dir, manifest = model_dirs.make(mlp, MLP_IN, MLP_OUT)
+    cpu = torch.device("cpu")
+    module = torch.jit.load(str(model_dir / "model.pt")).eval().half()
+    handler = TensorHandler()
+    handler.initialize(
+        HandlerContext(module, cpu, MLP_IN, MLP_OUT, model_dir, compute_dtype=torch.float16)
+    )
+    x = torch.randn(8, 16)
+    assert handler.preprocess({"x": x})[0].dtype == torch.float16
+    model = LoadedModel(
+        manifest, model_dir, cpu, module, handler, (MLP_IN, MLP_OUT), compute_dtype=torch.float16
+    )
+    with torch.inference_mode():
+        expected = mlp(x)
+    got = model.run({"x": x})["y"]
+    assert got.dtype == torch.float32 and not torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+    model.close()
