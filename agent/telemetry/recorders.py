@@ -72,21 +72,18 @@ Clock = Callable[[], float]
 QueueDepthSource = Callable[[], int]
 
 
-class Histogram:
-    """Fixed-bucket histogram; not locked itself (its owner's lock covers it)."""
+class _Histogram:
+    """Fixed-bucket histogram; not locked itself (its owner's lock covers it).
 
-    __slots__ = ("bounds", "counts", "sum", "count")
+    The count is not stored: it is ``sum(counts)``, computed when read.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = tuple(bounds)
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data: ``bounds``, per-bucket (not cumulative) ``counts`` ending with +Inf."""
@@ -94,7 +91,7 @@ class Histogram:
             "bounds": list(self.bounds),
             "counts": list(self.counts),
             "sum": self.sum,
-            "count": self.count,
+            "count": sum(self.counts),
         }
 
 
@@ -131,11 +128,11 @@ class ModelRecorder:
         self._lock = threading.Lock()
         self._created = clock()
         self._codes: dict[str, int] = {}
-        self._total = Histogram(LATENCY_BOUNDS_S)
-        self._queue = Histogram(LATENCY_BOUNDS_S)
-        self._compute = Histogram(LATENCY_BOUNDS_S)
-        self._batch_size = Histogram(BATCH_SIZE_BOUNDS)
-        self._batch_compute = Histogram(LATENCY_BOUNDS_S)
+        self._total = _Histogram(LATENCY_BOUNDS_S)
+        self._queue = _Histogram(LATENCY_BOUNDS_S)
+        self._compute = _Histogram(LATENCY_BOUNDS_S)
+        self._batch_size = _Histogram(BATCH_SIZE_BOUNDS)
+        self._batch_compute = _Histogram(LATENCY_BOUNDS_S)
         self._queue_depth: QueueDepthSource | None = None
         self._load_s: float | None = None
         self._last_load_at: float | None = None
@@ -149,9 +146,9 @@ class ModelRecorder:
         self, status: str, total_s: float, queue_s: float | None, compute_s: float | None
     ) -> None:
         """Count one finished request; its times (seconds) enter the histograms if OK."""
+        # Written flat, without helper calls: this runs once per request.
         key = int(self._clock() // WINDOW_SLOT_S)
         slot = key % WINDOW_SLOTS
-        bucket = bisect_left(LATENCY_BOUNDS_S, total_s)
         with self._lock:
             if self._slot_keys[slot] != key:
                 self._slot_keys[slot] = key
@@ -159,24 +156,35 @@ class ModelRecorder:
                 self._slot_codes[slot] = {}
             codes = self._slot_codes[slot]
             codes[status] = codes.get(status, 0) + 1
-            self._codes[status] = self._codes.get(status, 0) + 1
+            codes = self._codes
+            codes[status] = codes.get(status, 0) + 1
             if status != OK:
                 return
+            bucket = bisect_left(LATENCY_BOUNDS_S, total_s)
             self._slot_latency[slot][bucket] += 1
-            total = self._total
-            total.counts[bucket] += 1
-            total.sum += total_s
-            total.count += 1
+            hist = self._total
+            hist.counts[bucket] += 1
+            hist.sum += total_s
             if queue_s is not None:
-                self._queue.observe(queue_s)
+                hist = self._queue
+                hist.counts[bisect_left(LATENCY_BOUNDS_S, queue_s)] += 1
+                hist.sum += queue_s
             if compute_s is not None:
-                self._compute.observe(compute_s)
+                hist = self._compute
+                hist.counts[bisect_left(LATENCY_BOUNDS_S, compute_s)] += 1
+                hist.sum += compute_s
 
     def observe_batch(self, size: int, compute_s: float) -> None:
         """Count one batch the model ran: its size and how long the model took on it."""
+        size_bucket = bisect_left(BATCH_SIZE_BOUNDS, size)
+        compute_bucket = bisect_left(LATENCY_BOUNDS_S, compute_s)
         with self._lock:
-            self._batch_size.observe(size)
-            self._batch_compute.observe(compute_s)
+            hist = self._batch_size
+            hist.counts[size_bucket] += 1
+            hist.sum += size
+            hist = self._batch_compute
+            hist.counts[compute_bucket] += 1
+            hist.sum += compute_s
 
     def set_queue_depth_source(self, source: QueueDepthSource | None) -> None:
         """Register the callable that tells the queue depth (read at snapshot time)."""
