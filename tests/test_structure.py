@@ -21,6 +21,7 @@ THIRD_PARTY_HOMES = {
     "paho": ("fleet/link.py",),
     "sqlite_utils": ("telemetry/buffer.py",),
     "cryptography": ("signing.py", "fleet/verifier.py"),
+    "prometheus_client": ("metrics_http.py",),
 }
 
 
