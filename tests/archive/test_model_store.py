@@ -121,7 +121,9 @@ def test_get_reverifies(store: ModelStore, signed_archive: Path) -> None:
         store.get("mlp", "1")
 
 
-@pytest.mark.parametrize(("name", "version"), [("..", "1"), ("mlp", "../../etc"), (".staging", "x")])
+@pytest.mark.parametrize(
+    ("name", "version"), [("..", "1"), ("mlp", "../../etc"), (".staging", "x")]
+)
 def test_get_refuses_names_that_are_not_store_names(
     store: ModelStore, name: str, version: str
 ) -> None:
