@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
 
 import pytest
 import torch
+from edgeserve.batch_policy import ArrivalRate, ServiceTimeFit
 from edgeserve.batching import AdaptiveBatcher, BatchSettings
 from edgeserve.errors import (
     ConfigError,
@@ -389,3 +391,119 @@ def test_settings_errors_name_the_key():
         BatchSettings(
             max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=1, preferred_batch_sizes=(8,)
         )
+
+
+def primed(rate_hz: float, count: int = 50) -> ArrivalRate:
+    """An arrival estimate that has just seen ``count`` arrivals at ``rate_hz``."""
+    arrivals = ArrivalRate()
+    now = time.monotonic()
+    for i in range(count):
+        arrivals.record(now - (count - i) / rate_hz)
+    return arrivals
+
+
+def costly_batches() -> ServiceTimeFit:
+    """A fit saying each batch costs 50 ms fixed plus 1 ms a row: batching pays."""
+    fit = ServiceTimeFit()
+    for n in range(1, 17):
+        fit.record(n, 0.001 * n + 0.05)
+    return fit
+
+
+def test_the_batcher_waits_for_a_fuller_batch_when_the_policy_says_it_pays():
+    async def main():
+        recorder = Recorder()
+        worker = InstanceWorker(recorder, intra_op_threads=1)
+        settings = BatchSettings(max_batch_size=4, max_queue_delay_s=5.0, max_queue_size=8)
+        batcher = AdaptiveBatcher(
+            "m", "1", settings, [worker], fit=costly_batches(), arrivals=primed(10_000.0)
+        )
+        try:
+            tasks = [asyncio.ensure_future(batcher.submit(request(float(m)))) for m in range(4)]
+            await asyncio.gather(*tasks)
+        finally:
+            await batcher.close()
+        assert recorder.sizes == [4]  # a cold batcher runs [1, 3] here
+
+    run(main())
+
+
+def test_a_lone_request_does_not_wait_when_arrivals_have_gone_quiet():
+    async def main():
+        recorder = Recorder()
+        worker = InstanceWorker(recorder, intra_op_threads=1)
+        settings = BatchSettings(max_batch_size=4, max_queue_delay_s=0.2, max_queue_size=8)
+        arrivals = ArrivalRate()
+        for i in range(50):  # a burst that ended a second ago
+            arrivals.record(time.monotonic() - 1.0 - (50 - i) * 1e-4)
+        batcher = AdaptiveBatcher(
+            "m", "1", settings, [worker], fit=costly_batches(), arrivals=arrivals
+        )
+        try:
+            result = await batcher.submit(request(1.0))
+        finally:
+            await batcher.close()
+        assert result.timings["queue_s"] < 0.1
+
+    run(main())
+
+
+def test_the_wait_never_runs_past_the_queue_delay():
+    async def main():
+        recorder = Recorder()
+        worker = InstanceWorker(recorder, intra_op_threads=1)
+        settings = BatchSettings(max_batch_size=32, max_queue_delay_s=0.05, max_queue_size=8)
+        batcher = AdaptiveBatcher(
+            "m", "1", settings, [worker], fit=costly_batches(), arrivals=primed(1e6, count=1000)
+        )
+        try:
+            result = await batcher.submit(request(1.0))
+        finally:
+            await batcher.close()
+        assert result.timings["queue_s"] <= 0.05 + 0.03  # timer lateness on a busy machine
+
+    run(main())
+
+
+def test_a_crowd_of_callers_each_resolve_exactly_once_with_their_own_values():
+    rng = random.Random(7)  # noqa: S311 - a reproducible mix, not security
+
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder, instances=2, max_batch_size=8, max_queue_size=1000) as b:
+            plans = [(float(i), rng.choice((4, 8)), rng.random()) for i in range(300)]
+            recorder.hold()  # both instances block on their first batch; the rest queue
+            tasks = []
+            for marker, width, roll in plans:
+                deadline = time.monotonic() - 1.0 if roll < 0.1 else None
+                req = request(marker, width=width, deadline=deadline)
+                tasks.append(asyncio.ensure_future(b.submit(req)))
+                if roll < 0.5:
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0)  # every submit has run up to its await
+            for task, (_, _, roll) in zip(tasks, plans, strict=True):
+                if roll > 0.9:
+                    task.cancel()  # queued, or one of the two held batches
+            recorder.release()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            stats = b.stats()
+        return plans, outcomes, stats
+
+    plans, outcomes, stats = run(main())
+    done = 0
+    for (marker, width, roll), outcome in zip(plans, outcomes, strict=True):
+        if roll < 0.1:
+            assert isinstance(outcome, Expired)
+        elif roll > 0.9:
+            assert isinstance(outcome, asyncio.CancelledError) or (
+                torch.equal(outcome.outputs["y"], torch.full((1, width), 2 * marker))
+            )
+        else:
+            assert torch.equal(outcome.outputs["y"], torch.full((1, width), 2 * marker))
+            done += 1
+    assert stats.queue_depth == 0 and stats.running == 0
+    assert stats.expired == sum(1 for p in plans if p[2] < 0.1)
+    assert stats.completed >= done
+    assert stats.cancelled > 0
+    # Cancelled while running still counts as completed: the batch ran.
+    assert stats.completed + stats.expired + stats.cancelled == len(plans)
