@@ -129,6 +129,7 @@ class InferenceServer:
         )
         self.health = ModelHealth(registry, is_ready)
         self._server: grpc.aio.Server | None = None
+        self._stopped = False
         self._addresses: list[str] = []
         self._sockets: list[Path] = []
 
@@ -175,8 +176,9 @@ class InferenceServer:
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting, let in-flight RPCs finish within ``grace`` s, then cancel them."""
-        if self._server is None:
+        if self._server is None or self._stopped:
             return
+        self._stopped = True
         await self.health.shutdown()
         await self._server.stop(grace)
         self._remove_sockets()

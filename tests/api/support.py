@@ -135,7 +135,8 @@ class Recorder:
 
 
 def behaviour_models(recorder: Recorder) -> list[LiveModel]:
-    spec = ([("x", "FP32", (-1, -1))], [("y", "FP32", (-1, -1))])
+    inputs: list[tuple[str, str, tuple[int, ...]]] = [("x", "FP32", (-1, -1))]
+    outputs: list[tuple[str, str, tuple[int, ...]]] = [("y", "FP32", (-1, -1))]
 
     async def overloaded(request: InferRequest) -> InferResult:
         raise Overloaded.queue_full(request.model, request.version or "", 4)
@@ -163,7 +164,7 @@ def behaviour_models(recorder: Recorder) -> list[LiveModel]:
         raise AssertionError("hang model woke up")
 
     return [
-        live_model(name, *spec, submit)
+        live_model(name, inputs, outputs, submit)
         for name, submit in [
             ("overloaded", overloaded),
             ("expired", expired),
