@@ -71,6 +71,7 @@ __all__ = [
     "WarmupReport",
     "load_model",
     "load_sample",
+    "member_path",
     "resolve_device",
     "served_signature",
 ]
@@ -140,7 +141,8 @@ def _load_torchscript(
     model_dir: Path, manifest: Manifest, device: torch.device
 ) -> torch.jit.ScriptModule:
     try:
-        module = torch.jit.load(str(model_dir / manifest.model_file), map_location=device)
+        path = member_path(model_dir, manifest, manifest.model_file)
+        module = torch.jit.load(str(path), map_location=device)
     except (RuntimeError, OSError, ValueError) as exc:
         raise ArchiveError(
             f"{_label(manifest)}: '{manifest.model_file}' is not a loadable TorchScript "
@@ -408,7 +410,8 @@ def _read_side(
                 f"which is not in the signature ({sorted(by_name)})"
             )
         try:
-            tensors[name] = _read_tensor(model_dir / member, spec, side == "output")
+            path = member_path(model_dir, manifest, member)
+            tensors[name] = _read_tensor(path, spec, side == "output")
         except (OSError, ValueError) as exc:
             raise ArchiveError(
                 f"{_label(manifest)}: sample member '{member}' ({side} '{name}'): {exc}"
@@ -462,6 +465,18 @@ def _compare(
 def _preview(items: list[bytes], limit: int = 5) -> str:
     shown = [item.decode("utf-8", "replace") for item in items[:limit]]
     return f"{shown}{' ...' if len(items) > limit else ''} ({len(items)} items)"
+
+
+def member_path(model_dir: Path, manifest: Manifest, member: str) -> Path:
+    """The file of an archive member; ArchiveError unless listed and inside ``model_dir``.
+
+    The store has verified the directory already; this is a second, cheap guard.
+    """
+    root = model_dir.resolve()
+    path = (root / member).resolve()
+    if member not in manifest.files or not path.is_relative_to(root):
+        raise ArchiveError(f"{_label(manifest)}: '{member}' is not a member of the archive")
+    return path
 
 
 def _last_line(exc: BaseException, limit: int = 300) -> str:
@@ -555,7 +570,7 @@ def _resolve_handler(
     safe = re.sub(r"\W", "_", f"{manifest.name}_{manifest.version}")
     module_name = f"_edgeserve_handler_{safe}_{uuid.uuid4().hex[:12]}"
     try:
-        module = import_handler_module(model_dir / name, module_name)
+        module = import_handler_module(member_path(model_dir, manifest, name), module_name)
         found, factory = find_handler(module, name)
     except HandlerModuleError as exc:
         forget_module(module_name)

@@ -268,3 +268,17 @@ def test_half_compute_casts_inputs_and_outputs(model_dirs, mlp) -> None:
     assert got.dtype == torch.float32 and not torch.equal(got, expected)
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
     model.close()
+
+
+def test_members_outside_the_manifest_or_directory_are_refused(model_dirs, mlp) -> None:
+    from dataclasses import replace
+
+    from edgeserve.runtime import member_path
+
+    model_dir, manifest = model_dirs.make(mlp, MLP_IN, MLP_OUT)
+    assert member_path(model_dir, manifest, "model.pt") == (model_dir / "model.pt").resolve()
+    with pytest.raises(ArchiveError, match="'notes.txt' is not a member of the archive"):
+        member_path(model_dir, manifest, "notes.txt")
+    escaping = replace(manifest, files={**manifest.files, "../model.pt": "0" * 64})
+    with pytest.raises(ArchiveError, match="'../model.pt' is not a member"):
+        member_path(model_dir, escaping, "../model.pt")
