@@ -54,6 +54,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
 from edgeserve import __version__
 from edgeserve.archive import RESERVED_NAMES, mar_handler, read_mar, write_archive
 from edgeserve.dtypes import DATATYPE_OF_TORCH, datatype_of_numpy

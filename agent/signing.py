@@ -26,6 +26,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from edgeserve.errors import ArchiveError, ConfigError
 
 SIGNATURE_NAME = "signature.ed25519.json"

@@ -58,7 +58,7 @@ def rewrite(
     return write_zip(dst, [*kept, *add])
 
 
-def manifest_json(members: dict[str, bytes], **overrides) -> bytes:
+def manifest_json(members: dict[str, bytes], **overrides: object) -> bytes:
     """A valid manifest for these members (model.pt must be one), with correct hashes."""
     data = {
         "schema": 1,

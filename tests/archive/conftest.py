@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from edgeserve.signing import TrustStore
+
 MODELS_SOURCE = '''
 import torch
 
@@ -142,15 +144,16 @@ def other_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
-def trust(keys: tuple[Path, Path]):
-    from edgeserve.signing import TrustStore
-
+def trust(keys: tuple[Path, Path]) -> TrustStore:
     return TrustStore.from_paths([keys[1]])
 
 
 @pytest.fixture(scope="session")
 def signed_archive(
-    tmp_path_factory: pytest.TempPathFactory, models_py: Path, example_npy: Path, keys
+    tmp_path_factory: pytest.TempPathFactory,
+    models_py: Path,
+    example_npy: Path,
+    keys: tuple[Path, Path],
 ) -> Path:
     """A signed fp32 MLP archive (name mlp, version 1)."""
     from edgeserve.packager import build_archive

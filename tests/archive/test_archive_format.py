@@ -28,25 +28,26 @@ from edgeserve.archive import (
 )
 from edgeserve.errors import ArchiveError
 from edgeserve.manifest import Manifest
+from edgeserve.signing import TrustStore
 from edgeserve.types import TensorSpec
 
 MODEL = b"not really torchscript, the format does not care"
 
 
-def _manifest(**kw) -> Manifest:
-    base = dict(
+def _manifest(model_file: str = "model.pt") -> Manifest:
+    return Manifest(
         name="hand",
         version="1",
-        model_file="model.pt",
+        model_file=model_file,
         inputs=(TensorSpec("x", "FP32", (-1, 4)),),
         outputs=(TensorSpec("y", "FP32", (-1, 4)),),
         files={},
     )
-    base.update(kw)
-    return Manifest(**base)
 
 
-def _refused(archive: Path, tmp_path: Path, *needles: str, limits=None) -> ArchiveError:
+def _refused(
+    archive: Path, tmp_path: Path, *needles: str, limits: ArchiveLimits | None = None
+) -> ArchiveError:
     """Both read_manifest and extract_archive refuse; nothing is written; message has needles."""
     dest = tmp_path / "dest"
     before = tree_snapshot(tmp_path)
@@ -317,7 +318,7 @@ def test_extract_refuses_an_existing_destination(tmp_path: Path, signed_archive:
 
 
 @pytest.fixture
-def unpacked(tmp_path: Path, signed_archive: Path, trust) -> Path:
+def unpacked(tmp_path: Path, signed_archive: Path, trust: TrustStore) -> Path:
     dest = tmp_path / "model"
     extract_archive(signed_archive, dest, trust=trust)
     assert verify_tree(dest, trust=trust).name == "mlp"
@@ -356,14 +357,14 @@ def test_verify_tree_symlink(unpacked: Path, tmp_path: Path) -> None:
         verify_tree(unpacked, trust=None)
 
 
-def test_verify_tree_with_trust_needs_the_signature(unpacked: Path, trust) -> None:
+def test_verify_tree_with_trust_needs_the_signature(unpacked: Path, trust: TrustStore) -> None:
     (unpacked / "signature.ed25519.json").unlink()
     assert verify_tree(unpacked, trust=None).name == "mlp"
     with pytest.raises(ArchiveError, match="is not signed"):
         verify_tree(unpacked, trust=trust)
 
 
-def test_verify_tree_modified_manifest(unpacked: Path, trust) -> None:
+def test_verify_tree_modified_manifest(unpacked: Path, trust: TrustStore) -> None:
     manifest = read_manifest_dir(unpacked)
     changed = dataclasses.replace(manifest, handler_config={"evil": True})
     from edgeserve.archive import manifest_bytes

@@ -39,7 +39,7 @@ def test_generate_key_modes_and_no_overwrite(tmp_path: Path) -> None:
     assert private.read_bytes() == before
 
 
-def test_sign_and_verify(keys, trust: TrustStore) -> None:
+def test_sign_and_verify(keys: tuple[Path, Path], trust: TrustStore) -> None:
     manifest = b'{"any": "bytes"}\n'
     signature = sign_manifest(manifest, keys[0])
     document = json.loads(signature)
@@ -71,7 +71,12 @@ def test_unsigned_archive_is_refused(
 
 
 def test_archive_signed_by_an_unknown_key(
-    tmp_path: Path, models_py: Path, example_npy: Path, keys, other_keys, trust: TrustStore
+    tmp_path: Path,
+    models_py: Path,
+    example_npy: Path,
+    keys: tuple[Path, Path],
+    other_keys: tuple[Path, Path],
+    trust: TrustStore,
 ) -> None:
     from edgeserve.packager import build_archive
 
@@ -143,7 +148,7 @@ def test_malformed_signature_file(
         read_manifest(bad, trust=trust)
 
 
-def test_trust_store_refuses_non_keys(tmp_path: Path, keys) -> None:
+def test_trust_store_refuses_non_keys(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     junk = tmp_path / "junk.pub"
     junk.write_text("hello")
     with pytest.raises(ConfigError, match="junk.pub"):

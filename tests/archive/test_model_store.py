@@ -11,12 +11,12 @@ import pytest
 from archive_helpers import rewrite, tree_snapshot
 
 from edgeserve.errors import ArchiveError, NotFound, StoreError
-from edgeserve.signing import SIGNATURE_NAME
+from edgeserve.signing import SIGNATURE_NAME, TrustStore
 from edgeserve.store import STAGING, LiveEntry, ModelStore
 
 
 @pytest.fixture
-def store(tmp_path: Path, trust) -> ModelStore:
+def store(tmp_path: Path, trust: TrustStore) -> ModelStore:
     return ModelStore(tmp_path / "models", trust, live_state_path=tmp_path / "live.json")
 
 
@@ -94,7 +94,7 @@ def test_versions_are_immutable(
     tmp_path: Path,
     models_py: Path,
     example_npy: Path,
-    keys,
+    keys: tuple[Path, Path],
 ) -> None:
     from edgeserve.packager import build_archive
 
