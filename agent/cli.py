@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeserve import __version__
+from edgeserve.cli_models import register_models, register_status
 from edgeserve.errors import ArchiveError, ConfigError, EdgeserveError, InvalidArgument
 
 EXIT_OK = 0
@@ -107,6 +108,8 @@ def _register_serve(commands: Any) -> None:
     )
     sub.add_argument("--device", help="auto | cpu | cuda | cuda:N (runtime.device)")
     sub.add_argument("--log-level", help="debug | info | warning | error (logging.level)")
+    sub.add_argument("--management", metavar="ADDR",
+                     help="management address, unix:///path or 127.0.0.1:PORT (management.listen)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -125,6 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["runtime.device"] = args.device
     if args.log_level:
         overrides["logging.level"] = args.log_level
+    if args.management:
+        overrides["management.listen"] = [args.management]
     if args.model:
         overrides["models+"] = [{"archive": str(p), "default": True} for p in args.model]
     config = load_config(args.config, overrides=overrides)
@@ -270,4 +275,4 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = [_register_serve, _register_package, _register_keygen, _register_predict,
-             _register_demo]
+             _register_demo, register_models, register_status]

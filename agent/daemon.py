@@ -18,15 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeserve import __version__
+from edgeserve.api.management import ManagementServer
 from edgeserve.api.server import InferenceServer
 from edgeserve.config import Config, ModelConfig
 from edgeserve.errors import EdgeserveError
 from edgeserve.lifecycle import Lifecycle
+from edgeserve.logs import PayloadGuard
 from edgeserve.registry import ModelRegistry
 from edgeserve.runtime import RuntimeOptions
 from edgeserve.sdnotify import Notifier
 from edgeserve.signing import TrustStore
+from edgeserve.status import LiveStatus, RecentErrors
 from edgeserve.store import ModelStore
+from edgeserve.telemetry.sampler import SystemSampler
 from edgeserve.types import ModelSettings
 
 log = logging.getLogger("edgeserve.daemon")
@@ -72,6 +76,31 @@ class Daemon:
             server_version=__version__,
             is_ready=self.is_ready,
         )
+        # -- management API and status (api/management.py, status.py) ---------------------
+        self.recent_errors = RecentErrors()
+        self.recent_errors.addFilter(PayloadGuard())
+        self.status = LiveStatus(
+            registry=self.registry,
+            lifecycle=self.lifecycle,
+            version=__version__,
+            started_at=self.started_at,
+            is_ready=self.is_ready,
+            recorders=getattr(self, "recorders", None),
+            sampler=SystemSampler(state_dir),
+            errors=self.recent_errors,
+        )
+        self.management = ManagementServer(
+            lifecycle=self.lifecycle,
+            registry=self.registry,
+            status=self.status.document,
+            listen=list(config.management.listen),
+            archive_dir=getattr(config.management, "archive_dir", None) or state_dir / "incoming",
+            state_dir=state_dir,
+            allowed_group=config.management.allowed_group,
+            token_file=config.management.token_file,
+            socket_mode=config.management.socket_mode,
+        )
+        # -- end management ------------------------------------------------------------------
         self._flags = _Flags()
         self._ready = False
 
@@ -94,6 +123,7 @@ class Daemon:
     async def _startup(self) -> None:
         for path in (Path(self.config.state_dir), Path(self.config.run_dir)):
             path.mkdir(parents=True, exist_ok=True, mode=0o750)
+        logging.getLogger("edgeserve").addHandler(self.recent_errors)  # management/status
         await asyncio.to_thread(self.store.collect_garbage)
         problems = await self.lifecycle.restore(self.store.read_live_state())
         for model in self.config.models:
@@ -102,6 +132,8 @@ class Daemon:
         self._ready = True
         for address in self.server.addresses:
             log.info("serving inference on %s", address)
+        for address in await self.management.start():  # management API
+            log.info("serving management on %s", address)
         self.notifier.ready()
         self.notifier.status(self._status_line(problems))
 
@@ -113,7 +145,7 @@ class Daemon:
             name, version = model.name, model.version
         else:  # config validation guarantees one of the two; keep mypy honest
             raise EdgeserveError("models[]: needs 'archive' or 'name' and 'version'")
-        settings = ModelSettings(**model.settings_dict())
+        settings = ModelSettings.from_dict(model.settings_dict(self.config.batching))
         if self.registry.find(name, version) is None:
             await self.lifecycle.load(name, version, settings, make_default=model.default)
         elif model.default:
@@ -156,10 +188,12 @@ class Daemon:
         self._ready = False
         self.notifier.stopping()
         grace = self.config.server.grace_period_s
+        await self.management.stop(grace)  # management API first: no changes while draining
         log.info("stopping: draining in-flight requests (up to %.0fs)", grace)
         await self.server.stop(grace)
         await self.lifecycle.close()
         log.info("stopped")
+        logging.getLogger("edgeserve").removeHandler(self.recent_errors)  # management/status
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,472 @@
+"""``edgeserve.v1.Management``: a thin servicer over ``lifecycle``, its server, its client.
+
+Each RPC checks who is calling (``peercred``: kernel peer credentials on the Unix socket,
+a bearer token on loopback TCP), decodes the request, makes one call into the lifecycle
+(or the status builder) and encodes the reply. Errors go through the shared table in
+``api/status.py``; refused callers get PERMISSION_DENIED or UNAUTHENTICATED and nothing
+changes. Every change is logged with the caller's uid.
+
+LoadModel takes an archive only from inside ``management.archive_dir``: the path is
+resolved, opened with O_NOFOLLOW, and the opened file's real path is checked again, so a
+symlink swapped in meanwhile cannot lead the daemon elsewhere; the store then installs
+it (under state_dir only). URLs are refused: this API never fetches anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import json
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from edgeserve.api.peercred import (
+    AccessPolicy,
+    CredentialRelay,
+    ManagementGate,
+    TokenCheck,
+)
+from edgeserve.api.status import map_errors
+from edgeserve.config import is_loopback_host, parse_listen_address
+from edgeserve.errors import ArchiveError, ConfigError, InvalidArgument, NotFound, PermissionDenied
+from edgeserve.proto import management_pb2 as pb
+from edgeserve.proto import management_pb2_grpc as pb_grpc
+from edgeserve.types import ModelSettings
+
+if TYPE_CHECKING:  # the CLI's client side must not import torch
+    from edgeserve.lifecycle import Lifecycle
+    from edgeserve.registry import LiveModel, ModelRegistry
+
+log = logging.getLogger("edgeserve.api")
+
+StatusSource = Callable[[], dict[str, Any]]
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("management_caller", default="?")
+_S = TypeVar("_S", bound="ManagementServicer")
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+_LIMITS = {
+    "instances": (1, 64),
+    "max_batch_size": (1, 65536),
+    "max_queue_delay_ms": (0, 60000),
+    "max_queue_size": (1, 1_000_000),
+    "intra_op_threads": (1, 1024),
+}
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+# -- codec ----------------------------------------------------------------------------------
+
+
+def settings_changes(message: pb.ModelSettings) -> dict[str, Any]:
+    """The fields set in ``message``, checked; InvalidArgument names the one at fault."""
+    changes: dict[str, Any] = {}
+    for key, (low, high) in _LIMITS.items():
+        if message.HasField(key):
+            value = getattr(message, key)
+            if not low <= value <= high:
+                raise InvalidArgument(f"settings.{key}: must be {low}..{high}, got {value}")
+            changes[key] = value
+    if message.HasField("device"):
+        device = message.device
+        if device not in _DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise InvalidArgument(
+                f"settings.device: must be auto, cpu, cuda or cuda:N, got {device!r}"
+            )
+        changes["device"] = device
+    return changes
+
+
+def version_message(
+    live: LiveModel, registry: ModelRegistry, settings: ModelSettings, *, signature: bool = False
+) -> pb.ModelVersion:
+    info = live.info
+    message = pb.ModelVersion(
+        name=live.name,
+        version=live.version,
+        state=live.state.value,
+        is_default=registry.default_version(live.name) == live.version,
+        instances=int(info.get("instances", 1)),
+        device=live.device,
+        loaded_at=float(info.get("loaded_at", 0.0)),
+        load_seconds=float(info.get("load_seconds", 0.0)),
+        in_flight=live.in_flight,
+        quantization=str(info.get("quantization") or ""),
+        settings=pb.ModelSettings(
+            instances=int(info.get("instances", settings.instances)),
+            max_batch_size=int(info.get("max_batch_size", live.max_batch_size)),
+            max_queue_delay_ms=float(info.get("max_queue_delay_ms", 0.0)),
+            max_queue_size=int(info.get("max_queue_size", settings.max_queue_size)),
+            intra_op_threads=int(info.get("intra_op_threads", 1)),
+            device=settings.device or live.device,
+        ),
+    )
+    if signature:
+        for specs, field in ((live.inputs, message.inputs), (live.outputs, message.outputs)):
+            for spec in specs:
+                field.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+    return message
+
+
+def version_dict(message: pb.ModelVersion) -> dict[str, Any]:
+    """Plain data of a ModelVersion, for ``--json`` and tests."""
+    s = message.settings
+    data: dict[str, Any] = {
+        "name": message.name,
+        "version": message.version,
+        "state": message.state,
+        "default": message.is_default,
+        "instances": message.instances,
+        "device": message.device,
+        "loaded_at": message.loaded_at,
+        "load_seconds": message.load_seconds,
+        "in_flight": message.in_flight,
+        "quantization": message.quantization or None,
+        "settings": {k: getattr(s, k) if s.HasField(k) else None for k in (*_LIMITS, "device")},
+    }
+    if message.inputs or message.outputs:
+        for key, specs in (("inputs", message.inputs), ("outputs", message.outputs)):
+            data[key] = [
+                {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in specs
+            ]
+    return data
+
+
+def open_archive(text: str, archive_dir: Path) -> int:
+    """An fd of the archive ``text`` names, proven to lie inside ``archive_dir``."""
+    if "://" in text:
+        raise PermissionDenied(
+            f"archive '{text}' is a URL; the daemon never fetches: copy it into {archive_dir}"
+        )
+    base = archive_dir.resolve()
+    path = Path(text) if os.path.isabs(text) else base / text
+    if not path.resolve().is_relative_to(base):
+        raise PermissionDenied(
+            f"archive '{text}' is outside the allowed directory {base} (management.archive_dir)"
+        )
+    try:
+        fd = os.open(path.resolve(), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"archive '{text}' does not exist in {base}") from None
+    except OSError as exc:
+        raise ArchiveError(f"archive '{text}' cannot be opened: {exc.strerror}") from None
+    real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    if not stat.S_ISREG(os.fstat(fd).st_mode) or not real.is_relative_to(base):
+        os.close(fd)
+        raise PermissionDenied(f"archive '{text}' is not a regular file inside {base}")
+    return fd
+
+
+# -- servicer -------------------------------------------------------------------------------
+
+_Method = Callable[[_S, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]
+
+
+def _guarded(method: _Method[_S, _Req, _Resp]) -> _Method[_S, _Req, _Resp]:
+    """Refuse callers the gate does not admit, then map errors through the shared table."""
+
+    @functools.wraps(method)
+    async def checked(self: _S, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
+        peer = context.peer()
+        verdict = self.gate.check(peer, context.invocation_metadata() or ())
+        if not isinstance(verdict, str):
+            log.warning("management: %s refused (%s): %s", method.__name__, peer, verdict.message)
+            code = (
+                grpc.StatusCode.UNAUTHENTICATED
+                if verdict.unauthenticated
+                else grpc.StatusCode.PERMISSION_DENIED
+            )
+            await context.abort(code, verdict.message)
+        _CALLER.set(verdict)  # each RPC runs in its own task: a per-call value
+        return await method(self, request, context)
+
+    return map_errors(checked)
+
+
+class ManagementServicer(pb_grpc.ManagementServicer):
+    def __init__(
+        self,
+        *,
+        lifecycle: Lifecycle,
+        registry: ModelRegistry,
+        status: StatusSource,
+        gate: ManagementGate,
+        archive_dir: Path,
+    ) -> None:
+        self._lifecycle = lifecycle
+        self._registry = registry
+        self._status = status
+        self.gate = gate
+        self._archive_dir = archive_dir
+
+    def _version(self, live: LiveModel, signature: bool = False) -> pb.ModelVersion:
+        settings = self._lifecycle.settings(live.name, live.version)
+        return version_message(live, self._registry, settings, signature=signature)
+
+    @_guarded
+    async def ListModels(self, request: Any, context: Any) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self._version(m) for m in self._registry.all()])
+
+    @_guarded
+    async def DescribeModel(self, request: Any, context: Any) -> pb.DescribeModelResponse:
+        versions = [request.version] if request.version else self._registry.versions(request.name)
+        if not versions:
+            raise NotFound.model(request.name)
+        lives = [self._registry.get(request.name, v) for v in versions]
+        return pb.DescribeModelResponse(
+            name=request.name,
+            default_version=self._registry.default_version(request.name) or "",
+            versions=[self._version(live, signature=True) for live in lives],
+        )
+
+    @_guarded
+    async def LoadModel(self, request: Any, context: Any) -> pb.LoadModelResponse:
+        settings = ModelSettings(**settings_changes(request.settings))
+        source = request.WhichOneof("source")
+        if source == "archive_path":
+            fd = open_archive(request.archive_path, self._archive_dir)
+            log.info("management: %s installs %s", _CALLER.get(), request.archive_path)
+            try:
+                installed = await self._lifecycle.install(Path(f"/proc/self/fd/{fd}"))
+            finally:
+                os.close(fd)
+            name, version = installed.name, installed.version
+        elif source == "stored":
+            name, version = request.stored.name, request.stored.version
+        else:
+            raise InvalidArgument("LoadModel: give archive_path or stored name and version")
+        log.info("management: %s loads %s/%s", _CALLER.get(), name, version)
+        live = await self._lifecycle.load(
+            name, version, settings, make_default=request.make_default
+        )
+        return pb.LoadModelResponse(model=self._version(live))
+
+    @_guarded
+    async def UnloadModel(self, request: Any, context: Any) -> pb.UnloadModelResponse:
+        self._registry.get(request.name, request.version or None)
+        log.info("management: %s unloads %s/%s", _CALLER.get(), request.name, request.version)
+        await self._lifecycle.unload(request.name, request.version)
+        return pb.UnloadModelResponse(
+            default_version=self._registry.default_version(request.name) or ""
+        )
+
+    @_guarded
+    async def SetDefaultVersion(self, request: Any, context: Any) -> pb.SetDefaultVersionResponse:
+        previous = self._registry.default_version(request.name) or ""
+        log.info(
+            "management: %s sets %s default to %s", _CALLER.get(), request.name, request.version
+        )
+        await self._lifecycle.set_default(request.name, request.version)
+        live = self._registry.get(request.name, request.version)
+        return pb.SetDefaultVersionResponse(previous_default=previous, model=self._version(live))
+
+    @_guarded
+    async def ScaleModel(self, request: Any, context: Any) -> pb.ScaleModelResponse:
+        version = self._registry.get(request.name, request.version or None).version
+        changes = settings_changes(request.settings)
+        if not changes:
+            raise InvalidArgument("ScaleModel: no setting to change")
+        log.info("management: %s scales %s/%s: %s", _CALLER.get(), request.name, version, changes)
+        await self._lifecycle.scale(request.name, version, **changes)
+        return pb.ScaleModelResponse(model=self._version(self._registry.get(request.name, version)))
+
+    @_guarded
+    async def GetStatus(self, request: Any, context: Any) -> pb.GetStatusResponse:
+        document = self._status()
+        daemon = document.get("daemon") or {}
+        return pb.GetStatusResponse(
+            status_json=json.dumps(document, sort_keys=True, default=str),
+            health=str(document.get("health", "")),
+            ready=bool(daemon.get("ready")),
+            version=str(daemon.get("version") or ""),
+            uptime_s=float(daemon.get("uptime_s") or 0.0),
+        )
+
+
+# -- server ---------------------------------------------------------------------------------
+
+
+class ManagementServer:
+    """The management ``grpc.aio`` server: Unix sockets through a ``CredentialRelay``,
+    loopback TCP with a token. ``await start()`` after the inference server is up,
+    ``await stop(grace)`` first on shutdown."""
+
+    def __init__(
+        self,
+        *,
+        lifecycle: Lifecycle,
+        registry: ModelRegistry,
+        status: StatusSource,
+        listen: Sequence[str],
+        archive_dir: Path,
+        state_dir: Path,
+        allowed_group: str | None = None,
+        token_file: Path | None = None,
+        socket_mode: int = 0o660,
+    ) -> None:
+        self._listen = [parse_listen_address(a, "management.listen") for a in listen]
+        policy = AccessPolicy(allowed_group)
+        self._relays = [
+            CredentialRelay(Path(a[1]), socket_mode=socket_mode, socket_gid=policy.socket_gid())
+            for a in self._listen
+            if a[0] == "unix"
+        ]
+        tcp = [a for a in self._listen if a[0] == "tcp"]
+        for address in tcp:
+            if not is_loopback_host(str(address[1])):
+                raise ConfigError("management.listen", f"{address[1]} is not loopback")
+        self._token = TokenCheck(token_file) if tcp else TokenCheck(None)
+        self._archive_dir = archive_dir
+        self._state_dir = state_dir
+        self._socket_gid = policy.socket_gid()
+        self.gate = ManagementGate(policy, self._relays, self._token)
+        self.servicer = ManagementServicer(
+            lifecycle=lifecycle,
+            registry=registry,
+            status=status,
+            gate=self.gate,
+            archive_dir=archive_dir,
+        )
+        self._server: grpc.aio.Server | None = None
+        self.addresses: list[str] = []
+
+    async def start(self) -> list[str]:
+        self._prepare_archive_dir()
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ManagementServicer_to_server(self.servicer, server)
+        try:
+            for relay in self._relays:
+                server.add_insecure_port(f"unix://{relay.prepare()}")
+                self.addresses.append(f"unix://{relay.public_path}")
+            for address in self._listen:
+                if address[0] == "tcp":
+                    host = f"[{address[1]}]" if ":" in str(address[1]) else address[1]
+                    port = server.add_insecure_port(f"{host}:{address[2]}")
+                    self.addresses.append(f"{host}:{port}")
+            await server.start()
+            for relay in self._relays:
+                await relay.start()
+        except BaseException:
+            await server.stop(None)
+            for relay in self._relays:
+                await relay.stop()
+            raise
+        self._server = server
+        return self.addresses
+
+    def _prepare_archive_dir(self) -> None:
+        """Create the drop folder (group-writable) when it is ours to make: in state_dir."""
+        folder = self._archive_dir
+        if folder.exists() or not folder.resolve().is_relative_to(self._state_dir.resolve()):
+            return
+        folder.mkdir(parents=True, mode=0o770)
+        # setgid: dropped archives keep the allowed group; nothing for others
+        os.chmod(folder, 0o2770)  # noqa: S103
+        with contextlib.suppress(PermissionError):
+            os.chown(folder, -1, self._socket_gid)
+
+    async def stop(self, grace: float | None) -> None:
+        for relay in self._relays:
+            await relay.stop()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+
+# -- client ---------------------------------------------------------------------------------
+
+
+class CallFailed(Exception):
+    """A management call failed; ``code`` is the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ManagementClient:
+    """Synchronous client for the CLI. ``address``: ``unix:///path`` or ``127.0.0.1:PORT``."""
+
+    def __init__(self, address: str, *, token: str | None = None, timeout: float = 120.0):
+        self.address = address
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.ManagementStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ManagementClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, name: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, name)(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise CallFailed(err.code(), err.details() or "") from None
+
+    def list_models(self) -> list[dict[str, Any]]:
+        reply = self._call("ListModels", pb.ListModelsRequest())
+        return [version_dict(m) for m in reply.models]
+
+    def describe(self, name: str, version: str = "") -> dict[str, Any]:
+        reply = self._call("DescribeModel", pb.DescribeModelRequest(name=name, version=version))
+        return {
+            "name": reply.name,
+            "default_version": reply.default_version or None,
+            "versions": [version_dict(v) for v in reply.versions],
+        }
+
+    def load(
+        self,
+        *,
+        archive: str | None = None,
+        stored: tuple[str, str] | None = None,
+        make_default: bool = False,
+        settings: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        request = pb.LoadModelRequest(make_default=make_default)
+        if archive is not None:
+            request.archive_path = archive
+        elif stored is not None:
+            request.stored.name, request.stored.version = stored
+        request.settings.CopyFrom(_settings_message(settings or {}))
+        return version_dict(self._call("LoadModel", request).model)
+
+    def unload(self, name: str, version: str) -> dict[str, Any]:
+        reply = self._call("UnloadModel", pb.UnloadModelRequest(name=name, version=version))
+        return {"name": name, "unloaded": version, "default_version": reply.default_version or None}
+
+    def set_default(self, name: str, version: str) -> dict[str, Any]:
+        request = pb.SetDefaultVersionRequest(name=name, version=version)
+        reply = self._call("SetDefaultVersion", request)
+        return {"previous_default": reply.previous_default or None, **version_dict(reply.model)}
+
+    def scale(self, name: str, version: str, settings: dict[str, Any]) -> dict[str, Any]:
+        request = pb.ScaleModelRequest(
+            name=name, version=version, settings=_settings_message(settings)
+        )
+        return version_dict(self._call("ScaleModel", request).model)
+
+    def status(self) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(
+            self._call("GetStatus", pb.GetStatusRequest()).status_json
+        )
+        return document
+
+
+def _settings_message(settings: dict[str, Any]) -> pb.ModelSettings:
+    return pb.ModelSettings(**{k: v for k, v in settings.items() if v is not None})

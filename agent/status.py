@@ -1,0 +1,412 @@
+"""The status document of ``edgeserve status``: one builder, two renderers, one verdict.
+
+``build_status`` is the only function that shapes the document (a plain, JSON-able dict).
+Its inputs come from one of two places:
+
+* the running daemon: ``LiveStatus.document()`` reads the registry, the lifecycle's
+  settings, the recorders and the system sampler, and the ``RecentErrors`` ring; the
+  management API's GetStatus returns that document;
+* the state files, when the daemon is down: ``offline_models`` turns the persisted live
+  set into the same model entries, and the daemon is reported down.
+
+Figures that a source cannot give (recorders not wired, no GPU, daemon down) are None,
+never guessed. ``render_table`` and ``render_json`` print the document;
+``exit_code`` turns its verdict into 0 healthy, 1 degraded, 3 daemon unreachable.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # status must stay importable without torch (the CLI's offline path)
+    from edgeserve.lifecycle import Lifecycle
+    from edgeserve.registry import ModelRegistry
+
+SCHEMA = 1
+HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"
+EXIT_HEALTHY, EXIT_DEGRADED, EXIT_UNREACHABLE = 0, 1, 3
+ERROR_WINDOW_S = 600.0
+"""Errors logged this recently make the daemon degraded."""
+_SERVER_FAULTS = ("INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNKNOWN")
+# Serving settings as the lifecycle resolved them (archive defaults filled in).
+_EFFECTIVE = (
+    "instances",
+    "max_batch_size",
+    "max_queue_delay_ms",
+    "max_queue_size",
+    "intra_op_threads",
+)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """One model version as a source sees it; None where it cannot tell."""
+
+    name: str
+    version: str
+    state: str
+    default: bool
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    instances: int | None = None
+    device: str | None = None
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+    in_flight: int | None = None
+
+
+@dataclass(frozen=True)
+class DaemonFacts:
+    up: bool
+    ready: bool = False
+    pid: int | None = None
+    version: str | None = None
+    started_at: float | None = None
+    address: str | None = None
+
+
+class RecentErrors(logging.Handler):
+    """A small ring of recent WARNING+ log events, for ``status`` (never payloads: the
+    log guard redacts them before any handler formats a record)."""
+
+    def __init__(self, capacity: int = 32, level: int = logging.WARNING) -> None:
+        super().__init__(level)
+        self._ring: collections.deque[dict[str, Any]] = collections.deque(maxlen=capacity)
+        self._ring_lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not break logging
+            message = str(record.msg)
+        with self._ring_lock:
+            self._ring.append(
+                {
+                    "time": record.created,
+                    "level": record.levelname,
+                    "logger": record.name,
+                    "message": message[:500],
+                }
+            )
+
+    def entries(self) -> list[dict[str, Any]]:
+        with self._ring_lock:
+            return list(self._ring)
+
+
+def build_status(
+    *,
+    daemon: DaemonFacts,
+    models: Sequence[ModelFacts],
+    recorders: Mapping[str, Any] | None = None,
+    system: Mapping[str, Any] | None = None,
+    recent_errors: Sequence[Mapping[str, Any]] = (),
+    notes: Sequence[str] = (),
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The status document. ``recorders`` is ``Recorders.snapshot()``, ``system`` a sampler
+    sample; ``notes`` are problems the source already knows (restore failures...)."""
+    now = time.time() if now is None else now
+    figures = {(m.get("model"), m.get("version")): m for m in (recorders or {}).get("models", [])}
+    entries = [_model_entry(m, figures.get((m.name, m.version))) for m in models]
+    problems = list(notes)
+    if daemon.up and not daemon.ready:
+        problems.append("daemon is not ready")
+    problems += [
+        f"model {e['name']} version {e['version']} is {e['state']}"
+        for e in entries
+        if daemon.up and e["state"] != "READY"
+    ]
+    problems += [
+        f"model {e['name']} version {e['version']}: {n} {code} in the last minute"
+        for e in entries
+        for code, n in sorted((e["errors"] or {}).items())
+        if code in _SERVER_FAULTS
+    ]
+    recent = [dict(e) for e in recent_errors]
+    errors = [e for e in recent if e["level"] in ("ERROR", "CRITICAL")]
+    if any(now - e["time"] < ERROR_WINDOW_S for e in errors):
+        problems.append(f"{len(errors)} error(s) logged recently (see recent_errors)")
+    health = DOWN if not daemon.up else (DEGRADED if problems else HEALTHY)
+    uptime = now - daemon.started_at if daemon.up and daemon.started_at else None
+    return {
+        "schema": SCHEMA,
+        "generated_at": now,
+        "health": health,
+        "problems": problems,
+        "daemon": {
+            "up": daemon.up,
+            "ready": daemon.ready,
+            "pid": daemon.pid,
+            "version": daemon.version,
+            "started_at": daemon.started_at,
+            "uptime_s": uptime,
+            "address": daemon.address,
+        },
+        "models": entries,
+        "system": dict(system) if system is not None else None,
+        "recent_errors": recent,
+    }
+
+
+def _model_entry(model: ModelFacts, figures: Mapping[str, Any] | None) -> dict[str, Any]:
+    window = (figures or {}).get("window") or {}
+    return {
+        "name": model.name,
+        "version": model.version,
+        "state": model.state,
+        "default": model.default,
+        "instances": model.instances,
+        "device": model.device,
+        "settings": dict(model.settings),
+        "loaded_at": model.loaded_at,
+        "load_seconds": model.load_seconds,
+        "in_flight": model.in_flight,
+        "queue_depth": (figures or {}).get("queue_depth"),
+        "requests_per_s": window.get("requests_per_s"),
+        "p50_ms": _ms(window.get("p50_s")),
+        "p99_ms": _ms(window.get("p99_s")),
+        "errors": window.get("errors") if figures else None,
+        "requests_total": (figures or {}).get("requests"),
+        "last_load_at": (figures or {}).get("last_load_at") or model.loaded_at,
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def exit_code(document: Mapping[str, Any]) -> int:
+    health = document.get("health")
+    if health == HEALTHY:
+        return EXIT_HEALTHY
+    return EXIT_UNREACHABLE if health == DOWN else EXIT_DEGRADED
+
+
+# -- sources --------------------------------------------------------------------------------
+
+
+class _Snapshot(Protocol):
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+class _Sampler(Protocol):
+    def sample(self) -> dict[str, Any]: ...
+
+
+class LiveStatus:
+    """Collects the running daemon's facts and builds the document from them."""
+
+    def __init__(
+        self,
+        *,
+        registry: ModelRegistry,
+        lifecycle: Lifecycle,
+        version: str,
+        started_at: float,
+        is_ready: Callable[[], bool],
+        recorders: _Snapshot | None = None,
+        sampler: _Sampler | None = None,
+        errors: RecentErrors | None = None,
+        notes: Callable[[], Sequence[str]] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._lifecycle = lifecycle
+        self._version = version
+        self._started_at = started_at
+        self._is_ready = is_ready
+        self._recorders = recorders
+        self._sampler = sampler
+        self._errors = errors
+        self._notes = notes
+
+    def models(self) -> list[ModelFacts]:
+        facts = []
+        for live in self._registry.all():
+            info = live.info
+            try:
+                requested = self._lifecycle.settings(live.name, live.version).to_dict()
+            except Exception:  # unloaded between the two reads
+                requested = {}
+            effective = {k: info[k] for k in _EFFECTIVE if info.get(k) is not None}
+            settings = {**requested, **effective, "device": live.device}
+            facts.append(
+                ModelFacts(
+                    name=live.name,
+                    version=live.version,
+                    state=live.state.value,
+                    default=self._registry.default_version(live.name) == live.version,
+                    settings=settings,
+                    instances=info.get("instances"),
+                    device=live.device,
+                    loaded_at=info.get("loaded_at"),
+                    load_seconds=info.get("load_seconds"),
+                    in_flight=live.in_flight,
+                )
+            )
+        return facts
+
+    def document(self) -> dict[str, Any]:
+        return build_status(
+            daemon=DaemonFacts(
+                up=True,
+                ready=self._is_ready(),
+                pid=os.getpid(),
+                version=self._version,
+                started_at=self._started_at,
+            ),
+            models=self.models(),
+            recorders=self._recorders.snapshot() if self._recorders is not None else None,
+            system=self._sampler.sample() if self._sampler is not None else None,
+            recent_errors=self._errors.entries() if self._errors is not None else (),
+            notes=list(self._notes()) if self._notes is not None else (),
+        )
+
+
+class _PersistedEntry(Protocol):
+    """What ``store.LiveEntry`` carries."""
+
+    name: str
+    version: str
+    default: bool
+    settings: dict[str, Any]
+
+
+def offline_models(entries: Iterable[_PersistedEntry]) -> list[ModelFacts]:
+    """Model entries from the persisted live set, for a daemon that is down."""
+    return [
+        ModelFacts(
+            name=e.name,
+            version=e.version,
+            state="NOT_RUNNING",
+            default=e.default,
+            settings=dict(e.settings),
+            instances=e.settings.get("instances"),
+            device=e.settings.get("device"),
+        )
+        for e in entries
+    ]
+
+
+# -- renderers ------------------------------------------------------------------------------
+
+
+def render_json(document: Mapping[str, Any]) -> str:
+    return json.dumps(document, indent=2, sort_keys=True, default=str)
+
+
+def render_table(document: Mapping[str, Any]) -> str:
+    lines = [_headline(document)]
+    lines += _model_table(document.get("models") or [])
+    lines += _system_lines(document.get("system"))
+    problems = document.get("problems") or []
+    if problems:
+        lines.append("problems:")
+        lines += [f"  - {p}" for p in problems]
+    errors = document.get("recent_errors") or []
+    if errors:
+        lines.append("recent errors:")
+        for e in errors[-10:]:
+            lines.append(f"  {_clock(e['time'])} {e['level']:<8} {e['logger']}: {e['message']}")
+    return "\n".join(lines)
+
+
+def _headline(doc: Mapping[str, Any]) -> str:
+    d = doc.get("daemon") or {}
+    health = str(doc.get("health", "?")).upper()
+    if not d.get("up"):
+        where = f" at {d['address']}" if d.get("address") else ""
+        return f"edgeserve: daemon is DOWN (not reachable{where}); live set from the state files"
+    ready = "ready" if d.get("ready") else "NOT READY"
+    return (
+        f"edgeserve {d.get('version')}: daemon up, {ready}, uptime {_duration(d.get('uptime_s'))}"
+        f" (pid {d.get('pid')})  health: {health}"
+    )
+
+
+_COLUMNS = tuple(
+    "MODEL VERSION DEFAULT STATE INST DEVICE QUEUE REQ/S P50_MS P99_MS ERRORS LOADED".split()
+)
+
+
+def _model_table(models: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not models:
+        return ["no models live"]
+    rows = [_COLUMNS] + [
+        (
+            m["name"],
+            m["version"],
+            "*" if m["default"] else "",
+            m["state"],
+            _cell(m.get("instances")),
+            _cell(m.get("device")),
+            _cell(m.get("queue_depth")),
+            _cell(m.get("requests_per_s"), "{:.1f}"),
+            _cell(m.get("p50_ms"), "{:.2f}"),
+            _cell(m.get("p99_ms"), "{:.2f}"),
+            _errors_cell(m.get("errors")),
+            _clock(m.get("last_load_at")),
+        )
+        for m in models
+    ]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(_COLUMNS))]
+    return [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
+
+
+def _system_lines(system: Mapping[str, Any] | None) -> list[str]:
+    if not system:
+        return ["system: -"]
+    proc, sys_ = system.get("process") or {}, system.get("system") or {}
+    disk = system.get("disk") or {}
+    parts = [
+        f"cpu {_cell(sys_.get('cpu_percent'), '{:.0f}%')}"
+        f" (daemon {_cell(proc.get('cpu_percent'), '{:.0f}%')})",
+        f"rss {_mib(proc.get('rss_bytes'))}",
+        f"state dir free {_mib(disk.get('free_bytes'))}",
+    ]
+    temps = system.get("temperatures") or []
+    if temps:
+        hottest = max(temps, key=lambda t: t.get("celsius") or 0)
+        parts.append(f"hottest {hottest['label']} {hottest['celsius']:.0f}°C")
+    for gpu in system.get("gpus") or []:
+        parts.append(f"gpu{gpu['index']} {_mib(gpu.get('memory_allocated_bytes'))} allocated")
+    return ["system: " + ", ".join(parts)]
+
+
+def _cell(value: Any, fmt: str = "{}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _errors_cell(errors: Mapping[str, int] | None) -> str:
+    if errors is None:
+        return "-"
+    return ",".join(f"{code}:{n}" for code, n in sorted(errors.items())) or "0"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def _clock(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
