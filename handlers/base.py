@@ -5,8 +5,9 @@ batch; BYTES inputs arrive as ``BytesTensor``), and must return a dict of output
 dim 0 has the same size, so the batcher can split them back per request.
 
 Lifecycle: the runtime creates the handler with no arguments, calls ``initialize`` once
-with a ``HandlerContext``, then calls ``handle`` from one instance thread at a time
-(under ``torch.inference_mode``). Handlers must not keep per-request state.
+with a ``HandlerContext``, then calls ``handle`` from the instance threads (under
+``torch.inference_mode``). The instances of a model share one handler, so ``handle`` may
+run in several threads at once: handlers must not keep per-request state.
 """
 
 from __future__ import annotations
