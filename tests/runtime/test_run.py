@@ -282,3 +282,15 @@ def test_members_outside_the_manifest_or_directory_are_refused(model_dirs, mlp) 
     escaping = replace(manifest, files={**manifest.files, "../model.pt": "0" * 64})
     with pytest.raises(ArchiveError, match="'../model.pt' is not a member"):
         member_path(model_dir, escaping, "../model.pt")
+
+
+def test_instances_may_run_one_model_concurrently(model_dirs, mlp, load) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = load(*model_dirs.make(mlp, MLP_IN, MLP_OUT))
+    batches = [torch.randn(n % 7 + 1, 16) for n in range(40)]
+    with torch.inference_mode():
+        expected = [mlp(x) for x in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda x: model.run({"x": x})["y"], batches))
+    assert all(torch.equal(got, want) for got, want in zip(results, expected, strict=True))
