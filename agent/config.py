@@ -69,7 +69,7 @@ _NO_OVERRIDES: Mapping[str, Any] = types.MappingProxyType({})
 @dataclass(frozen=True)
 class ServerConfig:
     listen: tuple[str, ...] = (f"unix://{DEFAULT_RUN_DIR}/inference.sock", DEFAULT_INFERENCE_TCP)
-    """Inference gRPC addresses, ``unix:///abs/path`` or ``host:port``; default under run_dir."""
+    """Inference gRPC addresses, unix:///abs/path or host:port; default under run_dir."""
     allow_non_loopback: bool = False
     """Allow TCP addresses other than loopback here and in metrics (never for management)."""
     max_message_bytes: int = 64 * MIB
@@ -135,17 +135,17 @@ class TrustConfig:
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch_size: int | None = None
-    """Largest batch; None takes the archive's value (1 when it has none)."""
+    """Largest batch; null takes the archive's value (1 when it has none)."""
     max_queue_delay_ms: float | None = None
-    """Upper bound on the wait added for a batch to fill; 0 never waits; None: archive's, 2.0."""
+    """Upper bound on the wait added for a batch to fill; 0 never waits; null: archive's, 2.0."""
     max_queue_size: int = 256
     """Requests queued per model version before RESOURCE_EXHAUSTED."""
     preferred_batch_sizes: tuple[int, ...] | None = None
-    """Batch sizes worth waiting for (ascending, each <= max_batch_size); None: archive's."""
+    """Batch sizes worth waiting for (ascending, each <= max_batch_size); null: archive's."""
     instances: int = 1
     """Execution threads per model version."""
     intra_op_threads: int | None = None
-    """Torch intra-op threads per instance; None splits the allowed CPUs across instances."""
+    """Torch intra-op threads per instance; null splits the allowed CPUs across instances."""
 
     def __post_init__(self) -> None:
         _check_batching(self)
@@ -173,11 +173,11 @@ class ModelBatching:
 @dataclass(frozen=True)
 class ModelConfig:
     archive: Path | None = None
-    """Archive to install into the store and serve; None serves name/version from the store."""
+    """Archive to install into the store and serve; null serves name/version from the store."""
     name: str | None = None
     """Model name; with an archive, the archive's manifest must carry this name."""
     version: str | None = None
-    """Model version; None = the archive's, or the version the store has as default."""
+    """Model version; null = the archive's, or the version the store has as default."""
     default: bool = False
     """Make this version the model's default version."""
     device: str | None = None
@@ -208,7 +208,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     prometheus_listen: str | None = None
-    """``host:port`` of the Prometheus text endpoint; None = off; loopback unless allowed."""
+    """host:port of the Prometheus text endpoint; null = off; loopback unless allowed."""
 
 
 @dataclass(frozen=True)
