@@ -291,6 +291,9 @@ def test_instances_may_run_one_model_concurrently(model_dirs, mlp, load) -> None
     batches = [torch.randn(n % 7 + 1, 16) for n in range(40)]
     with torch.inference_mode():
         expected = [mlp(x) for x in batches]
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    # The OpenMP thread count is per thread: give the pool the main thread's, as the worker
+    # does for its instance threads, or gemm splits its sums differently (~1e-7 apart).
+    threads = torch.get_num_threads()
+    with ThreadPoolExecutor(4, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
         results = list(pool.map(lambda x: model.run({"x": x})["y"], batches))
     assert all(torch.equal(got, want) for got, want in zip(results, expected, strict=True))
