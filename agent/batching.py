@@ -39,7 +39,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
@@ -132,45 +132,34 @@ class BatcherStats:
         return sum(s * n for s, n in self.batch_sizes.items()) / total if total else 0.0
 
 
+@dataclass(slots=True, eq=False)
 class _Queue:
-    __slots__ = ("entries", "rows", "live", "dead")
+    """The requests of one key, FIFO; dead entries are skipped and compacted away."""
 
-    def __init__(self) -> None:
-        self.entries: deque[_Entry] = deque()
-        self.rows = 0
-        self.live = 0
-        self.dead = 0
+    entries: deque[_Entry] = field(default_factory=deque)
+    rows: int = 0
+    live: int = 0
+    dead: int = 0
 
 
+@dataclass(slots=True, eq=False)
 class _Entry:
-    __slots__ = ("request", "rows", "future", "enqueued_at", "queue", "timer", "state", "ran")
-
-    def __init__(
-        self,
-        request: InferRequest,
-        rows: int,
-        future: asyncio.Future[Tensors],
-        at: float,
-        q: _Queue,
-    ) -> None:
-        self.request = request
-        self.rows = rows
-        self.future = future
-        self.enqueued_at = at
-        self.queue = q
-        self.timer: asyncio.TimerHandle | None = None
-        self.state = _QUEUED
-        self.ran: tuple[float, float] = (0.0, 0.0)  # (dispatched at, batch service time)
+    request: InferRequest
+    rows: int
+    future: asyncio.Future[Tensors]
+    enqueued_at: float
+    queue: _Queue
+    timer: asyncio.TimerHandle | None = None
+    state: int = _QUEUED
+    ran: tuple[float, float] = (0.0, 0.0)  # (dispatched at, batch service time)
 
 
+@dataclass(slots=True, eq=False)
 class _Batch:
-    __slots__ = ("entries", "executor", "started", "rows")
-
-    def __init__(self, entries: list[_Entry], executor: BatchExecutor, started: float) -> None:
-        self.entries = entries
-        self.executor = executor
-        self.started = started
-        self.rows = sum(e.rows for e in entries)
+    entries: list[_Entry]
+    executor: BatchExecutor
+    started: float
+    rows: int
 
 
 class AdaptiveBatcher:
@@ -300,29 +289,22 @@ class AdaptiveBatcher:
     def _kick(self) -> None:
         """Give work to idle instances, or arm the policy's timer."""
         s = self.settings
+        limits = (s.max_batch_size, s.max_queue_delay_s, s.preferred_batch_sizes)
         while self._idle and self._depth:
             now = self._clock()
             q = self._oldest_queue()
             if q is None:
                 return
             rate = self._arrivals.rate(now) if self._state == "ready" else 0.0
-            decision = decide(
-                now,
-                q.entries[0].enqueued_at,
-                q.rows,
-                s.max_batch_size,
-                s.max_queue_delay_s,
-                s.preferred_batch_sizes,
-                rate,
-                self._fit,
-                True,
-            )
+            oldest = q.entries[0].enqueued_at
+            decision = decide(now, oldest, q.rows, *limits, rate, self._fit, True)
             if isinstance(decision, Wait):
                 self._arm_timer(now, decision.until)
                 return
             entries = self._take(q, decision.size, now)
             if entries:
-                self._launch(_Batch(entries, self._idle.pop(), now))
+                rows = sum(e.rows for e in entries)
+                self._launch(_Batch(entries, self._idle.pop(), now, rows))
 
     def _oldest_queue(self) -> _Queue | None:
         best: _Queue | None = None

@@ -32,6 +32,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import torch
+
 from edgeserve.types import BytesTensor, TensorValue
 
 log = logging.getLogger("edgeserve.worker")

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import torch
+
 from edgeserve.batching import AdaptiveBatcher, BatchSettings
 from edgeserve.types import InferRequest, TensorValue
 from edgeserve.worker import InstanceWorker

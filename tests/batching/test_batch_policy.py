@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
+
 from edgeserve.batch_policy import ArrivalRate, Dispatch, ServiceTimeFit, Wait, decide
 
 A, B = 0.0001, 0.002  # 0.1 ms per row, 2 ms per batch: a model where batching pays

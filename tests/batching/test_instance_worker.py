@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+
 from edgeserve.types import BytesTensor
 from edgeserve.worker import InstanceWorker, default_intra_op_threads, split_outputs, stack_parts
 
