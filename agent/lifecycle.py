@@ -233,8 +233,8 @@ class Lifecycle:
         live = LiveModel(
             name=manifest.name,
             version=manifest.version,
-            inputs=manifest.inputs,
-            outputs=manifest.outputs,
+            inputs=loaded.inputs,
+            outputs=loaded.outputs,
             max_batch_size=batch.max_batch_size,
             submit=batcher.submit,
             device=str(loaded.device),
