@@ -163,7 +163,15 @@ class _Batch:
 
 
 class AdaptiveBatcher:
-    """Queues, batches and dispatches the requests of one model version."""
+    """Queues, batches and dispatches the requests of one model version.
+
+    ``executors``: one per instance; the batcher owns them and closes them in ``close``.
+    ``clock``: the monotonic clock request deadlines are on. ``fit`` / ``arrivals``: the
+    policy's estimates (fresh by default). ``on_batch(rows, service_s)``: called on the
+    loop after each batch that ran (for recorders). Each result's ``timings`` holds
+    ``queue_s`` (enqueue to dispatch) and ``compute_s`` (its batch's service time:
+    dispatch to results, so the thread hops, stacking and splitting included).
+    """
 
     def __init__(
         self,
@@ -175,6 +183,7 @@ class AdaptiveBatcher:
         clock: Callable[[], float] = time.monotonic,
         fit: ServiceTimeFit | None = None,
         arrivals: ArrivalRate | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         if len(executors) != settings.instances:
             raise ValueError(
@@ -189,6 +198,7 @@ class AdaptiveBatcher:
         self._clock = clock
         self._fit = fit or ServiceTimeFit()
         self._arrivals = arrivals or ArrivalRate()
+        self._on_batch = on_batch
         self._queues: dict[Hashable, _Queue] = {}
         self._active: set[_Batch] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -264,7 +274,7 @@ class AdaptiveBatcher:
             self.version,
             outputs,
             request.request_id,
-            {"queue_s": dispatched_at - entry.enqueued_at, "batch_s": service},
+            {"queue_s": dispatched_at - entry.enqueued_at, "compute_s": service},
         )
 
     def _enqueue(
@@ -377,6 +387,8 @@ class AdaptiveBatcher:
             results = None
         if results is not None:
             self._fit.record(batch.rows, elapsed)
+            if self._on_batch is not None:
+                self._observe(self._on_batch, batch.rows, elapsed)
             ran = (batch.started, elapsed)
             for entry, outputs in zip(entries, results, strict=False):
                 entry.state = _FINISHED
@@ -389,6 +401,14 @@ class AdaptiveBatcher:
         self._idle.append(batch.executor)
         self._kick()
         self._check_quiet()
+
+    def _observe(self, observer: Callable[[int, float], None], rows: int, seconds: float) -> None:
+        try:
+            observer(rows, seconds)
+        except Exception:
+            log.exception(
+                "model '%s' version '%s': batch observer failed", self.model, self.version
+            )
 
     def _fail_batch(self, entries: list[_Entry], error: BaseException) -> None:
         self._failed += len(entries)

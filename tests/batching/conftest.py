@@ -93,6 +93,7 @@ async def serving(
     max_queue_delay_s: float = 0.002,
     max_queue_size: int = 64,
     preferred_batch_sizes: tuple[int, ...] = (),
+    on_batch: Callable[[int, float], None] | None = None,
 ) -> AsyncIterator[AdaptiveBatcher]:
     """A batcher over ``instances`` real instance threads, closed (gates opened) after."""
     settings = BatchSettings(
@@ -106,7 +107,7 @@ async def serving(
         InstanceWorker(recorder, intra_op_threads=1, name=f"test-instance-{i}")
         for i in range(instances)
     ]
-    batcher = AdaptiveBatcher("m", "1", settings, workers)
+    batcher = AdaptiveBatcher("m", "1", settings, workers, on_batch=on_batch)
     try:
         yield batcher
     finally:

@@ -45,15 +45,17 @@ def test_a_lone_request_runs_at_once_and_comes_back():
         assert torch.equal(result.outputs["y"], torch.full((1, 4), 6.0))
         assert (result.model, result.version, result.request_id) == ("m", "1", "r3.0")
         assert recorder.sizes == [1]
-        assert result.timings["queue_s"] >= 0.0 and result.timings["batch_s"] > 0.0
+        assert result.timings["queue_s"] >= 0.0 and result.timings["compute_s"] > 0.0
 
     run(main())
 
 
 def test_concurrent_requests_share_a_batch_behind_a_slow_one():
+    observed: list[tuple[int, float]] = []
+
     async def main():
         recorder = Recorder()
-        async with serving(recorder) as batcher:
+        async with serving(recorder, on_batch=lambda n, s: observed.append((n, s))) as batcher:
             first = await occupy(batcher, recorder, marker=0.0)
             rest = [asyncio.ensure_future(batcher.submit(request(float(i)))) for i in range(1, 6)]
             await until(lambda: batcher.queue_depth == 5)
@@ -63,8 +65,23 @@ def test_concurrent_requests_share_a_batch_behind_a_slow_one():
         assert recorder.sizes == [1, 5]
         assert stats.batches == 2 and stats.batch_sizes == {1: 1, 5: 1}
         assert stats.completed == 6 and stats.queue_depth == 0
+        assert [n for n, _ in observed] == [1, 5] and all(s > 0 for _, s in observed)
 
     run(main())
+
+
+def test_a_failing_batch_observer_does_not_fail_requests(caplog):
+    def broken(rows, seconds):
+        raise RuntimeError("recorder bug")
+
+    async def main():
+        async with serving(Recorder(), on_batch=broken) as batcher:
+            return await batcher.submit(request(2.0))
+
+    with caplog.at_level(logging.ERROR, logger="edgeserve.batching"):
+        result = run(main())
+    assert torch.equal(result.outputs["y"], torch.full((1, 4), 4.0))
+    assert any("on_batch failed" in r.getMessage() for r in caplog.records)
 
 
 def test_each_caller_gets_its_own_rows_back():
