@@ -81,7 +81,7 @@ def test_a_failing_batch_observer_does_not_fail_requests(caplog):
     with caplog.at_level(logging.ERROR, logger="edgeserve.batching"):
         result = run(main())
     assert torch.equal(result.outputs["y"], torch.full((1, 4), 4.0))
-    assert any("on_batch failed" in r.getMessage() for r in caplog.records)
+    assert any("batch observer failed" in r.getMessage() for r in caplog.records)
 
 
 def test_each_caller_gets_its_own_rows_back():
