@@ -99,11 +99,16 @@ class InstanceWorker:
         device: torch.device | None = None,
         name: str = "edgeserve-instance",
     ) -> None:
+        if intra_op_threads is not None and intra_op_threads < 1:
+            raise ValueError(
+                f"instance '{name}': intra_op_threads must be >= 1, got {intra_op_threads}"
+            )
         self._run = run
         self.intra_op_threads = intra_op_threads or default_intra_op_threads(1)
         self.device = device
         self.name = name
         self._stream: Any = None
+        self._broken: BaseException | None = None
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -155,7 +160,11 @@ class InstanceWorker:
 
     def _main(self) -> None:
         with contextlib.ExitStack() as stack:
-            self._setup(stack)
+            try:
+                self._setup(stack)
+            except Exception as exc:  # every job will fail with it, none hangs
+                log.exception("instance '%s': thread setup failed", self.name)
+                self._broken = exc
             jobs = self._jobs
             while (job := jobs.get()) is not None:
                 job()
@@ -170,6 +179,8 @@ class InstanceWorker:
         stack.enter_context(torch.inference_mode())
 
     def _run_once(self, inputs: Mapping[str, TensorValue]) -> Tensors:
+        if self._broken is not None:
+            raise RuntimeError(f"instance '{self.name}' failed to start") from self._broken
         outputs = dict(self._run(dict(inputs)))
         if self._stream is not None:
             # Results leave this thread: make them safe to read from any stream.

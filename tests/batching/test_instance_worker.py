@@ -156,3 +156,8 @@ def test_many_hops_in_a_row_keep_order_and_values():
         assert run(main()) == [float(i + 1) for i in range(200)]
     finally:
         worker.close()
+
+
+def test_a_thread_budget_below_one_is_refused():
+    with pytest.raises(ValueError, match="intra_op_threads must be >= 1"):
+        InstanceWorker(lambda inputs: dict(inputs), intra_op_threads=0, name="bad")
