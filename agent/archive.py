@@ -94,6 +94,13 @@ def member_name_problem(name: str) -> str | None:
     return None
 
 
+def _listed_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a member listed in ``manifest.files``, or None."""
+    if name in RESERVED_NAMES:
+        return "is a reserved name"
+    return member_name_problem(name)
+
+
 # -- writing --------------------------------------------------------------------------------
 
 
@@ -116,10 +123,7 @@ def write_archive(
     """
     source = str(path)
     for name in members:
-        problem = member_name_problem(name)
-        if problem is None and name in RESERVED_NAMES:
-            problem = "is a reserved name"
-        if problem:
+        if problem := _listed_name_problem(name):
             raise _fail(source, f"cannot write member '{name}': it {problem}")
     names = sorted(members)
     final = dataclasses.replace(manifest, files={n: _digest_of(members[n]) for n in names})
@@ -142,8 +146,10 @@ def write_archive(
             os.fsync(raw.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _fail(source, f"cannot be written ({exc.strerror or exc})") from exc
         raise
     log.info("wrote archive %s (%s %s, %d members)", path, final.name, final.version, len(names))
     return final
@@ -249,13 +255,19 @@ def scan_members(
         if not is_dir:
             files[name] = info
     _check_no_prefix_clash(files, source, what)
+    size = os.fstat(zf.fp.fileno()).st_size if zf.fp is not None else 0
+    _check_expansion(total, size, limits, source, what)
+    return files
+
+
+def _check_expansion(total: int, size: int, limits: ArchiveLimits, source: str, what: str) -> None:
+    """Zip bombs: a bound on the unpacked total, and on the ratio of large archives."""
     if total > limits.max_total_bytes:
         raise _fail(
             source,
             f"unpacks to {total} bytes, over the limit of {limits.max_total_bytes} (zip bomb?)",
             what,
         )
-    size = os.fstat(zf.fp.fileno()).st_size if zf.fp is not None else 0
     if total > limits.ratio_floor_bytes and total > limits.max_ratio * max(size, 1):
         raise _fail(
             source,
@@ -263,7 +275,6 @@ def scan_members(
             f"{limits.max_ratio:.0f}x): zip bomb?",
             what,
         )
-    return files
 
 
 def _entry_problem(info: zipfile.ZipInfo, is_dir: bool, allow_dirs: bool) -> str | None:
@@ -330,10 +341,7 @@ def parse_manifest(data: bytes, source: str, what: str = "archive") -> Manifest:
     except ArchiveError as exc:
         raise _fail(source, exc.message, what) from None
     for name in manifest.files:
-        problem = member_name_problem(name)
-        if problem is None and name in RESERVED_NAMES:
-            problem = "is a reserved name"
-        if problem:
+        if problem := _listed_name_problem(name):
             raise _fail(source, f"manifest lists member '{name}', which {problem}", what)
     return manifest
 

@@ -161,36 +161,49 @@ def plan_archive(
 ) -> tuple[Manifest, dict[str, bytes | Path]]:
     """Everything ``build_archive`` does but writing: (manifest without digests, members)."""
     examples = [(f.name, _as_tensor(f, "example input")) for f in _read_inputs(example_inputs)]
-    engine = _engine() if quantize == "dynamic" else None
     if quantize not in (None, "dynamic"):
         raise ArchiveError(f"--quantize: unsupported mode '{quantize}' (supported: dynamic)")
+    engine = _engine() if quantize == "dynamic" else None
     with _quantized_engine(engine):
         build = _load(model, name, version, from_mar, handler, handler_config, examples, engine)
-        _add_handler_and_extras(build, handler, extra_files)
+        _add_handler_and_extras(build, extra_files)
         module = torch.jit.load(io.BytesIO(build.module_bytes), map_location="cpu").eval()
         if not examples:
             examples = _default_examples(build, model or str(from_mar))
         batch = _batching(module, examples, max_batch_size)
         inputs, outputs = _signature(module, examples, batch)
-        tolerance = QUANTIZED_TOLERANCE if build.quantization else FP32_TOLERANCE
-        manifest = Manifest(
-            name=build.name,
-            version=build.version,
-            model_file=MODEL_MEMBER,
-            inputs=inputs,
-            outputs=outputs,
-            files={},
-            handler=build.handler,
-            handler_config=build.handler_config,
-            batching=BatchingDefaults(batch, max_queue_delay_ms or 2.0),
-            quantization=build.quantization,
-            rtol=tolerance[0] if rtol is None else rtol,
-            atol=tolerance[1] if atol is None else atol,
-            created_by=f"edgeserve {__version__}",
-        )
+        manifest = _manifest(build, inputs, outputs, batch, max_queue_delay_ms, rtol, atol)
         build.members[MODEL_MEMBER] = build.module_bytes
         samples = _samples(build, manifest, module, sample_inputs, example_inputs)
     return replace(manifest, samples=samples), build.members
+
+
+def _manifest(
+    build: _Build,
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    batch: int,
+    max_queue_delay_ms: float | None,
+    rtol: float | None,
+    atol: float | None,
+) -> Manifest:
+    tolerance = QUANTIZED_TOLERANCE if build.quantization else FP32_TOLERANCE
+    delay = 2.0 if max_queue_delay_ms is None else max_queue_delay_ms
+    return Manifest(
+        name=build.name,
+        version=build.version,
+        model_file=MODEL_MEMBER,
+        inputs=inputs,
+        outputs=outputs,
+        files={},
+        handler=build.handler,
+        handler_config=build.handler_config,
+        batching=BatchingDefaults(batch, delay),
+        quantization=build.quantization,
+        rtol=tolerance[0] if rtol is None else rtol,
+        atol=tolerance[1] if atol is None else atol,
+        created_by=f"edgeserve {__version__}",
+    )
 
 
 # -- the module ---------------------------------------------------------------------------
@@ -439,10 +452,13 @@ def _batching(
     rows = {int(t.shape[0]) if t.dim() else -1 for t in tensors}
     batches = len(rows) == 1 and min(rows) > 0
     if batches:
-        doubled = _output_items(_run(module, [torch.cat([t, t]) for t in tensors], "examples x2"))
         single = _output_items(_run(module, tensors, "example inputs"))
+        try:
+            doubled = _output_items(_run(module, [torch.cat([t, t]) for t in tensors], "x2"))
+        except ArchiveError:  # e.g. a traced reshape that fixed the batch size
+            doubled = []
         n = rows.pop()
-        batches = all(
+        batches = len(doubled) == len(single) and all(
             a.dim() and b.dim() and a.shape[0] == n and b.shape[0] == 2 * n
             for (_, a), (_, b) in zip(single, doubled, strict=True)
         )
@@ -529,7 +545,7 @@ def _as_tensor(file: _InputFile, what: str) -> torch.Tensor:
 # -- members ------------------------------------------------------------------------------
 
 
-def _add_handler_and_extras(build: _Build, handler: str | None, extras: Sequence[Path]) -> None:
+def _add_handler_and_extras(build: _Build, extras: Sequence[Path]) -> None:
     if build.handler.endswith(".py"):
         path = Path(build.handler)
         if not path.is_file():

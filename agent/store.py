@@ -212,7 +212,11 @@ class ModelStore:
         if archive.suffix == ".mar":
             archive = self._convert_mar(archive, staging)
         unpacked = staging / "model"
-        manifest = extract_archive(archive, unpacked, trust=self.trust)
+        try:
+            manifest = extract_archive(archive, unpacked, trust=self.trust)
+        except OSError as exc:  # disk full, permissions: the store's trouble, not the archive's
+            problem = exc.strerror or str(exc)
+            raise StoreError(f"cannot unpack '{archive}' into the store: {problem}") from None
         target = self._version_dir(manifest.name, manifest.version)
         if target.exists() or target.is_symlink():
             return self._existing(target, manifest)

@@ -55,6 +55,13 @@ class BatchMix(torch.nn.Module):
         return x.sum(dim=0)
 
 
+class FixedTwo(torch.nn.Module):
+    """Works for exactly two rows (fails on any other batch)."""
+
+    def forward(self, x):
+        return x.view(2, 16) * 2.0
+
+
 class Tiny(torch.nn.Module):
     """A small image classifier: [N, 3, H, W] -> [N, 6] logits."""
 
@@ -85,6 +92,10 @@ def lambda_model():
 
 def batch_mix():
     return BatchMix()
+
+
+def fixed_two():
+    return FixedTwo()
 
 
 def classifier():

@@ -379,3 +379,9 @@ def read_manifest_dir(path: Path) -> Manifest:
     import json
 
     return Manifest.from_dict(json.loads((path / "manifest.json").read_bytes()))
+
+
+def test_write_into_a_missing_directory(tmp_path: Path) -> None:
+    out = tmp_path / "no" / "such" / "a.esar"
+    with pytest.raises(ArchiveError, match="a.esar': cannot be written"):
+        write_archive(out, _manifest(), {"model.pt": MODEL})

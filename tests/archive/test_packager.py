@@ -210,6 +210,11 @@ def test_batching_detection(models_py: Path, example_npy: Path, tmp_path: Path) 
             f"{models_py}:batch_mix", name="m", version="1", output=tmp_path / "m.esar",
             example_inputs=[example_npy], max_batch_size=8,
         )  # fmt: skip
+    fixed = build_archive(
+        f"{models_py}:fixed_two", name="m", version="1", output=tmp_path / "f.esar",
+        example_inputs=[example_npy],
+    )  # fmt: skip
+    assert fixed.batching.max_batch_size == 1 and fixed.inputs[0].shape == (2, 16)
     single = build_archive(
         f"{models_py}:build", name="m", version="1", output=tmp_path / "s.esar",
         example_inputs=[example_npy], max_batch_size=1, max_queue_delay_ms=5.0,
