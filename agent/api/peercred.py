@@ -120,10 +120,15 @@ class AccessPolicy:
         return self.gid is not None and (peer.gid == self.gid or self.gid in peer.groups)
 
     def refusal(self, peer: PeerCredentials) -> Refusal:
-        group = f"in group '{self.group_name}'" if self.group_name else "allowed (no group set)"
+        who = f"uid {peer.uid} (pid {peer.pid}) may not use the management API"
+        if self.group_name is None:
+            return Refusal(
+                f"{who}: only root and the daemon's user (uid {self.daemon_uid}) may, as "
+                "management.allowed_group is not set"
+            )
         return Refusal(
-            f"uid {peer.uid} (pid {peer.pid}) may not use the management API: "
-            f"not root, not the daemon's user and not {group} (management.allowed_group)"
+            f"{who}: not root, not the daemon's user and not in group '{self.group_name}' "
+            "(management.allowed_group)"
         )
 
     def socket_gid(self) -> int:

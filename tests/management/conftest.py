@@ -30,16 +30,16 @@ def management_address(daemon: Any) -> str:
 
 @pytest.fixture
 def mdaemons(daemons: Any) -> Any:
-    """``daemons`` whose ``start`` also takes ``management={...}`` (merged into the config
-    file's management section) and ``runtime={...}``."""
+    """``daemons`` whose ``start`` also takes ``management={...}`` and ``runtime={...}``,
+    merged into those sections of the config file ("{run_dir}" is filled in)."""
     original_start = daemons.start
     original_text = daemons.config_text
     sections: dict[str, dict[str, Any]] = {}
 
-    def config_text(*args: Any) -> str:
-        data = yaml.safe_load(original_text(*args))
+    def config_text(state_dir: Path, run_dir: Path, *rest: Any) -> str:
+        data = yaml.safe_load(original_text(state_dir, run_dir, *rest))
         for key, values in sections.items():
-            data.setdefault(key, {}).update(values)
+            data.setdefault(key, {}).update(_with_run_dir(values, run_dir))
         return yaml.safe_dump(data)
 
     def start(
@@ -55,6 +55,17 @@ def mdaemons(daemons: Any) -> Any:
     daemons.config_text = config_text
     daemons.start = start
     return daemons
+
+
+def _with_run_dir(value: Any, run_dir: Path) -> Any:
+    """Replace "{run_dir}" in strings (the run dir is made inside ``start``)."""
+    if isinstance(value, str):
+        return value.replace("{run_dir}", str(run_dir))
+    if isinstance(value, list):
+        return [_with_run_dir(v, run_dir) for v in value]
+    if isinstance(value, dict):
+        return {k: _with_run_dir(v, run_dir) for k, v in value.items()}
+    return value
 
 
 @pytest.fixture
