@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -96,7 +97,7 @@ def test_refused_calls_name_the_fault_and_change_nothing(mdaemons, mlp_archive_f
     assert _served_version(daemon) == "1"
 
 
-def _cli_json(*args: str, env=None) -> dict | list:
+def _cli_json(*args: str, env=None) -> Any:
     done = run_cli(*args, "--json", env=env)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
