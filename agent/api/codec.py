@@ -3,21 +3,26 @@
 Requests are validated against the live model's signature before anything is queued,
 and every error names the input (or output) at fault. Two paths:
 
-* raw (``raw_input_contents``, what tritonclient sends): numeric inputs become
-  ``torch.frombuffer`` views over the request's bytes (no copy; the tensor keeps the
-  bytes object alive), BYTES inputs are split from the length-prefixed wire format
-  (4-byte little-endian length, then the element). Outputs go back as raw bytes with one
-  copy (``Tensor.numpy().tobytes()``: protobuf's bytes fields accept only ``bytes``).
+* raw (``raw_input_contents``, what tritonclient sends): numeric inputs become tensors
+  that are views over the request's bytes (``np.frombuffer(...).reshape(shape)`` then
+  ``torch.from_numpy``: no copy, the tensor keeps the bytes object alive, and one torch
+  call per input where ``torch.frombuffer(...).reshape(...)`` makes two; every such call
+  releases the GIL, which costs a thread switch under load). BYTES inputs are split from the
+  length-prefixed wire format (4-byte little-endian length, then the element). Outputs
+  go back as raw bytes with one copy (``Tensor.numpy().tobytes()``: protobuf's bytes
+  fields accept only ``bytes``, not memoryviews).
 * typed (``contents``): the slow path for hand-written clients; a request that sends
   typed contents gets typed contents back, unless an output has no typed field (FP16,
   BF16), in which case every output goes back raw (KServe allows one or the other).
 
-About ``torch.frombuffer`` over ``bytes``: torch warns (once per process) that tensors
-over read-only buffers are writable. That is acceptable here: protobuf hands out a fresh
-bytes object per field access, so the buffer belongs to this request alone, and nothing
-in edgeserve writes into inputs. The exception is CPython's shared empty and one-byte
-bytes objects, which are copied. The warning is consumed once at import (below), so the
-hot path pays nothing; the alternative, ``bytearray(data)``, is a full copy per input.
+Tensors over ``bytes`` and torch's warning: torch warns, once per process, that a tensor
+over a read-only buffer is writable anyway (under ``filterwarnings = error`` that first
+warning would fail a request). Writable is acceptable here: protobuf hands out a fresh
+bytes object on every field access, so the buffer belongs to this request alone, and a
+model that writes into its input writes into memory no one else reads. The exception is
+CPython's shared empty and one-byte bytes objects, which are copied. The warning is
+consumed once at import, where it is ignored, so the hot path pays nothing; the
+alternative, ``bytearray(data)`` per input, is a full copy of every request.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import math
 import struct
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -70,19 +75,21 @@ _NARROW_RANGES: dict[str, tuple[int, int]] = {
     "INT16": (-(2**15), 2**15 - 1),
     "UINT8": (0, 2**8 - 1),
 }
+# numpy views are the cheapest zero-copy route from bytes to a shaped tensor.
+_RAW_DTYPES: dict[str, np.dtype] = NUMPY_DTYPES
 _LENGTH = struct.Struct("<I")
 _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 _TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
 
 
-def _consume_readonly_buffer_warning() -> None:
-    """Trigger torch's once-per-process read-only buffer warning where it is ignored."""
+def _consume_readonly_buffer_warnings() -> None:
+    """Trigger torch's once-per-process read-only buffer warnings where they are ignored."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        torch.frombuffer(b"\x00\x00", dtype=torch.uint8)
+        torch.from_numpy(np.frombuffer(b"\x00\x00", np.uint8))
 
 
-_consume_readonly_buffer_warning()
+_consume_readonly_buffer_warnings()
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -184,14 +191,11 @@ def _checked_shape(
     shape = tuple(inp.shape)
     want = spec.shape
     if shape != want:
-        if len(shape) != len(want) or any(
-            got < 0 or (exp >= 0 and got != exp) for got, exp in zip(shape, want, strict=True)
-        ):
-            raise InvalidArgument.for_input(
-                model.name,
-                spec.name,
-                f"shape {list(shape)} does not match {list(want)} (-1 = any size)",
-            )
+        if len(shape) != len(want):
+            _raise_shape(model, spec, shape)
+        for got, exp in zip(shape, want, strict=True):
+            if got < 0 or (exp >= 0 and got != exp):
+                _raise_shape(model, spec, shape)
     if model.max_batch_size > 1 and shape and not 1 <= shape[0] <= model.max_batch_size:
         raise InvalidArgument.for_input(
             model.name,
@@ -200,6 +204,14 @@ def _checked_shape(
             f"1..{model.max_batch_size} (the model's max_batch_size)",
         )
     return shape
+
+
+def _raise_shape(model: LiveModel, spec: TensorSpec, shape: tuple[int, ...]) -> NoReturn:
+    raise InvalidArgument.for_input(
+        model.name,
+        spec.name,
+        f"shape {list(shape)} does not match {list(spec.shape)} (-1 = any size)",
+    )
 
 
 def _tensor_from_raw(
@@ -216,15 +228,18 @@ def _tensor_from_raw(
             f"raw_input_contents holds {len(data)} bytes, expected "
             f"{expected} ({count} x {spec.datatype} for shape {list(shape)})",
         )
-    dtype = TORCH_DTYPES[spec.datatype]
     buffer: bytes | bytearray = data
     if expected <= 1:
         if expected == 0:
-            return torch.empty(shape, dtype=dtype)
+            return torch.empty(shape, dtype=TORCH_DTYPES[spec.datatype])
         buffer = bytearray(data)  # CPython shares one-byte bytes objects process-wide
-    if dtype is torch.bool and int(torch.frombuffer(buffer, dtype=torch.uint8).max()) > 1:
+    if spec.datatype == "BF16":  # numpy has no bfloat16: carry the bits as int16
+        array = np.frombuffer(buffer, np.int16).reshape(shape)
+        return torch.from_numpy(array).view(torch.bfloat16)
+    array = np.frombuffer(buffer, _RAW_DTYPES[spec.datatype]).reshape(shape)
+    if spec.datatype == "BOOL" and int(array.view(np.uint8).max()) > 1:
         raise InvalidArgument.for_input(model_name, spec.name, "BOOL elements must be 0 or 1")
-    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+    return torch.from_numpy(array)
 
 
 def _split_elements(model_name: str, input_name: str, data: bytes, count: int) -> list[bytes]:
@@ -342,8 +357,12 @@ def _output(model: LiveModel, result: InferResult, name: str) -> TensorValue:
         ) from None
     if isinstance(value, BytesTensor):
         return value
-    if value.device.type != "cpu" or not value.is_contiguous():
-        value = value.contiguous().cpu()
+    # Property reads only: torch calls that make a tensor or an array (numpy, reshape,
+    # contiguous, from_numpy) release and retake the GIL, a thread switch whenever gRPC's
+    # poller or a worker thread wants it. The one left per output is .numpy(); strided
+    # tensors need no .contiguous() because ndarray.tobytes() writes C order.
+    if not value.is_cpu:
+        value = value.cpu()
     return value.detach() if value.requires_grad else value
 
 
@@ -369,7 +388,7 @@ def _add_raw_outputs(
             add(name=name, datatype="BYTES", shape=value.shape)
             append(join_elements(value.items))
             continue
-        add(name=name, datatype=_datatype(model, name, value), shape=value.shape)
+        add(name=name, datatype=_datatype(model, name, value), shape=tuple(value.shape))
         if value.dtype is torch.bfloat16:  # numpy has no bfloat16: same bits as int16
             value = value.view(torch.int16)
         append(value.numpy().tobytes())

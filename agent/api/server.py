@@ -2,10 +2,11 @@
 
 Addresses (``listen``):
 
-* ``unix:///abs/path.sock`` (or ``unix:relative.sock``): the parent folder is created,
+* ``unix:///abs/path.sock``: the parent folder is created,
   a stale socket file left by a dead process is removed (a live one, or a file that is
   not a socket, is refused), and the socket is made ``socket_mode`` (0660) after bind.
-* ``HOST:PORT`` with a loopback host (``127.0.0.1``, ``[::1]``, ``localhost``). Any other
+* ``HOST:PORT`` (or ``tcp://HOST:PORT``) with a loopback host (``127.0.0.1``, ``[::1]``,
+  ``localhost``); the forms are parsed by ``config.parse_listen_address``. Any other
   host is refused with a ConfigError unless ``allow_non_loopback`` is set. Port 0 binds a
   free port; ``addresses`` reports the real one.
 
@@ -19,7 +20,6 @@ and reflection files (from protobuf's default pool).
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
@@ -37,6 +37,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edgeserve.api.health import ModelHealth
 from edgeserve.api.inference import InferenceServicer
+from edgeserve.config import grpc_address, is_loopback_host, parse_listen_address
 from edgeserve.errors import ConfigError
 from edgeserve.proto import kserve_v2_pb2 as pb
 from edgeserve.proto import kserve_v2_pb2_grpc as pb_grpc
@@ -45,7 +46,6 @@ from edgeserve.registry import ModelRegistry
 log = logging.getLogger("edgeserve.api")
 
 LISTEN_KEY = "server.listen"
-_UNIX = "unix:"
 
 
 @dataclass(frozen=True)
@@ -64,33 +64,16 @@ class _Listener:
 
 
 def parse_listen(address: str, *, allow_non_loopback: bool = False) -> _Listener:
-    """Validate one listen address; ConfigError names it when it is refused."""
-    if address.startswith(_UNIX):
-        rest = address[len(_UNIX) :]
-        path = rest[2:] if rest.startswith("//") else rest
-        if not path or (rest.startswith("//") and not path.startswith("/")):
-            raise ConfigError(LISTEN_KEY, f"'{address}' has no socket path")
-        return _Listener(address, Path(path))
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(
-            LISTEN_KEY, f"'{address}' is neither unix:///path nor HOST:PORT with a numeric port"
-        )
-    if not allow_non_loopback and not _is_loopback(host):
+    """Validate one listen address (the forms ``config`` accepts); ConfigError names it."""
+    parsed = parse_listen_address(address, LISTEN_KEY)
+    if parsed[0] == "unix":
+        return _Listener(f"unix://{parsed[1]}", Path(parsed[1]))
+    if not allow_non_loopback and not is_loopback_host(parsed[1]):
         raise ConfigError(
             LISTEN_KEY,
             f"'{address}' is not a loopback address; set server.allow_non_loopback to listen on it",
         )
-    return _Listener(address, None)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return _Listener(grpc_address(address), None)
 
 
 class InferenceServer:

@@ -161,7 +161,9 @@ def test_non_loopback_addresses_are_refused(address: str) -> None:
     assert f"'{address}'" in str(info.value) and "loopback" in str(info.value)
 
 
-@pytest.mark.parametrize("address", ["nonsense", "127.0.0.1:http", "unix://", "unix-abstract:x"])
+@pytest.mark.parametrize(
+    "address", ["nonsense", "127.0.0.1:http", "unix://", "unix:relative.sock", "unix-abstract:x"]
+)
 def test_malformed_addresses_are_refused(address: str) -> None:
     with pytest.raises(ConfigError, match="server.listen"):
         InferenceServer(
@@ -176,7 +178,7 @@ def test_malformed_addresses_are_refused(address: str) -> None:
 def test_non_loopback_allowed_when_configured(loop_thread: LoopThread) -> None:
     server = InferenceServer(
         registry=ModelRegistry(),
-        listen=["0.0.0.0:0", "[::1]:0", "localhost:0"],
+        listen=["0.0.0.0:0", "[::1]:0", "localhost:0", "tcp://127.0.0.1:0"],
         max_message_bytes=1024,
         is_ready=lambda: True,
         server_version="1",
@@ -187,6 +189,7 @@ def test_non_loopback_allowed_when_configured(loop_thread: LoopThread) -> None:
         ports = [int(a.rpartition(":")[2]) for a in addresses]
         assert all(port > 0 for port in ports)
         assert addresses[0].startswith("0.0.0.0:")
+        assert addresses[1].startswith("[::1]:") and addresses[3].startswith("127.0.0.1:")
         with triton.InferenceServerClient(f"127.0.0.1:{ports[0]}") as client:
             assert client.is_server_live()
     finally:
