@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(
-    commands: Any, name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
+    commands: Any,
+    name: str,
+    handler: Callable[[argparse.Namespace], int],
+    help_text: str,
     example: str,
 ) -> argparse.ArgumentParser:
     sub: argparse.ArgumentParser = commands.add_parser(
@@ -93,23 +96,34 @@ def _command(
 
 def _register_serve(commands: Any) -> None:
     sub = _command(
-        commands, "serve", _serve, "Run the daemon (foreground; systemd runs this).",
+        commands,
+        "serve",
+        _serve,
+        "Run the daemon (foreground; systemd runs this).",
         "edgeserve serve --config /etc/edgeserve/config.yaml",
     )
     sub.add_argument("--config", type=Path, help="YAML config file")
     sub.add_argument("--state-dir", type=Path, help="model store and state (state_dir)")
     sub.add_argument(
-        "--listen", action="append", metavar="ADDR",
+        "--listen",
+        action="append",
+        metavar="ADDR",
         help="inference address, unix:///path or 127.0.0.1:PORT (repeatable; server.listen)",
     )
     sub.add_argument(
-        "--model", action="append", type=Path, metavar="ARCHIVE",
+        "--model",
+        action="append",
+        type=Path,
+        metavar="ARCHIVE",
         help="install and load this archive (repeatable)",
     )
     sub.add_argument("--device", help="auto | cpu | cuda | cuda:N (runtime.device)")
     sub.add_argument("--log-level", help="debug | info | warning | error (logging.level)")
-    sub.add_argument("--management", metavar="ADDR",
-                     help="management address, unix:///path or 127.0.0.1:PORT (management.listen)")
+    sub.add_argument(
+        "--management",
+        metavar="ADDR",
+        help="management address, unix:///path or 127.0.0.1:PORT (management.listen)",
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -142,7 +156,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _register_package(commands: Any) -> None:
     sub = _command(
-        commands, "package", _package, "Build a model archive from TorchScript or an eager module.",
+        commands,
+        "package",
+        _package,
+        "Build a model archive from TorchScript or an eager module.",
         "edgeserve package model.py:build --name mlp --version 1 "
         "--example-input x.npy --quantize dynamic -o mlp-1.esar",
     )
@@ -150,21 +167,44 @@ def _register_package(commands: Any) -> None:
     sub.add_argument("--name", required=False, help="model name (defaults to the .mar's)")
     sub.add_argument("--version", dest="model_version", help="model version")
     sub.add_argument("-o", "--output", type=Path, required=True, help="archive to write")
-    sub.add_argument("--example-input", action="append", default=[], metavar="[NAME=]FILE.npy",
-                     help="example input (repeatable, in input order); fixes the signature")
-    sub.add_argument("--sample-input", action="append", default=[], metavar="[NAME=]FILE",
-                     help="warm-up sample (repeatable); expected outputs are recorded")
+    sub.add_argument(
+        "--example-input",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE.npy",
+        help="example input (repeatable, in input order); fixes the signature",
+    )
+    sub.add_argument(
+        "--sample-input",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE",
+        help="warm-up sample (repeatable); expected outputs are recorded",
+    )
     sub.add_argument("--quantize", choices=["dynamic"], help="int8 dynamic quantization")
     sub.add_argument("--handler", help="tensor | image_classifier | path/to/handler.py")
-    sub.add_argument("--handler-config", type=json.loads, metavar="JSON",
-                     help='handler settings, e.g. \'{"topk": 3, "labels": "labels.txt"}\'')
-    sub.add_argument("--extra-file", action="append", type=Path, default=[],
-                     help="extra member for the archive (labels, vocabularies)")
+    sub.add_argument(
+        "--handler-config",
+        type=json.loads,
+        metavar="JSON",
+        help='handler settings, e.g. \'{"topk": 3, "labels": "labels.txt"}\'',
+    )
+    sub.add_argument(
+        "--extra-file",
+        action="append",
+        type=Path,
+        default=[],
+        help="extra member for the archive (labels, vocabularies)",
+    )
     sub.add_argument("--max-batch-size", type=int, help="batching default in the manifest")
     sub.add_argument("--max-queue-delay-ms", type=float, help="batching default (ms)")
     sub.add_argument("--sign-key", type=Path, help="Ed25519 private key (PEM) to sign with")
-    sub.add_argument("--from-mar", type=Path, metavar="FILE.mar",
-                     help="import a TorchServe .mar whose model is TorchScript")
+    sub.add_argument(
+        "--from-mar",
+        type=Path,
+        metavar="FILE.mar",
+        help="import a TorchServe .mar whose model is TorchScript",
+    )
 
 
 def _named_paths(values: list[str]) -> list[Path | tuple[str, Path]]:
@@ -205,11 +245,18 @@ def _package(args: argparse.Namespace) -> int:
 
 def _register_keygen(commands: Any) -> None:
     sub = _command(
-        commands, "keygen", _keygen, "Create an Ed25519 key pair for signing archives.",
+        commands,
+        "keygen",
+        _keygen,
+        "Create an Ed25519 key pair for signing archives.",
         "edgeserve keygen --out /etc/edgeserve/keys/release",
     )
-    sub.add_argument("--out", type=Path, required=True,
-                     help="path prefix: writes PREFIX.key (0600) and PREFIX.pub")
+    sub.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="path prefix: writes PREFIX.key (0600) and PREFIX.pub",
+    )
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -226,15 +273,26 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _register_predict(commands: Any) -> None:
     sub = _command(
-        commands, "predict", _predict, "Send inputs to a running daemon and print the outputs.",
+        commands,
+        "predict",
+        _predict,
+        "Send inputs to a running daemon and print the outputs.",
         "edgeserve predict mlp --input x.npy --json",
     )
     sub.add_argument("model", help="model name")
     sub.add_argument("--model-version", default="", help="version (default: the default one)")
-    sub.add_argument("--input", action="append", default=[], metavar="[NAME=]FILE",
-                     help=".npy file, or an image/any file for a BYTES input (repeatable)")
-    sub.add_argument("--address", default=None,
-                     help="daemon address (default $EDGESERVE_ADDRESS or 127.0.0.1:8001)")
+    sub.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE",
+        help=".npy file, or an image/any file for a BYTES input (repeatable)",
+    )
+    sub.add_argument(
+        "--address",
+        default=None,
+        help="daemon address (default $EDGESERVE_ADDRESS or 127.0.0.1:8001)",
+    )
     sub.add_argument("--timeout", type=float, default=30.0, help="seconds")
     sub.add_argument("--json", action="store_true", help="print JSON")
 
@@ -257,15 +315,24 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _register_demo(commands: Any) -> None:
     sub = _command(
-        commands, "demo", _demo,
+        commands,
+        "demo",
+        _demo,
         "Build an int8 example model, serve it locally, and run requests through gRPC.",
         "edgeserve demo",
     )
-    sub.add_argument("--state-dir", type=Path, default=Path(".edgeserve-demo"),
-                     help="where the demo keeps its store and sockets")
+    sub.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".edgeserve-demo"),
+        help="where the demo keeps its store and sockets",
+    )
     sub.add_argument("--requests", type=int, default=200, help="requests to time")
-    sub.add_argument("--keep-running", action="store_true",
-                     help="leave the daemon serving after the demo (Ctrl-C to stop)")
+    sub.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the daemon serving after the demo (Ctrl-C to stop)",
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -274,5 +341,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.state_dir, requests=args.requests, keep_running=args.keep_running)
 
 
-_COMMANDS = [_register_serve, _register_package, _register_keygen, _register_predict,
-             _register_demo, register_models, register_status]
+_COMMANDS = [
+    _register_serve,
+    _register_package,
+    _register_keygen,
+    _register_predict,
+    _register_demo,
+    register_models,
+    register_status,
+]

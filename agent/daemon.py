@@ -30,6 +30,7 @@ from edgeserve.sdnotify import Notifier
 from edgeserve.signing import TrustStore
 from edgeserve.status import LiveStatus, RecentErrors
 from edgeserve.store import ModelStore
+from edgeserve.telemetry.recorders import Recorders
 from edgeserve.telemetry.sampler import SystemSampler
 from edgeserve.types import ModelSettings
 
@@ -61,12 +62,14 @@ class Daemon:
             live_state_path=state_dir / "live.json",
         )
         self.registry = ModelRegistry()
+        self.recorders = Recorders()
         self.lifecycle = Lifecycle(
             store=self.store,
             registry=self.registry,
             runtime_options=RuntimeOptions(device=config.runtime.device, fp16=config.runtime.fp16),
             memory_budget_mb=config.runtime.memory_budget_mb,
             drain_timeout_s=config.server.grace_period_s,
+            recorders=self.recorders,
         )
         self.server = InferenceServer(
             registry=self.registry,
@@ -85,7 +88,7 @@ class Daemon:
             version=__version__,
             started_at=self.started_at,
             is_ready=self.is_ready,
-            recorders=getattr(self, "recorders", None),
+            recorders=self.recorders,
             sampler=SystemSampler(state_dir),
             errors=self.recent_errors,
         )

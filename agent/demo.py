@@ -43,14 +43,24 @@ def run_demo(state_dir: Path, *, requests: int = 200, keep_running: bool = False
     config, uds, tcp = _write_config(state_dir, key_pub)
     started = time.monotonic()
     daemon = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", "edgeserve", "serve", "--config", str(config),
-         "--model", str(archive)],
+        [
+            sys.executable,
+            "-m",
+            "edgeserve",
+            "serve",
+            "--config",
+            str(config),
+            "--model",
+            str(archive),
+        ],
     )
     try:
         with InferenceClient(f"unix://{uds}") as client:
             _wait_ready(client, daemon, timeout=120.0)
-            print(f"daemon ready in {time.monotonic() - started:.2f}s "
-                  f"(pid {daemon.pid}; listening on unix://{uds} and {tcp})")
+            print(
+                f"daemon ready in {time.monotonic() - started:.2f}s "
+                f"(pid {daemon.pid}; listening on unix://{uds} and {tcp})"
+            )
             _exercise(client, example, requests)
         if keep_running:
             print("daemon keeps running; Ctrl-C to stop it")
@@ -80,12 +90,19 @@ def _build_archive(state_dir: Path) -> tuple[Path, Path, np.ndarray]:
     archive = state_dir / f"{MODEL_NAME}-1.esar"
     t0 = time.monotonic()
     build_archive(
-        f"{source}:build", name=MODEL_NAME, version="1", output=archive,
-        example_inputs=[("x", example_path)], quantize="dynamic", max_batch_size=32,
+        f"{source}:build",
+        name=MODEL_NAME,
+        version="1",
+        output=archive,
+        example_inputs=[("x", example_path)],
+        quantize="dynamic",
+        max_batch_size=32,
         sign_key=key_priv,
     )
-    print(f"packaged {archive.name}: int8 dynamic-quantized MLP, signed "
-          f"({archive.stat().st_size / 1024:.0f} KiB, {time.monotonic() - t0:.2f}s)")
+    print(
+        f"packaged {archive.name}: int8 dynamic-quantized MLP, signed "
+        f"({archive.stat().st_size / 1024:.0f} KiB, {time.monotonic() - t0:.2f}s)"
+    )
     return archive, key_pub, example
 
 
@@ -94,20 +111,22 @@ def _write_config(state_dir: Path, key_pub: Path) -> tuple[Path, Path, str]:
     uds = run_dir / "inference.sock"
     tcp = f"127.0.0.1:{_free_port()}"
     config = state_dir / "config.yaml"
-    config.write_text(textwrap.dedent(f"""\
+    config.write_text(
+        textwrap.dedent(f"""\
         # Written by `edgeserve demo`.
         state_dir: {state_dir}
         run_dir: {run_dir}
         server:
           listen: ["unix://{uds}", "{tcp}"]
         management:
-          listen: "unix://{run_dir / 'management.sock'}"
+          listen: "unix://{run_dir / "management.sock"}"
         trust:
           keys: ["{key_pub}"]
         logging:
           level: warning
           format: text
-        """))
+        """)
+    )
     return config, uds, tcp
 
 
@@ -133,9 +152,11 @@ def _wait_ready(client: InferenceClient, daemon: subprocess.Popen[bytes], timeou
 
 def _exercise(client: InferenceClient, example: np.ndarray, requests: int) -> None:
     version, outputs = client.infer(MODEL_NAME, {"x": example})
-    (name, first), = outputs.items()
-    print(f"request 1 -> {MODEL_NAME} v{version}: {name} {list(first.shape)} "
-          f"argmax={int(first.argmax())} logits={np.round(first[0, :4], 3).tolist()}...")
+    ((name, first),) = outputs.items()
+    print(
+        f"request 1 -> {MODEL_NAME} v{version}: {name} {list(first.shape)} "
+        f"argmax={int(first.argmax())} logits={np.round(first[0, :4], 3).tolist()}..."
+    )
     rng = np.random.default_rng(1)
     batch = rng.standard_normal((8, 64)).astype(np.float32)
     _, many = client.infer(MODEL_NAME, {"x": batch})
@@ -147,8 +168,10 @@ def _exercise(client: InferenceClient, example: np.ndarray, requests: int) -> No
         latencies.append((time.perf_counter() - t0) * 1e3)
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-    print(f"{requests} sequential requests over the Unix socket: "
-          f"p50 {statistics.median(latencies):.3f} ms, p99 {p99:.3f} ms")
+    print(
+        f"{requests} sequential requests over the Unix socket: "
+        f"p50 {statistics.median(latencies):.3f} ms, p99 {p99:.3f} ms"
+    )
 
 
 def _stop(daemon: subprocess.Popen[bytes]) -> int:

@@ -24,10 +24,11 @@ from typing import Any
 import psutil
 
 from edgeserve.batching import AdaptiveBatcher, BatchSettings
-from edgeserve.errors import ManagementError, NotFound
+from edgeserve.errors import ManagementError, NotFound, WarmupFailed
 from edgeserve.registry import LiveModel, ModelRegistry, ModelState
 from edgeserve.runtime import LoadedModel, RuntimeOptions, load_model
 from edgeserve.store import InstalledModel, LiveEntry, ModelStore
+from edgeserve.telemetry.recorders import Recorders
 from edgeserve.types import ModelSettings
 from edgeserve.worker import InstanceWorker
 
@@ -44,7 +45,6 @@ class _Serving:
     live: LiveModel
     loaded: LoadedModel
     batcher: AdaptiveBatcher
-    workers: list[InstanceWorker]
     settings: ModelSettings
 
 
@@ -60,6 +60,7 @@ class Lifecycle:
         memory_budget_mb: int = 0,
         drain_timeout_s: float = 30.0,
         on_change: Callable[[], None] | None = None,
+        recorders: Recorders | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -67,6 +68,7 @@ class Lifecycle:
         self._memory_budget = memory_budget_mb * 1024 * 1024
         self._drain_timeout = drain_timeout_s
         self._on_change = on_change
+        self._recorders = recorders or Recorders()
         self._serving: dict[tuple[str, str], _Serving] = {}
         self._lock = asyncio.Lock()
 
@@ -197,6 +199,10 @@ class Lifecycle:
             if options.warmup:
                 await asyncio.to_thread(loaded.warm_up)
             return self._assemble(installed, loaded, settings, time.monotonic() - started)
+        except WarmupFailed:
+            self._recorders.for_model(name, version).observe_warmup_failure()
+            await asyncio.to_thread(loaded.close)
+            raise
         except BaseException:
             await asyncio.to_thread(loaded.close)
             raise
@@ -229,7 +235,12 @@ class Lifecycle:
             InstanceWorker(loaded.run, threads, loaded.device, f"{label}#{i}")
             for i in range(instances)
         ]
-        batcher = AdaptiveBatcher(manifest.name, manifest.version, batch, workers)
+        recorder = self._recorders.for_model(manifest.name, manifest.version)
+        batcher = AdaptiveBatcher(
+            manifest.name, manifest.version, batch, workers, on_batch=recorder.observe_batch
+        )
+        recorder.set_queue_depth_source(lambda: batcher.queue_depth)
+        recorder.observe_load(took)
         live = LiveModel(
             name=manifest.name,
             version=manifest.version,
@@ -237,6 +248,7 @@ class Lifecycle:
             outputs=loaded.outputs,
             max_batch_size=batch.max_batch_size,
             submit=batcher.submit,
+            recorder=recorder,
             device=str(loaded.device),
             state=ModelState.READY,
             info={
@@ -251,7 +263,7 @@ class Lifecycle:
             },
         )
         log.info("loaded %s on %s in %.2fs (%d instance(s))", label, loaded.device, took, instances)
-        return _Serving(live, loaded, batcher, workers, settings)
+        return _Serving(live, loaded, batcher, settings)
 
     async def _unload_locked(self, name: str, version: str) -> None:
         serving = self._serving.pop((name, version), None)
@@ -259,6 +271,7 @@ class Lifecycle:
             raise NotFound.model(name, version)
         self._registry.remove(name, version)
         await self._teardown(serving)
+        self._recorders.forget(name, version)
 
     async def _teardown(self, serving: _Serving) -> None:
         live = serving.live
@@ -266,9 +279,7 @@ class Lifecycle:
             await asyncio.wait_for(live.wait_idle(), self._drain_timeout)
         except TimeoutError:
             log.warning("%s/%s: drain timed out, failing what is left", live.name, live.version)
-        await serving.batcher.close()
-        for worker in serving.workers:
-            await asyncio.to_thread(worker.close)
+        await serving.batcher.close()  # fails leftovers and joins the instance threads
         await asyncio.to_thread(serving.loaded.close)
         gc.collect()
         log.info("unloaded %s/%s", live.name, live.version)

@@ -43,8 +43,9 @@ def run_predict(
 def _read_inputs(info: ModelInfo, given: list[Path | tuple[str, Path]]) -> dict[str, np.ndarray]:
     if len(given) != len(info.inputs):
         names = ", ".join(t.name for t in info.inputs)
-        raise InvalidArgument(f"model '{info.name}' takes {len(info.inputs)} input(s) ({names}); "
-                              f"{len(given)} given")
+        raise InvalidArgument(
+            f"model '{info.name}' takes {len(info.inputs)} input(s) ({names}); {len(given)} given"
+        )
     specs = {t.name: t for t in info.inputs}
     arrays = {}
     for position, item in enumerate(given):
@@ -77,8 +78,13 @@ def _print(model: str, version: str, outputs: dict[str, np.ndarray], as_json: bo
     print(f"{model} version {version}")
     for name, array in outputs.items():
         print(f"  {name} {list(array.shape)} {array.dtype if array.dtype != object else 'BYTES'}")
-        print("   ", np.array2string(np.asarray(_plain(array), dtype=object)
-                                      if array.dtype == object else array, threshold=64))
+        print(
+            "   ",
+            np.array2string(
+                np.asarray(_plain(array), dtype=object) if array.dtype == object else array,
+                threshold=64,
+            ),
+        )
 
 
 def _plain(array: np.ndarray) -> Any:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeserve.errors import NotFound, NotReady
+from edgeserve.telemetry.recorders import ModelRecorder
 from edgeserve.types import InferRequest, InferResult, TensorSpec
 
 log = logging.getLogger("edgeserve.registry")
@@ -45,6 +46,8 @@ class LiveModel:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
     submit: Submit
+    # Per-version metrics, held here so the hot path never looks them up by name.
+    recorder: ModelRecorder | None = None
     device: str = "cpu"
     platform: str = PLATFORM
     state: ModelState = ModelState.LOADING

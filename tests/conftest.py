@@ -23,7 +23,7 @@ from edgeserve.api.client import ClientError, InferenceClient
 
 torch.set_num_threads(1)
 
-MLP_SOURCE = '''\
+MLP_SOURCE = """\
 import torch
 from torch import nn
 
@@ -31,10 +31,10 @@ from torch import nn
 def build() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
-'''
+"""
 
 # A custom handler that sleeps in `inference`, so tests can hold requests in flight.
-SLOW_HANDLER_SOURCE = '''\
+SLOW_HANDLER_SOURCE = """\
 import time
 import uuid
 from pathlib import Path
@@ -49,7 +49,7 @@ class SlowHandler(TensorHandler):
             (Path(marker_dir) / uuid.uuid4().hex).touch()
         time.sleep(float(self.context.config.get("sleep_s", 0.3)))
         return super().inference(data)
-'''
+"""
 
 
 @pytest.fixture(scope="session")
@@ -95,10 +95,14 @@ def mlp_archive_factory(
             out = folder / f"mlp-{version}-{quantize or 'fp32'}-{len(cache)}.esar"
             kwargs.setdefault("name", "mlp")
             build_archive(
-                f"{mlp_source}:build", version=version, output=out,
-                example_inputs=[("x", mlp_example)], quantize=quantize,
+                f"{mlp_source}:build",
+                version=version,
+                output=out,
+                example_inputs=[("x", mlp_example)],
+                quantize=quantize,
                 max_batch_size=kwargs.pop("max_batch_size", 8),
-                sign_key=signing_key[0], **kwargs,
+                sign_key=signing_key[0],
+                **kwargs,
             )
             cache[key] = out
         return cache[key]
@@ -160,7 +164,7 @@ class DaemonFactory:
               listen: ["unix://{uds}", "{tcp}"]
               grace_period_s: 20
             management:
-              listen: "unix://{run_dir / 'management.sock'}"
+              listen: "unix://{run_dir / "management.sock"}"
             trust:
               keys: ["{self.public_key}"]
             logging:

@@ -12,10 +12,25 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "agent"
 
-CORE = {"lifecycle", "registry", "batching", "batch_policy", "worker", "runtime", "store",
-        "archive", "manifest"}
-FORBIDDEN_FOR_CORE = ("edgeserve.api", "edgeserve.fleet", "edgeserve.telemetry.buffer",
-                      "edgeserve.telemetry.uploader", "edgeserve.daemon", "edgeserve.cli")
+CORE = {
+    "lifecycle",
+    "registry",
+    "batching",
+    "batch_policy",
+    "worker",
+    "runtime",
+    "store",
+    "archive",
+    "manifest",
+}
+FORBIDDEN_FOR_CORE = (
+    "edgeserve.api",
+    "edgeserve.fleet",
+    "edgeserve.telemetry.buffer",
+    "edgeserve.telemetry.uploader",
+    "edgeserve.daemon",
+    "edgeserve.cli",
+)
 THIRD_PARTY_HOMES = {
     "grpc": ("api/", "cli.py", "predict.py", "demo.py"),
     "paho": ("fleet/link.py",),
@@ -48,8 +63,11 @@ def test_import_rules(path: Path) -> None:
         bad = [i for i in imports if i.startswith(FORBIDDEN_FOR_CORE)]
         assert not bad, f"core module {rel} imports {bad}"
     if rel.startswith("api/"):
-        bad = [i for i in imports if i.startswith(("edgeserve.fleet", "edgeserve.store",
-                                                   "edgeserve.telemetry.buffer"))]
+        bad = [
+            i
+            for i in imports
+            if i.startswith(("edgeserve.fleet", "edgeserve.store", "edgeserve.telemetry.buffer"))
+        ]
         assert not bad, f"{rel} imports {bad}"
     if rel == "batch_policy.py":
         assert not [i for i in imports if i.startswith(("edgeserve", "torch"))], imports
@@ -77,8 +95,12 @@ def _commands() -> list[str]:
 
 @pytest.mark.parametrize("command", _commands())
 def test_every_command_has_help_and_is_in_the_readme(command: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "edgeserve", command, "--help"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgeserve", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "example:" in out.stdout and "exit codes" in out.stdout
     assert f"edgeserve {command}" in (ROOT / "README.md").read_text()
@@ -87,6 +109,7 @@ def test_every_command_has_help_and_is_in_the_readme(command: str) -> None:
 def test_version_flag() -> None:
     from edgeserve import __version__
 
-    out = subprocess.run([sys.executable, "-m", "edgeserve", "--version"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgeserve", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and out.stdout.strip() == f"edgeserve {__version__}"

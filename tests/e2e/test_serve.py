@@ -63,9 +63,12 @@ def test_int8_outputs_within_tolerance_of_fp32(daemons, mlp_archive_factory, mlp
 def test_unix_socket_serves_the_same_model(daemons, mlp_archive_factory):
     daemon = daemons.start(mlp_archive_factory("1"))
     x = np.ones((1, 16), dtype=np.float32)
-    with daemon.client() as tcp_client, __import__(
-        "edgeserve.api.client", fromlist=["InferenceClient"]
-    ).InferenceClient(daemon.uds_address) as uds_client:
+    with (
+        daemon.client() as tcp_client,
+        __import__("edgeserve.api.client", fromlist=["InferenceClient"]).InferenceClient(
+            daemon.uds_address
+        ) as uds_client,
+    ):
         _, over_tcp = tcp_client.infer("mlp", {"x": x})
         _, over_uds = uds_client.infer("mlp", {"x": x})
     np.testing.assert_array_equal(over_tcp["output__0"], over_uds["output__0"])
@@ -78,14 +81,14 @@ def test_sigterm_drains_requests_in_flight(daemons, mlp_archive_factory, tmp_pat
     handler = tmp_path / "slow_handler.py"
     handler.write_text(SLOW_HANDLER_SOURCE)
     archive = mlp_archive_factory(
-        "1", handler=str(handler), name="slow",
+        "1",
+        handler=str(handler),
+        name="slow",
         handler_config={"sleep_s": 1.5, "marker_dir": str(markers)},
     )
     # Three instances of batch 1 (config beats the archive's 8): each request starts on
     # its own instance and drops a marker file when it reaches the model.
-    daemon = daemons.start(
-        archive, extra_config="batching:\n  instances: 3\n  max_batch_size: 1\n"
-    )
+    daemon = daemons.start(archive, extra_config="batching:\n  instances: 3\n  max_batch_size: 1\n")
     x = np.ones((1, 16), dtype=np.float32)
     results: list[object] = []
 
@@ -125,8 +128,13 @@ def test_unsigned_archive_is_refused(daemons, mlp_source, mlp_example, tmp_path)
     from edgeserve.packager import build_archive
 
     unsigned = tmp_path / "unsigned.esar"
-    build_archive(f"{mlp_source}:build", name="mlp", version="1", output=unsigned,
-                  example_inputs=[("x", mlp_example)])
+    build_archive(
+        f"{mlp_source}:build",
+        name="mlp",
+        version="1",
+        output=unsigned,
+        example_inputs=[("x", mlp_example)],
+    )
     daemon = daemons.start(unsigned, wait=False)
     code = daemon.process.wait(timeout=60)
     assert code != 0
@@ -138,9 +146,19 @@ def test_config_error_names_the_key_and_exits_2(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("server:\n  grace_period_s: -1\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "edgeserve", "serve", "--config", str(config),
-         "--state-dir", str(tmp_path / "s")],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "edgeserve",
+            "serve",
+            "--config",
+            str(config),
+            "--state-dir",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2, proc.stderr
     assert "server.grace_period_s" in proc.stderr
