@@ -153,9 +153,10 @@ def _wait_ready(client: InferenceClient, daemon: subprocess.Popen[bytes], timeou
 def _exercise(client: InferenceClient, example: np.ndarray, requests: int) -> None:
     version, outputs = client.infer(MODEL_NAME, {"x": example})
     ((name, first),) = outputs.items()
+    logits = ", ".join(f"{v:.3f}" for v in first[0, :4])
     print(
         f"request 1 -> {MODEL_NAME} v{version}: {name} {list(first.shape)} "
-        f"argmax={int(first.argmax())} logits={np.round(first[0, :4], 3).tolist()}..."
+        f"argmax={int(first.argmax())} logits=[{logits}, ...]"
     )
     rng = np.random.default_rng(1)
     batch = rng.standard_normal((8, 64)).astype(np.float32)
