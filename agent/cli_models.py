@@ -33,6 +33,14 @@ _SOCKET_NAME = "management.sock"
 # -- registration ---------------------------------------------------------------------------
 
 
+_NAME: tuple[str, dict[str, Any]] = ("name", {})
+_VERSION: tuple[str, dict[str, Any]] = ("model_version", {"metavar": "VERSION"})
+
+
+def _maybe_version(help_text: str) -> tuple[str, dict[str, Any]]:
+    return ("model_version", {"nargs": "?", "default": "", "metavar": "VERSION", "help": help_text})
+
+
 def register_models(commands: Any) -> None:
     from edgeserve.cli import _command
 
@@ -43,69 +51,42 @@ def register_models(commands: Any) -> None:
         "List and change the live models of a running daemon (management API).",
         "edgeserve models load /var/lib/edgeserve/incoming/mlp-2.esar --default",
     )
-    sub = group.add_subparsers(title="model commands", metavar="ACTION")
     group.set_defaults(models_parser=group)
-
-    def add(name: str, handler: Callable[..., int], text: str, example: str) -> Any:
-        parser = _command(sub, name, handler, text, example)
+    sub = group.add_subparsers(title="model commands", metavar="ACTION")
+    actions: list[tuple[str, Callable[[argparse.Namespace], int], str, str, tuple[Any, ...]]] = [
+        ("list", _list, "List every live model version.", "models list --json", ()),
+        ("describe", _describe, "Show a model's versions, settings and signature.",
+         "models describe mlp 2", (_NAME, _maybe_version("default: every live version"))),
+        ("load", _load, "Install an archive (from the daemon's archive_dir) and load it.",
+         "models load /var/lib/edgeserve/incoming/mlp-2.esar --default", ()),
+        ("unload", _unload, "Unload a version (its admitted requests finish first).",
+         "models unload mlp 1", (_NAME, _VERSION)),
+        ("default", _default, "Make a live version the model's default.",
+         "models default mlp 2", (_NAME, _VERSION)),
+        ("scale", _scale, "Change instances or batching; the version keeps serving.",
+         "models scale mlp 2 --instances 2 --max-batch-size 16",
+         (_NAME, _maybe_version("default: the default version"))),
+    ]  # fmt: skip
+    for name, handler, text, example, positionals in actions:
+        parser = _command(sub, name, handler, text, f"edgeserve {example}")
+        for dest, options in positionals:
+            parser.add_argument(dest, **options)
+        if name == "load":
+            _load_options(parser)
+        if name in ("load", "scale"):
+            _settings_options(parser)
         _client_options(parser)
-        return parser
 
-    add("list", _list, "List every live model version.", "edgeserve models list --json")
-    p = add(
-        "describe",
-        _describe,
-        "Show a model's versions, settings and signature.",
-        "edgeserve models describe mlp 2",
-    )
-    p.add_argument("name")
-    p.add_argument("model_version", nargs="?", default="", metavar="VERSION")
-    p = add(
-        "load",
-        _load,
-        "Install an archive (from the daemon's archive_dir) and load it.",
-        "edgeserve models load /var/lib/edgeserve/incoming/mlp-2.esar --default",
-    )
-    p.add_argument("archive", nargs="?", help="archive path inside management.archive_dir")
-    p.add_argument(
+
+def _load_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("archive", nargs="?", help="archive path inside management.archive_dir")
+    parser.add_argument(
         "--stored",
         nargs=2,
         metavar=("NAME", "VERSION"),
         help="load a version already in the store instead of an archive",
     )
-    p.add_argument("--default", action="store_true", help="make it the default version")
-    _settings_options(p)
-    p = add(
-        "unload",
-        _unload,
-        "Unload a version (its admitted requests finish first).",
-        "edgeserve models unload mlp 1",
-    )
-    p.add_argument("name")
-    p.add_argument("model_version", metavar="VERSION")
-    p = add(
-        "default",
-        _default,
-        "Make a live version the model's default.",
-        "edgeserve models default mlp 2",
-    )
-    p.add_argument("name")
-    p.add_argument("model_version", metavar="VERSION")
-    p = add(
-        "scale",
-        _scale,
-        "Change instances or batching; the version keeps serving.",
-        "edgeserve models scale mlp 2 --instances 2 --max-batch-size 16",
-    )
-    p.add_argument("name")
-    p.add_argument(
-        "model_version",
-        nargs="?",
-        default="",
-        metavar="VERSION",
-        help="default: the default version",
-    )
-    _settings_options(p)
+    parser.add_argument("--default", action="store_true", help="make it the default version")
 
 
 def register_status(commands: Any) -> None:
@@ -119,10 +100,10 @@ def register_status(commands: Any) -> None:
         "3 daemon unreachable).",
         "edgeserve status --json",
     )
-    _client_options(parser)
+    _client_options(parser, timeout=10.0)
 
 
-def _client_options(parser: argparse.ArgumentParser) -> None:
+def _client_options(parser: argparse.ArgumentParser, timeout: float = 120.0) -> None:
     parser.add_argument(
         "--management",
         metavar="ADDR",
@@ -130,7 +111,7 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", type=Path, help="YAML config of the daemon (finds run_dir)")
     parser.add_argument("--token-file", type=Path, help=f"token for TCP (${ENV_TOKEN_FILE})")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per call")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

@@ -117,24 +117,8 @@ def build_status(
     now = time.time() if now is None else now
     figures = {(m.get("model"), m.get("version")): m for m in (recorders or {}).get("models", [])}
     entries = [_model_entry(m, figures.get((m.name, m.version))) for m in models]
-    problems = list(notes)
-    if daemon.up and not daemon.ready:
-        problems.append("daemon is not ready")
-    problems += [
-        f"model {e['name']} version {e['version']} is {e['state']}"
-        for e in entries
-        if daemon.up and e["state"] != "READY"
-    ]
-    problems += [
-        f"model {e['name']} version {e['version']}: {n} {code} in the last minute"
-        for e in entries
-        for code, n in sorted((e["errors"] or {}).items())
-        if code in _SERVER_FAULTS
-    ]
     recent = [dict(e) for e in recent_errors]
-    errors = [e for e in recent if e["level"] in ("ERROR", "CRITICAL")]
-    if any(now - e["time"] < ERROR_WINDOW_S for e in errors):
-        problems.append(f"{len(errors)} error(s) logged recently (see recent_errors)")
+    problems = _problems(daemon, entries, recent, notes, now)
     health = DOWN if not daemon.up else (DEGRADED if problems else HEALTHY)
     uptime = now - daemon.started_at if daemon.up and daemon.started_at else None
     return {
@@ -155,6 +139,34 @@ def build_status(
         "system": dict(system) if system is not None else None,
         "recent_errors": recent,
     }
+
+
+def _problems(
+    daemon: DaemonFacts,
+    entries: Sequence[Mapping[str, Any]],
+    recent: Sequence[Mapping[str, Any]],
+    notes: Sequence[str],
+    now: float,
+) -> list[str]:
+    """What makes a running daemon degraded; empty when healthy."""
+    problems = list(notes)
+    if daemon.up and not daemon.ready:
+        problems.append("daemon is not ready")
+    problems += [
+        f"model {e['name']} version {e['version']} is {e['state']}"
+        for e in entries
+        if daemon.up and e["state"] != "READY"
+    ]
+    problems += [
+        f"model {e['name']} version {e['version']}: {n} {code} in the last minute"
+        for e in entries
+        for code, n in sorted((e["errors"] or {}).items())
+        if code in _SERVER_FAULTS
+    ]
+    errors = [e for e in recent if e["level"] in ("ERROR", "CRITICAL")]
+    if any(now - e["time"] < ERROR_WINDOW_S for e in errors):
+        problems.append(f"{len(errors)} error(s) logged recently (see recent_errors)")
+    return problems
 
 
 def _model_entry(model: ModelFacts, figures: Mapping[str, Any] | None) -> dict[str, Any]:

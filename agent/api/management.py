@@ -163,6 +163,11 @@ def open_archive(text: str, archive_dir: Path) -> int:
     return fd
 
 
+def _require_version(rpc: str, version: str) -> None:
+    if not version:
+        raise InvalidArgument(f"{rpc}: version is required")
+
+
 # -- servicer -------------------------------------------------------------------------------
 
 _Method = Callable[[_S, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]
@@ -249,7 +254,7 @@ class ManagementServicer(pb_grpc.ManagementServicer):
 
     @_guarded
     async def UnloadModel(self, request: Any, context: Any) -> pb.UnloadModelResponse:
-        self._registry.get(request.name, request.version or None)
+        _require_version("UnloadModel", request.version)
         log.info("management: %s unloads %s/%s", _CALLER.get(), request.name, request.version)
         await self._lifecycle.unload(request.name, request.version)
         return pb.UnloadModelResponse(
@@ -258,6 +263,7 @@ class ManagementServicer(pb_grpc.ManagementServicer):
 
     @_guarded
     async def SetDefaultVersion(self, request: Any, context: Any) -> pb.SetDefaultVersionResponse:
+        _require_version("SetDefaultVersion", request.version)
         previous = self._registry.default_version(request.name) or ""
         log.info(
             "management: %s sets %s default to %s", _CALLER.get(), request.name, request.version
@@ -372,11 +378,14 @@ class ManagementServer:
             os.chown(folder, -1, self._socket_gid)
 
     async def stop(self, grace: float | None) -> None:
+        """Stop accepting, let calls in progress finish within ``grace`` s, then close."""
         for relay in self._relays:
-            await relay.stop()
+            relay.stop_accepting()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        for relay in self._relays:
+            await relay.stop()
 
 
 # -- client ---------------------------------------------------------------------------------

@@ -223,19 +223,24 @@ class CredentialRelay:
             return None
         return self._peers.get(peer[len(_ABSTRACT_PREFIX) :])
 
-    async def stop(self) -> None:
+    def stop_accepting(self) -> None:
+        """No new connections (the socket file goes); relayed ones keep flowing."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            if self.public_path.lstat().st_ino == self._inode:
+                self.public_path.unlink()
+
+    async def stop(self) -> None:
+        """Close every relayed connection and remove the socket and private folder."""
+        self.stop_accepting()
         for writer in list(self._writers):
             writer.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(FileNotFoundError):
-            if self.public_path.lstat().st_ino == self._inode:
-                self.public_path.unlink()
         self.close_private()
 
     def close_private(self) -> None:
