@@ -406,7 +406,9 @@ def _errors_cell(errors: Mapping[str, int] | None) -> str:
 
 
 def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.1f} GiB" if n >= 10 * 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _clock(ts: float | None) -> str:

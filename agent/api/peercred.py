@@ -142,7 +142,12 @@ class TokenCheck:
     def __init__(self, token_file: Path | None) -> None:
         self._token: bytes | None = None
         if token_file is not None:
-            token = Path(token_file).read_bytes().strip()
+            try:
+                token = Path(token_file).read_bytes().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    "management.token_file", f"cannot read {token_file}: {exc.strerror}"
+                ) from None
             if len(token) < 16:
                 raise ConfigError("management.token_file", f"{token_file}: token is too short")
             self._token = token

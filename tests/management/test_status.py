@@ -41,8 +41,9 @@ def test_status_of_a_healthy_daemon(mdaemons, mlp_archive_factory):
         True,
     )
     assert model["instances"] == 1 and model["device"] == "cpu" and model["last_load_at"] > 0
-    for key in ("queue_depth", "requests_per_s", "p50_ms", "p99_ms", "errors"):
-        assert key in model  # null until recorders are wired into the daemon
+    assert model["queue_depth"] == 0  # from the batcher, through the recorders
+    for key in ("requests_per_s", "p50_ms", "p99_ms", "errors", "requests_total"):
+        assert key in model  # figures of the inference edge's recorders (null if none)
     assert doc["system"]["process"]["rss_bytes"] > 50 * 2**20
     assert doc["system"]["disk"]["free_bytes"] > 0
 
