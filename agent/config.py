@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
 from edgeserve.errors import ConfigError
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -104,9 +105,7 @@ class ManagementConfig:
         if self.allowed_group is not None and not _GROUP_RE.match(self.allowed_group):
             raise ConfigError("allowed_group", f"not a valid group name: {self.allowed_group!r}")
         if not 0 <= self.socket_mode <= 0o770 or self.socket_mode & 0o007:
-            raise _bad(
-                "socket_mode", "must be <= 0770 with no bits for others", oct(self.socket_mode)
-            )
+            raise _bad("socket_mode", "must be <= 0770, nothing for others", oct(self.socket_mode))
 
 
 @dataclass(frozen=True)
@@ -550,13 +549,17 @@ def _map_paths(data: Any, parts: list[str], fix: Callable[[str], str]) -> None:
     if is_list and isinstance(data[name], list):
         items = data[name]
         for i, item in enumerate(items):
-            if len(parts) == 1 and isinstance(item, str) and not os.path.isabs(item):
+            if len(parts) == 1 and _relative(item):
                 items[i] = fix(item)
             _map_paths(item, parts[1:], fix)
-    elif len(parts) == 1 and isinstance(data[name], str) and not os.path.isabs(data[name]):
+    elif len(parts) == 1 and _relative(data[name]):
         data[name] = fix(data[name])
     else:
         _map_paths(data[name], parts[1:], fix)
+
+
+def _relative(value: Any) -> bool:
+    return isinstance(value, str) and value != "" and not os.path.isabs(value)
 
 
 def _env_value(var: str, raw: str) -> Any:
