@@ -13,8 +13,8 @@ the total uncompressed size, and on the expansion ratio of large archives), the 
 archive, the problem and the member.
 
 ``verify_tree`` re-checks an unpacked directory the same way; the runtime only loads
-directories that pass it. ``read_mar`` reads a TorchServe ``.mar`` under the same zip
-rules (``packager.import_mar`` turns it into an archive).
+directories that pass it. ``open_zip``, ``scan_members`` and ``read_member`` are the zip
+rules on their own, for ``mar.read_mar`` (TorchServe ``.mar`` files).
 """
 
 from __future__ import annotations
@@ -508,84 +508,3 @@ def _read_small(path: Path, limit: int, source: str) -> bytes:
     if len(data) > limit:
         raise _fail(source, f"'{path.name}' is larger than {limit} bytes", "model directory")
     return data
-
-
-# -- TorchServe .mar ------------------------------------------------------------------------
-
-MAR_MANIFEST = "MAR-INF/MANIFEST.json"
-MAR_LABELS = "index_to_name.json"
-TORCHSERVE_HANDLERS = {"image_classifier": "image_classifier", "base_handler": "tensor"}
-"""TorchServe built-in handler -> ours. Others (object_detector, text_classifier,
-image_segmenter, custom .py) have no equivalent and are refused."""
-
-
-@dataclass(frozen=True)
-class MarModel:
-    """What a TorchServe ``.mar`` holds that edgeserve uses."""
-
-    name: str
-    version: str
-    handler: str
-    """TorchServe's handler string, as written in MAR-INF/MANIFEST.json."""
-    model_file: str
-    model_bytes: bytes
-    labels: bytes | None
-    """``index_to_name.json`` when present."""
-
-
-def read_mar(mar_path: Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) -> MarModel:
-    """Read a ``.mar`` under the archive's zip rules; its serialized file must be TorchScript."""
-    source, what = str(mar_path), "TorchServe archive"
-    with open_zip(mar_path, what) as zf:
-        infos = scan_members(zf, source, limits, allow_dirs=True, what=what)
-        if MAR_MANIFEST not in infos:
-            raise _fail(source, f"has no {MAR_MANIFEST}", what)
-        raw = read_member(zf, infos[MAR_MANIFEST], source, limits.max_manifest_bytes, what)
-        try:
-            model = json.loads(raw)["model"]
-            serialized = model["serializedFile"]
-            handler = model.get("handler") or ""
-            name, version = model.get("modelName") or "", model.get("modelVersion") or "1.0"
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise _fail(
-                source, f"{MAR_MANIFEST} is not JSON with model.serializedFile", what
-            ) from None
-        if not all(isinstance(v, str) for v in (serialized, handler, name, version)):
-            raise _fail(source, f"{MAR_MANIFEST}: model fields must be strings", what)
-        if serialized not in infos:
-            raise _fail(source, f"serializedFile '{serialized}' is not in the archive", what)
-        data = read_member(zf, infos[serialized], source, limits.max_total_bytes, what)
-        labels = None
-        if MAR_LABELS in infos:
-            labels = read_member(zf, infos[MAR_LABELS], source, limits.max_manifest_bytes, what)
-    _check_torchscript(data, source, serialized)
-    return MarModel(name, version, handler, serialized, data, labels)
-
-
-def mar_handler(handler: str, source: str) -> str:
-    """Our built-in handler for a TorchServe handler string; ArchiveError when none fits."""
-    mapped = TORCHSERVE_HANDLERS.get(handler.strip().removeprefix("ts.torch_handler."))
-    if mapped is None:
-        raise _fail(
-            source,
-            f"TorchServe handler '{handler}' has no edgeserve equivalent; repackage with --handler",
-            "TorchServe archive",
-        )
-    return mapped
-
-
-def _check_torchscript(data: bytes, source: str, member: str) -> None:
-    import io
-
-    import torch  # lazy: only .mar import needs it here
-
-    try:
-        torch.jit.load(io.BytesIO(data), map_location="cpu")
-    except Exception as exc:  # torch raises RuntimeError, ValueError, pickle errors...
-        raise _fail(
-            source,
-            f"serialized file '{member}' is not TorchScript ({type(exc).__name__}); an eager "
-            "model or state dict cannot be imported: script or trace it and package it with "
-            "`edgeserve package module.py:factory`",
-            "TorchServe archive",
-        ) from None

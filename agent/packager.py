@@ -56,12 +56,13 @@ import numpy as np
 import torch
 
 from edgeserve import __version__
-from edgeserve.archive import RESERVED_NAMES, mar_handler, read_mar, write_archive
+from edgeserve.archive import RESERVED_NAMES, write_archive
 from edgeserve.dtypes import DATATYPE_OF_TORCH, datatype_of_numpy
 from edgeserve.errors import ArchiveError
 from edgeserve.handlers import get_handler_class
 from edgeserve.handlers.tensor import name_outputs
 from edgeserve.manifest import BatchingDefaults, Manifest, Sample
+from edgeserve.mar import mar_handler, read_mar
 from edgeserve.types import BytesTensor, TensorSpec, TensorValue
 
 log = logging.getLogger("edgeserve.packager")

@@ -11,8 +11,9 @@ import pytest
 import torch
 from archive_helpers import tree_snapshot, write_zip
 
-from edgeserve.archive import extract_archive, mar_handler, read_mar
+from edgeserve.archive import extract_archive
 from edgeserve.errors import ArchiveError
+from edgeserve.mar import mar_handler, read_mar
 from edgeserve.packager import build_archive, import_mar
 from edgeserve.signing import TrustStore
 from edgeserve.store import STAGING, ModelStore
