@@ -27,7 +27,6 @@ class Notifier:
     def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
         self._address = address
         self._watchdog_usec = watchdog_usec
-        self._sock: socket.socket | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Notifier:
@@ -83,16 +82,10 @@ class Notifier:
         if status is not None:
             lines.append("STATUS=" + " ".join(status.split()))
         target = "\0" + self._address[1:] if self._address.startswith("@") else self._address
-        try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._sock.sendto("\n".join(lines).encode(), target)
+        try:  # a socket per message: a few per minute, and nothing to close or leak
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto("\n".join(lines).encode(), target)
         except OSError as exc:
             log.warning("sd_notify to %s failed: %s", self._address, exc)
             return False
         return True
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
