@@ -3,18 +3,15 @@
 Writing is deterministic (manifest first, then the signature, then members by name; fixed
 timestamps and modes) and atomic (temporary file, fsync, rename).
 
-Reading validates everything before a byte is written anywhere: the zip itself (not a
-zip, truncated, encrypted, odd compression), every member name (``..``, absolute paths,
-backslashes, drive letters, duplicates, a file that is also a directory), member types
-(symlinks and other non-regular entries, from ``external_attr``), zip bombs (a bound on
-the total uncompressed size, and on the expansion ratio of large archives), the manifest
-(JSON, schema), the signature when a ``TrustStore`` is given, and the member set against
-``manifest.files`` with each sha256. Every error is an ``ArchiveError`` naming the
-archive, the problem and the member.
+Reading validates everything before a byte is written anywhere: the zip itself and every
+entry under the rules of ``safezip`` (names, types, encryption, compression, zip bombs),
+the manifest (JSON, schema), the signature when a ``TrustStore`` is given, and the member
+set against ``manifest.files`` with each sha256. Every error is an ``ArchiveError`` naming
+the archive, the problem and the member.
 
 ``verify_tree`` re-checks an unpacked directory the same way; the runtime only loads
-directories that pass it. ``open_zip``, ``scan_members`` and ``read_member`` are the zip
-rules on their own, for ``mar.read_mar`` (TorchServe ``.mar`` files).
+directories that pass it. TorchServe ``.mar`` files are read by ``mar`` under the same
+zip rules.
 """
 
 from __future__ import annotations
@@ -24,12 +21,10 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import stat
 import zipfile
-import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +32,16 @@ from typing import IO
 
 from edgeserve.errors import ArchiveError
 from edgeserve.manifest import MANIFEST_NAME, Manifest
+from edgeserve.safezip import (
+    CHUNK,
+    DEFAULT_LIMITS,
+    ArchiveLimits,
+    iter_member,
+    member_name_problem,
+    open_zip,
+    read_member,
+    scan_members,
+)
 from edgeserve.signing import SIGNATURE_NAME, TrustStore, sign_manifest
 
 log = logging.getLogger("edgeserve.archive")
@@ -44,26 +49,6 @@ log = logging.getLogger("edgeserve.archive")
 RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 _FILE_ATTR = (stat.S_IFREG | 0o644) << 16
-_CHUNK = 1 << 20
-_DRIVE_RE = re.compile(r"^[A-Za-z]:")
-_COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
-
-
-@dataclass(frozen=True)
-class ArchiveLimits:
-    """Bounds that make a hostile archive fail before it fills the disk."""
-
-    max_total_bytes: int = 2 << 30
-    """Sum of the members' uncompressed sizes."""
-    max_ratio: float = 100.0
-    """Uncompressed total / archive file size, checked once the total passes ``ratio_floor``."""
-    ratio_floor_bytes: int = 16 << 20
-    """Archives that unpack to less than this are never refused for their ratio."""
-    max_members: int = 10_000
-    max_manifest_bytes: int = 1 << 20
-
-
-DEFAULT_LIMITS = ArchiveLimits()
 
 
 def _fail(source: str, problem: str, what: str = "archive") -> ArchiveError:
@@ -74,24 +59,6 @@ def _names(names: list[str]) -> str:
     """Name up to five members, with the verb that agrees: "'a' is", "'a', 'b' are"."""
     shown = ", ".join(f"'{n}'" for n in names[:5]) + (", ..." if len(names) > 5 else "")
     return f"{shown} {'is' if len(names) == 1 else 'are'}"
-
-
-def member_name_problem(name: str) -> str | None:
-    """Why ``name`` is not a safe relative member path, or None when it is."""
-    if not name:
-        return "has an empty name"
-    if "\\" in name:
-        return "contains a backslash"
-    if "\x00" in name:
-        return "contains a NUL byte"
-    if name.startswith("/") or _DRIVE_RE.match(name):
-        return "is an absolute path"
-    parts = name.split("/")
-    if ".." in parts:
-        return "escapes the archive ('..')"
-    if any(part in ("", ".") for part in parts):
-        return "is not a normalised relative path"
-    return None
 
 
 def _listed_name_problem(name: str) -> str | None:
@@ -164,7 +131,7 @@ def _digest_of(content: bytes | Path) -> str:
 
 def _hash_stream(stream: IO[bytes]) -> str:
     digest = hashlib.sha256()
-    while chunk := stream.read(_CHUNK):
+    while chunk := stream.read(CHUNK):
         digest.update(chunk)
     return digest.hexdigest()
 
@@ -185,7 +152,7 @@ def _add_member(
         return
     digest = hashlib.sha256()
     with open(content, "rb") as src, zf.open(info, "w", force_zip64=True) as out:
-        while chunk := src.read(_CHUNK):
+        while chunk := src.read(CHUNK):
             digest.update(chunk)
             out.write(chunk)
     if digest.hexdigest() != expected:
@@ -209,126 +176,6 @@ class _Checked:
     manifest_bytes: bytes
     signature: bytes | None
     infos: dict[str, zipfile.ZipInfo]
-
-
-def open_zip(path: Path, what: str = "archive") -> zipfile.ZipFile:
-    """Open ``path`` as a zip; ArchiveError when it is missing, not a zip or truncated."""
-    source = str(path)
-    try:
-        return zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise _fail(source, "does not exist", what) from None
-    except IsADirectoryError:
-        raise _fail(source, "is a directory, not an archive file", what) from None
-    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
-        raise _fail(source, f"is not a zip file or is truncated ({exc})", what) from None
-    except OSError as exc:
-        raise _fail(source, f"cannot be read ({exc.strerror})", what) from None
-
-
-def scan_members(
-    zf: zipfile.ZipFile,
-    source: str,
-    limits: ArchiveLimits,
-    *,
-    allow_dirs: bool = False,
-    what: str = "archive",
-) -> dict[str, zipfile.ZipInfo]:
-    """Check every entry's name, type, flags and size; return the regular files by name."""
-    entries = zf.infolist()
-    if len(entries) > limits.max_members:
-        raise _fail(source, f"has {len(entries)} members (limit {limits.max_members})", what)
-    files: dict[str, zipfile.ZipInfo] = {}
-    seen: set[str] = set()
-    total = 0
-    for info in entries:
-        raw = info.filename
-        is_dir = raw.endswith("/")
-        name = raw[:-1] if is_dir else raw
-        problem = member_name_problem(name) or _entry_problem(info, is_dir, allow_dirs)
-        if problem is None and name in seen:
-            problem = "is a duplicate name"
-        if problem:
-            raise _fail(source, f"member '{raw}' {problem}", what)
-        seen.add(name)
-        total += info.file_size
-        if not is_dir:
-            files[name] = info
-    _check_no_prefix_clash(files, source, what)
-    size = os.fstat(zf.fp.fileno()).st_size if zf.fp is not None else 0
-    _check_expansion(total, size, limits, source, what)
-    return files
-
-
-def _check_expansion(total: int, size: int, limits: ArchiveLimits, source: str, what: str) -> None:
-    """Zip bombs: a bound on the unpacked total, and on the ratio of large archives."""
-    if total > limits.max_total_bytes:
-        raise _fail(
-            source,
-            f"unpacks to {total} bytes, over the limit of {limits.max_total_bytes} (zip bomb?)",
-            what,
-        )
-    if total > limits.ratio_floor_bytes and total > limits.max_ratio * max(size, 1):
-        raise _fail(
-            source,
-            f"unpacks to {total} bytes from {size} ({total / max(size, 1):.0f}x, limit "
-            f"{limits.max_ratio:.0f}x): zip bomb?",
-            what,
-        )
-
-
-def _entry_problem(info: zipfile.ZipInfo, is_dir: bool, allow_dirs: bool) -> str | None:
-    mode = info.external_attr >> 16
-    kind = stat.S_IFMT(mode)
-    if stat.S_ISLNK(mode):
-        return "is a symbolic link"
-    if is_dir or stat.S_ISDIR(mode):
-        return None if allow_dirs and is_dir else "is a directory entry"
-    if kind and not stat.S_ISREG(mode):
-        return "is not a regular file"
-    if info.flag_bits & 0x1:
-        return "is encrypted"
-    if info.compress_type not in _COMPRESSIONS:
-        return f"uses unsupported compression method {info.compress_type}"
-    return None
-
-
-def _check_no_prefix_clash(files: Mapping[str, object], source: str, what: str) -> None:
-    for name in files:
-        parts = name.split("/")
-        for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
-            if parent in files:
-                raise _fail(source, f"member '{parent}' is both a file and a directory", what)
-
-
-def read_member(
-    zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, limit: int, what: str = "archive"
-) -> bytes:
-    """A member's bytes, refusing more than ``limit``."""
-    if info.file_size > limit:
-        raise _fail(source, f"member '{info.filename}' is larger than {limit} bytes", what)
-    chunks = list(_iter_member(zf, info, source, what))
-    data = b"".join(chunks)
-    if len(data) > limit:
-        raise _fail(source, f"member '{info.filename}' is larger than {limit} bytes", what)
-    return data
-
-
-def _iter_member(
-    zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, what: str = "archive"
-) -> Iterator[bytes]:
-    """Stream a member; more bytes than the header declares, or a bad CRC, is an error."""
-    read = 0
-    try:
-        with zf.open(info) as stream:
-            while chunk := stream.read(_CHUNK):
-                read += len(chunk)
-                if read > info.file_size:
-                    raise _fail(source, f"member '{info.filename}' exceeds its declared size", what)
-                yield chunk
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
-        raise _fail(source, f"member '{info.filename}' is corrupt ({exc})", what) from None
 
 
 def parse_manifest(data: bytes, source: str, what: str = "archive") -> Manifest:
@@ -366,7 +213,7 @@ def _validate(
         raise _fail(source, f"member {_names(extra)} not listed in the manifest")
     for name, expected in sorted(manifest.files.items()):
         digest = hashlib.sha256()
-        for chunk in _iter_member(zf, infos[name], source):
+        for chunk in iter_member(zf, infos[name], source):
             digest.update(chunk)
         if digest.hexdigest() != expected:
             raise _fail(
@@ -422,7 +269,7 @@ def _write_tree(zf: zipfile.ZipFile, checked: _Checked, root: Path, source: str)
             if parent not in dirs and parent.is_relative_to(root) and parent != root:
                 parent.mkdir(mode=0o755)
                 dirs.add(parent)
-        digest = _write_file(target, _iter_member(zf, checked.infos[name], source))
+        digest = _write_file(target, iter_member(zf, checked.infos[name], source))
         if digest != expected:
             raise _fail(source, f"member '{name}' changed while it was being extracted")
     for directory in sorted(dirs, key=lambda p: len(p.parts), reverse=True):

@@ -9,8 +9,8 @@ the class labels. edgeserve takes only what it can serve:
 - the handler must be one of ``TORCHSERVE_HANDLERS`` (``mar_handler``), unless the
   packager is told another one.
 
-Every entry passes the same checks as an edgeserve archive (``archive.scan_members``:
-names, types, sizes, zip bombs); errors are ``ArchiveError`` naming the ``.mar``.
+Every entry passes the same checks as an edgeserve archive (``safezip``: names, types,
+sizes, zip bombs); errors are ``ArchiveError`` naming the ``.mar``.
 ``packager.import_mar`` turns the result into an edgeserve archive.
 """
 
@@ -20,8 +20,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeserve.archive import DEFAULT_LIMITS, ArchiveLimits, open_zip, read_member, scan_members
 from edgeserve.errors import ArchiveError
+from edgeserve.safezip import DEFAULT_LIMITS, ArchiveLimits, open_zip, read_member, scan_members
 
 MAR_MANIFEST = "MAR-INF/MANIFEST.json"
 MAR_LABELS = "index_to_name.json"
