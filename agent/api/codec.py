@@ -78,6 +78,7 @@ _NARROW_RANGES: dict[str, tuple[int, int]] = {
 # numpy views are the cheapest zero-copy route from bytes to a shaped tensor.
 _RAW_DTYPES: dict[str, np.dtype] = NUMPY_DTYPES
 _LENGTH = struct.Struct("<I")
+_MIXED_HINT = " (use one or the other for all inputs)"
 _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 _TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
 
@@ -112,39 +113,41 @@ def decode_infer_request(
     ``deadline`` is an absolute ``time.monotonic()``; ``max_bytes`` bounds the decoded
     size of all inputs together (typed contents can expand, e.g. varint -> INT64).
     """
+    tensors, batch = _decode_inputs(msg, model, max_bytes)
+    return InferRequest(
+        model=model.name,
+        version=model.version,
+        inputs=tensors,
+        request_id=msg.id,
+        requested_outputs=_requested_outputs(msg, model),
+        deadline=deadline,
+        batch_size=batch,
+    )
+
+
+def _decode_inputs(
+    msg: pb.ModelInferRequest, model: LiveModel, max_bytes: int | None
+) -> tuple[dict[str, TensorValue], int]:
+    """The validated input tensors by name, and the request's batch size (dim 0)."""
     raw = msg.raw_input_contents
     if raw and len(raw) != len(msg.inputs):
         raise InvalidArgument(
             f"model '{model.name}': raw_input_contents has {len(raw)} entries "
             f"for {len(msg.inputs)} inputs (one entry per input, in order)"
         )
-    batching = model.max_batch_size > 1
     tensors: dict[str, TensorValue] = {}
-    batch = -1
-    total = 0
+    batch = total = 0
     for i, inp in enumerate(msg.inputs):
         spec = _declared_input(model, inp.name, tensors)
         shape = _checked_shape(model, spec, inp)
-        if batch < 0:
-            batch = shape[0] if shape else 1
-        elif batching and shape[0] != batch:
-            raise InvalidArgument.for_input(
-                model.name,
-                spec.name,
-                f"batch size {shape[0]} differs from {batch} of the "
-                f"first input (all inputs of a request share dim 0)",
-            )
-        if raw:
-            if inp.HasField("contents"):
-                raise InvalidArgument.for_input(
-                    model.name,
-                    spec.name,
-                    "has typed contents while the request also uses "
-                    "raw_input_contents (use one or the other for all inputs)",
-                )
-            tensor = _tensor_from_raw(model.name, spec, shape, raw[i])
-        else:
+        batch = _shared_batch(model, spec, shape, batch if i else None)
+        if not raw:
             tensor = _tensor_from_contents(model.name, spec, shape, inp.contents)
+        elif inp.HasField("contents"):
+            problem = "has typed contents while the request uses raw_input_contents"
+            raise InvalidArgument.for_input(model.name, spec.name, problem + _MIXED_HINT)
+        else:
+            tensor = _tensor_from_raw(model.name, spec, shape, raw[i])
         tensors[spec.name] = tensor
         if max_bytes is not None:
             total += _nbytes(tensor)
@@ -156,14 +159,21 @@ def decode_infer_request(
     if len(tensors) != len(model.inputs):
         missing = [s.name for s in model.inputs if s.name not in tensors]
         raise InvalidArgument.for_input(model.name, missing[0], "is missing from the request")
-    return InferRequest(
-        model=model.name,
-        version=model.version,
-        inputs=tensors,
-        request_id=msg.id,
-        requested_outputs=_requested_outputs(msg, model),
-        deadline=deadline,
-        batch_size=max(batch, 1),
+    return tensors, max(batch, 1)
+
+
+def _shared_batch(
+    model: LiveModel, spec: TensorSpec, shape: tuple[int, ...], first: int | None
+) -> int:
+    """dim 0 of this input; when the model batches, it must equal the first input's."""
+    batch = shape[0] if shape else 1
+    if first is None or model.max_batch_size <= 1 or batch == first:
+        return batch if first is None else first
+    raise InvalidArgument.for_input(
+        model.name,
+        spec.name,
+        f"batch size {batch} differs from {first} of the first input "
+        "(all inputs of a request share dim 0)",
     )
 
 
@@ -183,11 +193,8 @@ def _checked_shape(
     model: LiveModel, spec: TensorSpec, inp: pb.ModelInferRequest.InferInputTensor
 ) -> tuple[int, ...]:
     if inp.datatype != spec.datatype:
-        raise InvalidArgument.for_input(
-            model.name,
-            spec.name,
-            f"datatype must be {spec.datatype}, got {inp.datatype or '(none)'}",
-        )
+        problem = f"datatype must be {spec.datatype}, got {inp.datatype or '(none)'}"
+        raise InvalidArgument.for_input(model.name, spec.name, problem)
     shape = tuple(inp.shape)
     want = spec.shape
     if shape != want:
@@ -197,21 +204,14 @@ def _checked_shape(
             if got < 0 or (exp >= 0 and got != exp):
                 _raise_shape(model, spec, shape)
     if model.max_batch_size > 1 and shape and not 1 <= shape[0] <= model.max_batch_size:
-        raise InvalidArgument.for_input(
-            model.name,
-            spec.name,
-            f"batch size {shape[0]} (dim 0) is outside "
-            f"1..{model.max_batch_size} (the model's max_batch_size)",
-        )
+        problem = f"batch size {shape[0]} (dim 0) is outside 1..{model.max_batch_size}"
+        raise InvalidArgument.for_input(model.name, spec.name, problem + " (max_batch_size)")
     return shape
 
 
 def _raise_shape(model: LiveModel, spec: TensorSpec, shape: tuple[int, ...]) -> NoReturn:
-    raise InvalidArgument.for_input(
-        model.name,
-        spec.name,
-        f"shape {list(shape)} does not match {list(spec.shape)} (-1 = any size)",
-    )
+    problem = f"shape {list(shape)} does not match {list(spec.shape)} (-1 = any size)"
+    raise InvalidArgument.for_input(model.name, spec.name, problem)
 
 
 def _tensor_from_raw(
@@ -222,12 +222,11 @@ def _tensor_from_raw(
         return BytesTensor(_split_elements(model_name, spec.name, data, count), shape)
     expected = count * DATATYPE_SIZES[spec.datatype]
     if len(data) != expected:
-        raise InvalidArgument.for_input(
-            model_name,
-            spec.name,
-            f"raw_input_contents holds {len(data)} bytes, expected "
-            f"{expected} ({count} x {spec.datatype} for shape {list(shape)})",
+        problem = (
+            f"raw_input_contents holds {len(data)} bytes, expected {expected} "
+            f"({count} x {spec.datatype} for shape {list(shape)})"
         )
+        raise InvalidArgument.for_input(model_name, spec.name, problem)
     buffer: bytes | bytearray = data
     if expected <= 1:
         if expected == 0:
@@ -275,32 +274,21 @@ def _tensor_from_contents(
 ) -> TensorValue:
     field = TYPED_FIELDS.get(spec.datatype)
     if field is None:
-        raise InvalidArgument.for_input(
-            model_name,
-            spec.name,
-            f"datatype {spec.datatype} has no typed contents field; send it in raw_input_contents",
-        )
+        problem = f"datatype {spec.datatype} has no typed contents field; send it raw"
+        raise InvalidArgument.for_input(model_name, spec.name, problem)
     values = getattr(contents, field)
     count = math.prod(shape)
     if len(values) != count:
-        raise InvalidArgument.for_input(
-            model_name,
-            spec.name,
-            f"contents.{field} holds {len(values)} elements, "
-            f"expected {count} for shape {list(shape)}",
-        )
+        problem = f"contents.{field} holds {len(values)} elements, expected {count}"
+        raise InvalidArgument.for_input(model_name, spec.name, problem)
     if field == "bytes_contents":
         return BytesTensor(list(values), shape)
     array = np.asarray(values, dtype=_FIELD_DTYPES[field])
     limits = _NARROW_RANGES.get(spec.datatype)
     if limits is not None and count and (array.min() < limits[0] or array.max() > limits[1]):
-        raise InvalidArgument.for_input(
-            model_name,
-            spec.name,
-            f"contents.{field} has values outside the {spec.datatype} range {list(limits)}",
-        )
-    array = array.astype(NUMPY_DTYPES[spec.datatype], copy=False)
-    return torch.from_numpy(array).reshape(shape)
+        problem = f"contents.{field} has values outside the {spec.datatype} range {list(limits)}"
+        raise InvalidArgument.for_input(model_name, spec.name, problem)
+    return torch.from_numpy(array.astype(NUMPY_DTYPES[spec.datatype], copy=False).reshape(shape))
 
 
 def _requested_outputs(msg: pb.ModelInferRequest, model: LiveModel) -> tuple[str, ...] | None:
