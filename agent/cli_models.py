@@ -240,7 +240,9 @@ def _load(args: argparse.Namespace) -> int:
 
     if bool(args.archive) == bool(args.stored):
         raise UsageError("models load: give ARCHIVE or --stored NAME VERSION")
-    archive = str(Path(args.archive).absolute()) if args.archive else None
+    archive: str | None = args.archive
+    if archive and Path(archive).exists():  # else: a name inside the daemon's archive_dir
+        archive = str(Path(archive).absolute())
     stored = tuple(args.stored) if args.stored else None
     model = _call(
         args,

@@ -116,7 +116,8 @@ def test_every_command_through_the_cli(mdaemons, mlp_archive_factory):
     assert described["versions"][0]["inputs"][0]["shape"] == [-1, 16]
 
     archive = drop_in(daemon, mlp_archive_factory("2"))
-    loaded = _cli_json("models", "load", str(archive), "--default", "--max-batch-size", "4", *at)
+    # A bare name is looked up in the daemon's archive_dir.
+    loaded = _cli_json("models", "load", archive.name, "--default", "--max-batch-size", "4", *at)
     assert (loaded["version"], loaded["default"]) == ("2", True)
     assert _served_version(daemon) == "2"
 
