@@ -20,10 +20,11 @@ from pathlib import Path
 from edgeserve import __version__
 from edgeserve.api.management import ManagementServer
 from edgeserve.api.server import InferenceServer
-from edgeserve.config import Config, ModelConfig
+from edgeserve.config import Config, ModelConfig, parse_listen_address
 from edgeserve.errors import EdgeserveError
 from edgeserve.lifecycle import Lifecycle
 from edgeserve.logs import PayloadGuard
+from edgeserve.metrics_http import MetricsServer, start_metrics_server
 from edgeserve.registry import ModelRegistry
 from edgeserve.runtime import RuntimeOptions
 from edgeserve.sdnotify import Notifier
@@ -104,6 +105,7 @@ class Daemon:
             socket_mode=config.management.socket_mode,
         )
         # -- end management ------------------------------------------------------------------
+        self.metrics: MetricsServer | None = None
         self._flags = _Flags()
         self._ready = False
 
@@ -133,12 +135,28 @@ class Daemon:
             await self._load_configured(model)
         await self.server.start()
         self._ready = True
+        await self.server.refresh_health()
+        self._start_metrics()
         for address in self.server.addresses:
             log.info("serving inference on %s", address)
         for address in await self.management.start():  # management API
             log.info("serving management on %s", address)
         self.notifier.ready()
         self.notifier.status(self._status_line(problems))
+
+    def _start_metrics(self) -> None:
+        listen = self.config.metrics.prometheus_listen
+        if not listen:
+            return
+        _, host, port = parse_listen_address(listen, "metrics.prometheus_listen")
+        self.metrics = start_metrics_server(
+            host,
+            port,
+            self.recorders,
+            Path(self.config.state_dir),
+            allow_non_loopback=self.config.server.allow_non_loopback,
+        )
+        log.info("serving Prometheus metrics on %s:%d", self.metrics.host, self.metrics.port)
 
     async def _load_configured(self, model: ModelConfig) -> None:
         if model.archive is not None:
@@ -195,6 +213,8 @@ class Daemon:
         log.info("stopping: draining in-flight requests (up to %.0fs)", grace)
         await self.server.stop(grace)
         await self.lifecycle.close()
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("stopped")
         logging.getLogger("edgeserve").removeHandler(self.recent_errors)  # management/status
 

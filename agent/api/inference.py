@@ -32,8 +32,8 @@ from edgeserve.api.codec import (
     encode_model_metadata,
     request_uses_raw,
 )
-from edgeserve.api.status import describe_error, map_errors
-from edgeserve.errors import NotReady
+from edgeserve.api.status import describe_error, map_errors, status_of
+from edgeserve.errors import EdgeserveError, NotReady
 from edgeserve.proto import kserve_v2_pb2 as pb
 from edgeserve.proto import kserve_v2_pb2_grpc as pb_grpc
 from edgeserve.registry import ModelRegistry
@@ -42,6 +42,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DEFAULT_MAX_STREAM_IN_FLIGHT = 1024
 
 _Context: TypeAlias = grpc.aio.ServicerContext
+
+
+def _code_name(exc: BaseException) -> str:
+    """The status code name a failed request is counted under."""
+    if isinstance(exc, EdgeserveError):
+        return status_of(exc.kind).name
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    return "INTERNAL"
 
 
 def _deadline(context: _Context) -> float | None:
@@ -120,17 +129,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, msg: pb.ModelInferRequest, deadline: float | None
     ) -> pb.ModelInferResponse:
         model = self._registry.get(msg.model_name, msg.model_version or None)
-        if not model.ready:
-            raise NotReady.model(model.name, model.version, model.state.value)
-        request = decode_infer_request(msg, model, deadline, max_bytes=self._max_request_bytes)
-        result = await model.infer(request)
-        return encode_infer_response(
-            result,
-            model,
-            raw=request_uses_raw(msg),
-            requested=request.requested_outputs,
-            request_id=msg.id,
-        )
+        started = time.perf_counter()
+        try:
+            if not model.ready:
+                raise NotReady.model(model.name, model.version, model.state.value)
+            request = decode_infer_request(msg, model, deadline, max_bytes=self._max_request_bytes)
+            result = await model.infer(request)
+            response = encode_infer_response(
+                result,
+                model,
+                raw=request_uses_raw(msg),
+                requested=request.requested_outputs,
+                request_id=msg.id,
+            )
+        except BaseException as exc:
+            if model.recorder is not None:
+                model.recorder.observe_request(
+                    _code_name(exc), time.perf_counter() - started, None, None
+                )
+            raise
+        if model.recorder is not None:
+            timings = result.timings
+            model.recorder.observe_request(
+                "OK",
+                time.perf_counter() - started,
+                timings.get("queue_s"),
+                timings.get("compute_s"),
+            )
+        return response
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: _Context
