@@ -23,11 +23,12 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Mapping
 from typing import Any, TextIO
 
 from edgeserve.config import LogFormat, LogLevel
-from edgeserve.errors import ConfigError
+from edgeserve.errors import ConfigError, EdgeserveError
 
 PAYLOAD_FIELDS = frozenset(
     {
@@ -71,6 +72,31 @@ class PayloadGuard(logging.Filter):
         return True
 
 
+def format_exception_safely(exc_info: Any) -> str:
+    """A traceback whose exception *messages* are withheld, except our own.
+
+    Model and handler code may put input values into an exception's text (``ValueError:
+    bad pixel 0.1234``); frames and exception types are what debugging needs, and the
+    messages of ``EdgeserveError`` are built from names, never from request data.
+    """
+    _, exc, _ = exc_info
+    lines: list[str] = []
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for i, item in enumerate(reversed(chain)):
+        if i:
+            lines.append("\nwhich led to:\n")
+        lines.extend(traceback.format_tb(item.__traceback__))
+        name = type(item).__qualname__
+        if isinstance(item, EdgeserveError):
+            lines.append(f"{name}: {item}")
+        else:
+            lines.append(f"{name}: (message withheld: it may carry request data)")
+    return "Traceback (most recent call last):\n" + "".join(lines)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, event, then the record's extras."""
 
@@ -84,7 +110,7 @@ class JsonFormatter(logging.Formatter):
         for name, value in _extras(record).items():
             event[name if name not in event else f"extra_{name}"] = value
         if record.exc_info:
-            event["exc"] = self.formatException(record.exc_info)
+            event["exc"] = format_exception_safely(record.exc_info)
         if record.stack_info:
             event["stack"] = self.formatStack(record.stack_info)
         return json.dumps(event, default=str, ensure_ascii=False, separators=(",", ":"))
@@ -100,7 +126,7 @@ class TextFormatter(logging.Formatter):
             f"{record.getMessage()}{' ' + extras if extras else ''}"
         )
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + format_exception_safely(record.exc_info)
         return line
 
 
