@@ -14,6 +14,14 @@ chosen, the default socket addresses are put under it, and the files the config 
 ``run_dir`` when not set: ``/run/edgeserve`` if running as root or if that folder is
 writable (systemd's ``RuntimeDirectory=`` made it); otherwise ``$XDG_RUNTIME_DIR/edgeserve``
 when that variable is set, else ``<state_dir>/run``.
+
+Overrides: a None value means "flag not given" and is skipped; a key ending in ``+``
+(``"models+"``) appends to the list below it instead of replacing it.
+
+Batching for one model (``effective_batching``, and ``ModelConfig.settings_dict`` for
+``lifecycle``): per-model ``batching`` > global ``batching`` fields that are set > the
+archive's defaults > built-ins. The global fields an archive also carries default to
+null, so they beat the archive only when the operator wrote them.
 """
 
 from __future__ import annotations

@@ -155,7 +155,9 @@ def setup_logging(
 ) -> EventHandler:
     """Send every logger's events to ``stream`` (default stdout), guarded and formatted.
 
-    Replaces a handler an earlier call installed, so it is safe to call again (on reload).
+    Sets the ``edgeserve`` loggers to ``level`` and the root logger (everyone else's) to
+    ``level`` or warning, whichever is higher. Replaces a handler an earlier call installed,
+    so it is safe to call again (on reload).
     Raises ``ConfigError`` naming ``logging.level`` / ``logging.format`` for bad values.
     """
     levelno = _LEVELS.get(str(level).lower())
@@ -174,7 +176,10 @@ def setup_logging(
     for old in [h for h in root.handlers if isinstance(h, EventHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(levelno)
+    # Our loggers at the level asked for; everyone else's (grpc, asyncio) at warning or
+    # above: at debug, grpc alone writes several lines per request.
+    logging.getLogger("edgeserve").setLevel(levelno)
+    root.setLevel(max(levelno, logging.WARNING))
     return handler
 
 

@@ -63,12 +63,13 @@ def abstract_notify_socket() -> Iterator[NotifySocket]:
 
 @pytest.fixture
 def root_logger() -> Iterator[logging.Logger]:
-    """The root logger, put back as it was (handlers, level) after the test."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
+    """The root logger, put back as it was (handlers, levels) after the test."""
+    root, ours = logging.getLogger(), logging.getLogger("edgeserve")
+    level, our_level, handlers = root.level, ours.level, list(root.handlers)
     try:
         yield root
     finally:
+        ours.setLevel(our_level)
         for handler in [h for h in root.handlers if isinstance(h, EventHandler)]:
             root.removeHandler(handler)
         for handler in handlers:

@@ -13,8 +13,15 @@ def _record(exc: BaseException) -> logging.LogRecord:
     try:
         raise exc
     except BaseException as caught:
-        return logging.LogRecord("edgeserve.test", logging.ERROR, __file__, 1, "failed", (),
-                                 (type(caught), caught, caught.__traceback__))
+        return logging.LogRecord(
+            "edgeserve.test",
+            logging.ERROR,
+            __file__,
+            1,
+            "failed",
+            (),
+            (type(caught), caught, caught.__traceback__),
+        )
 
 
 def test_handler_exception_text_is_withheld_but_frames_and_type_stay():

@@ -73,13 +73,13 @@ def test_payload_arguments_are_redacted_whatever_the_logger(root_logger) -> None
     tensor = torch.frombuffer(bytearray(SECRET), dtype=torch.uint8)
     array = np.frombuffer(SECRET, dtype=np.uint8)
     careless = logging.getLogger("grpc.somewhere")  # not ours: the guard is on the handler
-    careless.debug("raw %s", SECRET)
-    careless.debug("request %s", request)
-    careless.debug("tensor %s array %s", tensor, array)
-    careless.debug("inputs %s", list(request.raw_input_contents))
-    careless.debug("by name %(x)s", {"x": bytearray(SECRET)})
-    careless.debug(SECRET)  # type: ignore[arg-type]
-    careless.debug("extra", extra={"blob": memoryview(SECRET)})
+    careless.warning("raw %s", SECRET)
+    careless.warning("request %s", request)
+    careless.warning("tensor %s array %s", tensor, array)
+    careless.warning("inputs %s", list(request.raw_input_contents))
+    careless.warning("by name %(x)s", {"x": bytearray(SECRET)})
+    careless.warning(SECRET)  # type: ignore[arg-type]
+    careless.warning("extra", extra={"blob": memoryview(SECRET)})
     text = stream.getvalue()
     assert SECRET.decode() not in text
     assert "TOP-SECRET" not in text
@@ -93,6 +93,16 @@ def test_payload_arguments_are_redacted_whatever_the_logger(root_logger) -> None
         "<redacted 16 bytes>",
     ]
     assert _events(stream)[6]["blob"] == "<redacted 16 bytes>"
+
+
+def test_third_party_debug_stays_out_at_debug_level(root_logger) -> None:
+    stream = io.StringIO()
+    setup_logging("debug", "json", stream=stream, env={})
+    logging.getLogger("grpc._cython.cygrpc").debug("Loaded running loop")
+    logging.getLogger("grpc._cython.cygrpc").info("still noise")
+    logging.getLogger("asyncio").warning("slow callback")
+    logging.getLogger("edgeserve.worker").debug("batch of 4")
+    assert [e["event"] for e in _events(stream)] == ["slow callback", "batch of 4"]
 
 
 def test_ordinary_arguments_pass_untouched(root_logger) -> None:
