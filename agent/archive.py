@@ -293,6 +293,21 @@ def _write_file(target: Path, chunks: Iterator[bytes] | list[bytes]) -> str:
 # -- unpacked directories -------------------------------------------------------------------
 
 
+def member_path(model_dir: Path, manifest: Manifest, member: str) -> Path:
+    """The file of an archive member; ArchiveError unless listed and inside ``model_dir``.
+
+    The store has verified the directory already; this is a second, cheap guard.
+    """
+    root = model_dir.resolve()
+    path = (root / member).resolve()
+    if member not in manifest.files or not path.is_relative_to(root):
+        raise ArchiveError(
+            f"model '{manifest.name}' version '{manifest.version}': "
+            f"'{member}' is not a member of the archive"
+        )
+    return path
+
+
 def verify_tree(model_dir: Path, *, trust: TrustStore | None) -> Manifest:
     """Re-verify an unpacked archive: manifest, signature (when ``trust``), files, hashes.
 

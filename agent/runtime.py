@@ -1,4 +1,4 @@
-"""From a verified model directory to a model that runs batches, and its warm-up check.
+"""From a verified model directory to a model that runs batches.
 
     load_model(model_dir, manifest, options) -> LoadedModel
       1. resolve the device        auto | cpu | cuda | cuda:N
@@ -9,6 +9,7 @@
       5. handler.initialize(HandlerContext(...))
     LoadedModel.run(inputs)  one batch, from one instance thread at a time
     LoadedModel.warm_up()    the archive's samples must give their expected outputs
+                             (``warmup.warm_up``)
     LoadedModel.close()
 
 Device policy:
@@ -21,7 +22,7 @@ Device policy:
   float inputs (``HandlerContext.compute_dtype``) and ``run`` casts float outputs back to
   the signature's dtype. On a CPU it is ignored (logged), so one config fits a mixed fleet.
   Samples are usually recorded in fp32, so under fp16 warm-up compares with at least
-  ``FP16_TOLERANCE`` (rtol, atol), or the manifest's tolerance when that is looser.
+  ``warmup.FP16_TOLERANCE`` (rtol, atol), or the manifest's tolerance when that is looser.
 
 Intra-op thread budgets belong to the worker thread that calls ``run``; nothing here
 changes torch's global thread settings. The quantized engine is process-global in torch:
@@ -31,7 +32,6 @@ the last model loaded sets it (logged when it changes).
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import re
 import time
@@ -40,17 +40,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from edgeserve.dtypes import TORCH_DTYPES, datatype_of_numpy
+from edgeserve.archive import member_path
+from edgeserve.dtypes import TORCH_DTYPES
 from edgeserve.errors import (
     ArchiveError,
     ConfigError,
     EdgeserveError,
     InvalidArgument,
     NotReady,
-    WarmupFailed,
 )
 from edgeserve.handlers import get_handler_class
 from edgeserve.handlers._custom import (
@@ -61,8 +60,9 @@ from edgeserve.handlers._custom import (
     import_handler_module,
 )
 from edgeserve.handlers.base import BaseHandler, HandlerContext, InputRejected
-from edgeserve.manifest import Manifest, Sample
+from edgeserve.manifest import Manifest
 from edgeserve.types import BytesTensor, TensorSpec, TensorValue
+from edgeserve.warmup import Signature, WarmupReport, warm_up
 
 __all__ = [
     "LOADERS",
@@ -70,7 +70,6 @@ __all__ = [
     "RuntimeOptions",
     "WarmupReport",
     "load_model",
-    "load_sample",
     "member_path",
     "resolve_device",
     "served_signature",
@@ -81,9 +80,7 @@ log = logging.getLogger("edgeserve.runtime")
 DEVICE_KEY = "runtime.device"
 _CUDA_RE = re.compile(r"cuda(?::(\d+))?")
 _ENGINE_PREFERENCE = ("x86", "fbgemm", "qnnpack", "onednn")
-FP16_TOLERANCE = (1e-2, 1e-2)
 
-Signature = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]
 # A loader turns a model directory into a module on the device (eval mode).
 Loader = Callable[[Path, Manifest, torch.device], torch.jit.ScriptModule]
 
@@ -96,22 +93,6 @@ class RuntimeOptions:
     """Run float models in half precision; applies on CUDA only (ignored on a CPU)."""
     warmup: bool = True
     """Run the archive's samples (or one synthetic batch) before the model is served."""
-
-
-@dataclass(frozen=True)
-class WarmupReport:
-    samples: int
-    """Samples run and checked against their expected outputs."""
-    synthetic: bool
-    """True when there were no samples and one batch of zeros primed the kernels."""
-    durations_s: tuple[float, ...]
-    """Wall time of each run, in order."""
-    max_abs_error: dict[str, float]
-    """Worst absolute error of each numeric output over all samples."""
-
-    @property
-    def total_s(self) -> float:
-        return sum(self.durations_s)
 
 
 def resolve_device(spec: str, key: str = DEVICE_KEY) -> torch.device:
@@ -212,38 +193,8 @@ class LoadedModel:
         return self._check_outputs(outputs, batch)
 
     def warm_up(self) -> WarmupReport:
-        """Run every sample and compare with its expected outputs (WarmupFailed if not).
-
-        Without samples, one synthetic batch of zeros primes the kernels when every input
-        is numeric; nothing is compared then.
-        """
-        manifest = self.manifest
-        if not manifest.samples:
-            return self._synthetic_warm_up()
-        rtol, atol = manifest.rtol, manifest.atol
-        if self.compute_dtype == torch.float16:
-            rtol, atol = max(rtol, FP16_TOLERANCE[0]), max(atol, FP16_TOLERANCE[1])
-        durations: list[float] = []
-        worst: dict[str, float] = {}
-        for index, sample in enumerate(manifest.samples):
-            inputs, expected = load_sample(
-                self.model_dir, manifest, sample, signature=(self.inputs, self.outputs)
-            )
-            started = time.perf_counter()
-            outputs = self._warm_run(inputs, f"sample {index}")
-            durations.append(time.perf_counter() - started)
-            for name, want in expected.items():
-                error, problem = _compare(outputs[name], want, rtol, atol)
-                if error is not None:
-                    worst[name] = max(worst.get(name, 0.0), error)
-                if problem is not None:
-                    raise WarmupFailed(
-                        f"{self._label} failed warm-up: sample {index} output '{name}': {problem}"
-                    )
-        log.info(
-            "%s: %d warm-up sample(s) passed in %.3fs", self._label, len(durations), sum(durations)
-        )
-        return WarmupReport(len(durations), False, tuple(durations), worst)
+        """Run the archive's samples and check their outputs (``warmup.warm_up``)."""
+        return warm_up(self)
 
     def close(self) -> None:
         """Drop the module and handler and give memory back; safe to call twice."""
@@ -255,31 +206,6 @@ class LoadedModel:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def _synthetic_warm_up(self) -> WarmupReport:
-        if any(spec.datatype not in TORCH_DTYPES for spec in self.inputs):
-            log.info("%s: no samples and non-numeric inputs: no warm-up run", self._label)
-            return WarmupReport(0, False, (), {})
-        inputs: dict[str, TensorValue] = {
-            spec.name: torch.zeros(
-                [1 if d < 0 else d for d in spec.shape], dtype=TORCH_DTYPES[spec.datatype]
-            )
-            for spec in self.inputs
-        }
-        started = time.perf_counter()
-        self._warm_run(inputs, "the synthetic batch")
-        took = time.perf_counter() - started
-        log.info("%s: no samples; one synthetic batch ran in %.3fs", self._label, took)
-        return WarmupReport(0, True, (took,), {})
-
-    def _warm_run(self, inputs: Mapping[str, TensorValue], what: str) -> dict[str, TensorValue]:
-        try:
-            return self.run(inputs)
-        except Exception as exc:
-            raise WarmupFailed(
-                f"{self._label} failed warm-up: {what} raised {type(exc).__name__}: "
-                f"{_last_line(exc)}"
-            ) from exc
 
     def _check_outputs(self, outputs: object, batch: int | None) -> dict[str, TensorValue]:
         if not isinstance(outputs, Mapping):
@@ -369,114 +295,6 @@ def served_signature(model_dir: Path, manifest: Manifest) -> Signature:
     finally:
         if module_name is not None:
             forget_module(module_name)
-
-
-def load_sample(
-    model_dir: Path,
-    manifest: Manifest,
-    sample: Sample,
-    *,
-    signature: Signature | None = None,
-) -> tuple[dict[str, TensorValue], dict[str, TensorValue]]:
-    """A sample's (inputs, expected outputs), read from the model directory.
-
-    Numeric tensors are ``.npy`` files (no pickles); a BYTES input is a raw file holding
-    one element (shape [1]); a BYTES output is a JSON list of strings (nested lists are
-    flattened in row-major order). Names follow the served signature, resolved from the
-    handler unless ``signature`` is given.
-    """
-    inputs_sig, outputs_sig = signature or served_signature(model_dir, manifest)
-    inputs = _read_side(model_dir, manifest, sample.inputs, inputs_sig, "input")
-    missing = [spec.name for spec in inputs_sig if spec.name not in inputs]
-    if missing:
-        raise ArchiveError(f"{_label(manifest)}: a sample lacks input(s) {missing}")
-    return inputs, _read_side(model_dir, manifest, sample.outputs, outputs_sig, "output")
-
-
-def _read_side(
-    model_dir: Path,
-    manifest: Manifest,
-    members: Mapping[str, str],
-    specs: tuple[TensorSpec, ...],
-    side: str,
-) -> dict[str, TensorValue]:
-    by_name = {spec.name: spec for spec in specs}
-    tensors: dict[str, TensorValue] = {}
-    for name, member in members.items():
-        spec = by_name.get(name)
-        if spec is None:
-            raise ArchiveError(
-                f"{_label(manifest)}: sample member '{member}' is for {side} '{name}', "
-                f"which is not in the signature ({sorted(by_name)})"
-            )
-        try:
-            path = member_path(model_dir, manifest, member)
-            tensors[name] = _read_tensor(path, spec, side == "output")
-        except (OSError, ValueError) as exc:
-            raise ArchiveError(
-                f"{_label(manifest)}: sample member '{member}' ({side} '{name}'): {exc}"
-            ) from exc
-    return tensors
-
-
-def _read_tensor(path: Path, spec: TensorSpec, is_output: bool) -> TensorValue:
-    if spec.datatype == "BYTES":
-        if not is_output:
-            return BytesTensor([path.read_bytes()], (1,))
-        items = _flatten(json.loads(path.read_text(encoding="utf-8")))
-        return BytesTensor([item.encode() for item in items], (len(items),))
-    array = np.load(path, allow_pickle=False)
-    array = array.astype(array.dtype.newbyteorder("="), copy=False)
-    found = datatype_of_numpy(array.dtype)
-    if found != spec.datatype:
-        raise ValueError(f"holds {found}, the signature says {spec.datatype}")
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def _flatten(value: object) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [item for part in value for item in _flatten(part)]
-    raise ValueError(f"expected a JSON list of strings, found {type(value).__name__}")
-
-
-def _compare(
-    actual: TensorValue, expected: TensorValue, rtol: float, atol: float
-) -> tuple[float | None, str | None]:
-    """(max abs error or None, problem or None) of one output against its expectation."""
-    if isinstance(expected, BytesTensor):
-        if not isinstance(actual, BytesTensor):
-            return None, f"is {type(actual).__name__}, expected BYTES"
-        if actual.items != expected.items:
-            return None, f"got {_preview(actual.items)}, expected {_preview(expected.items)}"
-        return None, None
-    if not isinstance(actual, torch.Tensor):
-        return None, "is BYTES, expected a numeric tensor"
-    if tuple(actual.shape) != tuple(expected.shape):
-        return None, f"shape {list(actual.shape)}, expected {list(expected.shape)}"
-    got, want = actual.double(), expected.double()
-    error = float((got - want).abs().max()) if got.numel() else 0.0
-    if torch.allclose(got, want, rtol=rtol, atol=atol, equal_nan=True):
-        return error, None
-    return error, f"max abs error {error:.3g} exceeds the tolerance (rtol {rtol:g}, atol {atol:g})"
-
-
-def _preview(items: list[bytes], limit: int = 5) -> str:
-    shown = [item.decode("utf-8", "replace") for item in items[:limit]]
-    return f"{shown}{' ...' if len(items) > limit else ''} ({len(items)} items)"
-
-
-def member_path(model_dir: Path, manifest: Manifest, member: str) -> Path:
-    """The file of an archive member; ArchiveError unless listed and inside ``model_dir``.
-
-    The store has verified the directory already; this is a second, cheap guard.
-    """
-    root = model_dir.resolve()
-    path = (root / member).resolve()
-    if member not in manifest.files or not path.is_relative_to(root):
-        raise ArchiveError(f"{_label(manifest)}: '{member}' is not a member of the archive")
-    return path
 
 
 def _last_line(exc: BaseException, limit: int = 300) -> str:

@@ -273,7 +273,7 @@ def test_half_compute_casts_inputs_and_outputs(model_dirs, mlp) -> None:
 def test_members_outside_the_manifest_or_directory_are_refused(model_dirs, mlp) -> None:
     from dataclasses import replace
 
-    from edgeserve.runtime import member_path
+    from edgeserve.archive import member_path
 
     model_dir, manifest = model_dirs.make(mlp, MLP_IN, MLP_OUT)
     assert member_path(model_dir, manifest, "model.pt") == (model_dir / "model.pt").resolve()

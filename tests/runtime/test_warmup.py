@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from edgeserve.errors import ArchiveError, WarmupFailed
-from edgeserve.runtime import RuntimeOptions, WarmupReport, load_model, load_sample
+from edgeserve.runtime import RuntimeOptions, load_model, served_signature
+from edgeserve.warmup import WarmupReport, load_sample
 
 from .conftest import MLP_IN, MLP_OUT, RaiseOnFlag, TupleModel, spec
 
@@ -137,7 +138,9 @@ def test_sample_dtype_must_match_the_signature(model_dirs, mlp) -> None:
 def test_load_sample_reads_inputs_and_expected(model_dirs, mlp) -> None:
     samples = _mlp_samples(mlp, count=1)
     model_dir, manifest = model_dirs.make(mlp, MLP_IN, MLP_OUT, samples=samples)
-    inputs, expected = load_sample(model_dir, manifest, manifest.samples[0])
+    inputs, expected = load_sample(
+        model_dir, manifest, manifest.samples[0], signature=served_signature(model_dir, manifest)
+    )
     assert torch.equal(inputs["x"], torch.from_numpy(samples[0][0]["x"]))
     assert torch.equal(expected["y"], torch.from_numpy(samples[0][1]["y"]))
 
@@ -149,7 +152,12 @@ def test_sample_for_an_unknown_tensor_is_an_archive_error(model_dirs, mlp) -> No
     with pytest.raises(
         ArchiveError, match=r"output 'z', which is not in the signature \(\['y'\]\)"
     ):
-        load_sample(model_dir, manifest, manifest.samples[0])
+        load_sample(
+            model_dir,
+            manifest,
+            manifest.samples[0],
+            signature=served_signature(model_dir, manifest),
+        )
 
 
 def test_pickled_npy_is_refused(model_dirs, mlp) -> None:
@@ -161,4 +169,9 @@ def test_pickled_npy_is_refused(model_dirs, mlp) -> None:
         allow_pickle=True,
     )
     with pytest.raises(ArchiveError, match="sample member 'samples/0/in-x.npy'"):
-        load_sample(model_dir, manifest, manifest.samples[0])
+        load_sample(
+            model_dir,
+            manifest,
+            manifest.samples[0],
+            signature=served_signature(model_dir, manifest),
+        )
