@@ -21,11 +21,11 @@ from edgeserve import __version__
 from edgeserve.api.management import ManagementServer
 from edgeserve.api.server import InferenceServer
 from edgeserve.config import Config, ModelConfig, parse_listen_address
-from edgeserve.errors import EdgeserveError
+from edgeserve.errors import EdgeserveError, NotFound
 from edgeserve.lifecycle import Lifecycle
 from edgeserve.logs import PayloadGuard
 from edgeserve.metrics_http import MetricsServer, start_metrics_server
-from edgeserve.registry import ModelRegistry
+from edgeserve.registry import ModelRegistry, version_sort_key
 from edgeserve.runtime import RuntimeOptions
 from edgeserve.sdnotify import Notifier
 from edgeserve.signing import TrustStore
@@ -162,15 +162,23 @@ class Daemon:
         if model.archive is not None:
             installed = await self.lifecycle.install(Path(model.archive))
             name, version = installed.name, installed.version
-        elif model.name and model.version:
-            name, version = model.name, model.version
+        elif model.name:
+            name, version = model.name, model.version or await self._newest_stored(model.name)
         else:  # config validation guarantees one of the two; keep mypy honest
-            raise EdgeserveError("models[]: needs 'archive' or 'name' and 'version'")
+            raise EdgeserveError("models[]: needs 'archive' or 'name'")
         settings = ModelSettings.from_dict(model.settings_dict(self.config.batching))
         if self.registry.find(name, version) is None:
             await self.lifecycle.load(name, version, settings, make_default=model.default)
         elif model.default:
             await self.lifecycle.set_default(name, version)
+
+    async def _newest_stored(self, name: str) -> str:
+        """A configured model named without a version gets the newest one in the store."""
+        stored = await asyncio.to_thread(self.store.list)
+        versions = [m.version for m in stored if m.name == name]
+        if not versions:
+            raise NotFound(f"model '{name}' (config 'models'): no version in the store")
+        return max(versions, key=version_sort_key)
 
     def _status_line(self, problems: list[str]) -> str:
         live = ", ".join(f"{m.name}/{m.version}" for m in self.registry.all()) or "no models"

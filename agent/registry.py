@@ -126,7 +126,7 @@ class ModelRegistry:
         return self._defaults.get(name)
 
     def versions(self, name: str) -> list[str]:
-        return sorted(self._models.get(name, {}), key=_version_key)
+        return sorted(self._models.get(name, {}), key=version_sort_key)
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -139,7 +139,7 @@ class ModelRegistry:
 
     def _sorted_versions(self, name: str) -> list[LiveModel]:
         versions = self._models.get(name, {})
-        return [versions[v] for v in sorted(versions, key=_version_key)]
+        return [versions[v] for v in sorted(versions, key=version_sort_key)]
 
     # -- changes (lifecycle only) -------------------------------------------------------
 
@@ -189,6 +189,6 @@ class ModelRegistry:
                 log.exception("readiness listener failed for %s/%s", live.name, live.version)
 
 
-def _version_key(version: str) -> tuple[int, int | str]:
+def version_sort_key(version: str) -> tuple[int, int | str]:
     """Numeric versions sort numerically, others lexically after them."""
     return (0, int(version)) if version.isdigit() else (1, version)

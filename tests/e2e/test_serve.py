@@ -162,3 +162,14 @@ def test_config_error_names_the_key_and_exits_2(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "server.grace_period_s" in proc.stderr
+
+
+def test_configured_model_without_version_gets_the_newest_stored(daemons, mlp_archive_factory):
+    daemon = daemons.start(mlp_archive_factory("1"), mlp_archive_factory("2"))
+    assert daemon.terminate() == 0
+    (daemon.state_dir / "live.json").unlink()  # forget what was live: only the config counts
+    again = daemons.start(
+        state_dir=daemon.state_dir, extra_config="models:\n  - name: mlp\n    default: true\n"
+    )
+    version, _ = again.client().infer("mlp", {"x": np.ones((1, 16), dtype=np.float32)})
+    assert version == "2"
