@@ -16,6 +16,8 @@ message always names the model, version, input or config key at fault.
     ├── MessageTooLarge     request over the configured size limit
     ├── ConfigError         bad configuration, names the dotted key
     ├── ArchiveError        malformed / tampered / unsafe model archive
+    │   └── VerificationError   signature refused: unsigned, unknown key, bad or
+    │                           malformed signature
     ├── StoreError          model store I/O failure
     ├── WarmupFailed        sample inputs did not give the expected outputs
     └── ManagementError     refused management call (permissions, budget)
@@ -122,6 +124,14 @@ class ConfigError(EdgeserveError):
 
 class ArchiveError(EdgeserveError):
     kind = Kind.INVALID_ARGUMENT
+
+
+class VerificationError(ArchiveError):
+    """An archive's signature does not vouch for it (``signing.TrustStore.verify``).
+
+    A kind of ``ArchiveError``, so every caller that refuses bad archives refuses these;
+    catch it to tell "not signed by a key we trust" from "malformed or corrupt".
+    """
 
 
 class StoreError(EdgeserveError):

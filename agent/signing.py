@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgeserve.errors import ArchiveError, ConfigError
+from edgeserve.errors import ConfigError, VerificationError
 
 SIGNATURE_NAME = "signature.ed25519.json"
 _MAX_SIGNATURE_BYTES = 4096
@@ -124,21 +124,23 @@ class TrustStore:
     def verify(self, manifest_bytes: bytes, signature_json: bytes | None, *, source: str) -> str:
         """Check the signature over ``manifest_bytes``; return the signer's key id.
 
-        ``source`` names the archive (or directory) in the error message.
+        ``source`` names the archive (or directory) in the error message. Every refusal
+        (unsigned, unknown key, bad signature, malformed signature file) is a
+        ``VerificationError``.
         """
         if signature_json is None:
-            raise ArchiveError(f"archive '{source}' is not signed (no {SIGNATURE_NAME})")
+            raise VerificationError(f"archive '{source}' is not signed (no {SIGNATURE_NAME})")
         key_id, signature = _parse_signature(signature_json, source)
         key = self._keys.get(key_id)
         if key is None:
-            raise ArchiveError(
+            raise VerificationError(
                 f"archive '{source}' is signed by unknown key id {key_id} "
                 f"(trusted: {', '.join(self.key_ids) or 'none'})"
             )
         try:
             key.verify(signature, manifest_bytes)
         except InvalidSignature:
-            raise ArchiveError(
+            raise VerificationError(
                 f"archive '{source}' has a bad signature (key id {key_id}): "
                 "manifest.json was changed after signing or the signature is forged"
             ) from None
@@ -146,8 +148,8 @@ class TrustStore:
 
 
 def _parse_signature(data: bytes, source: str) -> tuple[str, bytes]:
-    def bad(problem: str) -> ArchiveError:
-        return ArchiveError(f"archive '{source}': {SIGNATURE_NAME} {problem}")
+    def bad(problem: str) -> VerificationError:
+        return VerificationError(f"archive '{source}': {SIGNATURE_NAME} {problem}")
 
     if len(data) > _MAX_SIGNATURE_BYTES:
         raise bad(f"is larger than {_MAX_SIGNATURE_BYTES} bytes")

@@ -14,7 +14,8 @@ the same name/version again is a no-op when the manifest is identical and an err
 otherwise.
 
 A TorchServe ``.mar`` carries no signature, so it is installed directly only by a store
-without a trust store (``trust=None``). With one, convert and sign it first:
+without a trust store (``trust=None``); with one it is refused like any unsigned archive
+(``VerificationError``). Convert and sign it first:
 ``edgeserve package --from-mar FILE.mar --sign-key KEY -o FILE.esar``.
 """
 
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeserve.archive import extract_archive, fsync_dir, verify_tree, write_archive
-from edgeserve.errors import ArchiveError, NotFound, StoreError
+from edgeserve.errors import ArchiveError, NotFound, StoreError, VerificationError
 from edgeserve.manifest import MANIFEST_NAME, Manifest
 from edgeserve.signing import TrustStore
 
@@ -247,7 +248,7 @@ class ModelStore:
 
     def _convert_mar(self, mar: Path, staging: Path) -> Path:
         if self.trust is not None:
-            raise ArchiveError(
+            raise VerificationError(
                 f"archive '{mar}' is a TorchServe .mar, which carries no signature; convert "
                 f"and sign it: edgeserve package --from-mar {mar} --sign-key KEY -o FILE.esar"
             )

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from archive_helpers import rewrite, tree_snapshot, zip_entries
 
-from edgeserve.archive import extract_archive, read_manifest
-from edgeserve.errors import ArchiveError, ConfigError
+from edgeserve.archive import extract_archive, read_manifest, verify_tree
+from edgeserve.errors import ArchiveError, ConfigError, VerificationError
 from edgeserve.signing import (
     SIGNATURE_NAME,
     TrustStore,
@@ -47,7 +47,7 @@ def test_sign_and_verify(keys: tuple[Path, Path], trust: TrustStore) -> None:
     assert document["key_id"] == trust.key_ids[0]
     assert len(base64.b64decode(document["signature"])) == 64
     assert trust.verify(manifest, signature, source="x") == document["key_id"]
-    with pytest.raises(ArchiveError, match="archive 'x' has a bad signature"):
+    with pytest.raises(VerificationError, match="archive 'x' has a bad signature"):
         trust.verify(manifest + b" ", signature, source="x")
 
 
@@ -63,9 +63,9 @@ def test_unsigned_archive_is_refused(
 ) -> None:
     unsigned = rewrite(signed_archive, tmp_path / "unsigned.esar", drop=[SIGNATURE_NAME])
     assert read_manifest(unsigned, trust=None).name == "mlp"  # fine when nobody checks
-    with pytest.raises(ArchiveError, match=r"unsigned.esar' is not signed"):
+    with pytest.raises(VerificationError, match=r"unsigned.esar' is not signed"):
         read_manifest(unsigned, trust=trust)
-    with pytest.raises(ArchiveError, match="is not signed"):
+    with pytest.raises(VerificationError, match="is not signed"):
         extract_archive(unsigned, tmp_path / "dest", trust=trust)
     assert tree_snapshot(tmp_path) == ["unsigned.esar"]
 
@@ -90,7 +90,7 @@ def test_archive_signed_by_an_unknown_key(
         sign_key=other_keys[0],
     )
     other_id = key_id_of(load_public_key(other_keys[1]))
-    with pytest.raises(ArchiveError, match=f"signed by unknown key id {other_id}"):
+    with pytest.raises(VerificationError, match=f"signed by unknown key id {other_id}"):
         extract_archive(archive, tmp_path / "dest", trust=trust)
     assert not (tmp_path / "dest").exists()
     both = TrustStore.from_paths([keys[1], other_keys[1]])
@@ -109,7 +109,7 @@ def test_manifest_modified_after_signing(
         replace={"manifest.json": json.dumps(manifest).encode()},
     )
     assert read_manifest(bad, trust=None).handler_config == {"topk": 1}
-    with pytest.raises(ArchiveError, match="bad.esar' has a bad signature"):
+    with pytest.raises(VerificationError, match="bad.esar' has a bad signature"):
         extract_archive(bad, tmp_path / "dest", trust=trust)
     assert not (tmp_path / "dest").exists()
 
@@ -127,7 +127,7 @@ def test_member_swapped_with_its_hash_in_a_signed_manifest(
         tmp_path / "bad.esar",
         replace={"manifest.json": json.dumps(manifest).encode(), "model.pt": b"evil"},
     )
-    with pytest.raises(ArchiveError, match="bad signature"):
+    with pytest.raises(VerificationError, match="bad signature"):
         read_manifest(bad, trust=trust)
 
 
@@ -144,7 +144,7 @@ def test_malformed_signature_file(
     signed_archive: Path, trust: TrustStore, tmp_path: Path, content: bytes, needle: str
 ) -> None:
     bad = rewrite(signed_archive, tmp_path / "bad.esar", replace={SIGNATURE_NAME: content})
-    with pytest.raises(ArchiveError, match=needle):
+    with pytest.raises(VerificationError, match=needle):
         read_manifest(bad, trust=trust)
 
 
@@ -160,5 +160,32 @@ def test_trust_store_refuses_non_keys(tmp_path: Path, keys: tuple[Path, Path]) -
 
 
 def test_empty_trust_store_trusts_nothing(signed_archive: Path) -> None:
-    with pytest.raises(ArchiveError, match=r"unknown key id .* \(trusted: none\)"):
+    with pytest.raises(VerificationError, match=r"unknown key id .* \(trusted: none\)"):
         read_manifest(signed_archive, trust=TrustStore({}))
+
+
+def test_signature_refusals_are_verification_errors_and_archive_errors(
+    signed_archive: Path, trust: TrustStore, tmp_path: Path
+) -> None:
+    """VerificationError is for signatures only; tampering the hashes catch stays an
+    ArchiveError, and callers that catch ArchiveError still catch both."""
+    unsigned = rewrite(signed_archive, tmp_path / "unsigned.esar", drop=[SIGNATURE_NAME])
+    with pytest.raises(ArchiveError) as refused:
+        read_manifest(unsigned, trust=trust)
+    assert isinstance(refused.value, VerificationError)
+    corrupt = rewrite(signed_archive, tmp_path / "corrupt.esar", replace={"model.pt": b"evil"})
+    with pytest.raises(ArchiveError, match="sha256 mismatch") as tampered:
+        read_manifest(corrupt, trust=trust)
+    assert not isinstance(tampered.value, VerificationError)
+
+
+def test_unpacked_directory_without_its_signature_is_refused(
+    signed_archive: Path, trust: TrustStore, tmp_path: Path
+) -> None:
+    dest = tmp_path / "dest"
+    extract_archive(signed_archive, dest, trust=trust)
+    assert verify_tree(dest, trust=trust).name == "mlp"
+    (dest / SIGNATURE_NAME).unlink()
+    assert verify_tree(dest, trust=None).name == "mlp"
+    with pytest.raises(VerificationError, match=r"dest' is not signed"):
+        verify_tree(dest, trust=trust)

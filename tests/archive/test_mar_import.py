@@ -12,7 +12,7 @@ import torch
 from archive_helpers import tree_snapshot, write_zip
 
 from edgeserve.archive import extract_archive
-from edgeserve.errors import ArchiveError
+from edgeserve.errors import ArchiveError, VerificationError
 from edgeserve.mar import mar_handler, read_mar
 from edgeserve.packager import build_archive, import_mar
 from edgeserve.signing import TrustStore
@@ -210,7 +210,7 @@ def test_store_loads_a_mar_only_without_a_trust_store(
 ) -> None:
     mar = make_mar(tmp_path / "tiny.mar", classifier_pt, handler="image_classifier", labels=LABELS)
     strict = ModelStore(tmp_path / "models", trust, live_state_path=tmp_path / "live.json")
-    with pytest.raises(ArchiveError, match="carries no signature.*--from-mar"):
+    with pytest.raises(VerificationError, match="carries no signature.*--from-mar"):
         strict.install(mar)
     assert tree_snapshot(strict.root / STAGING) == []
     assert not (strict.root / "tiny").exists()

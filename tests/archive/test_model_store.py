@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from archive_helpers import rewrite, tree_snapshot
 
-from edgeserve.errors import ArchiveError, NotFound, StoreError
+from edgeserve.errors import ArchiveError, NotFound, StoreError, VerificationError
 from edgeserve.signing import SIGNATURE_NAME, TrustStore
 from edgeserve.store import STAGING, LiveEntry, ModelStore
 
@@ -60,7 +60,7 @@ def test_unsigned_archive_is_not_installed(
     store: ModelStore, signed_archive: Path, tmp_path: Path
 ) -> None:
     unsigned = rewrite(signed_archive, tmp_path / "u.esar", drop=[SIGNATURE_NAME])
-    with pytest.raises(ArchiveError, match="is not signed"):
+    with pytest.raises(VerificationError, match="is not signed"):
         store.install(unsigned)
     _no_trace(store)
     relaxed = ModelStore(store.root, None, live_state_path=store.live_state_path)
