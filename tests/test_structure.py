@@ -113,3 +113,24 @@ def test_version_flag() -> None:
         [sys.executable, "-m", "edgeserve", "--version"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and out.stdout.strip() == f"edgeserve {__version__}"
+
+
+def test_readme_config_example_loads(tmp_path: Path) -> None:
+    from edgeserve.config import load_config
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    key = tmp_path / "release.pub"
+    key.write_text("placeholder")
+    path = tmp_path / "config.yaml"
+    archive = tmp_path / "mlp-2.esar"
+    archive.write_bytes(b"")
+    path.write_text(
+        example.replace("/etc/edgeserve/keys/release.pub", str(key)).replace(
+            "/var/lib/edgeserve/incoming/mlp-2.esar", str(archive)
+        )
+    )
+    config = load_config(path, env={})
+    assert config.server.listen[-1] == "127.0.0.1:8001"
+    assert config.models[0].batching.instances == 2
