@@ -16,9 +16,17 @@ Rules this module decides (documented here, reported in the manifest):
   signature (names default to ``input__0, input__1, ...``; dtype and shape from the
   array), serve for tracing, and the outputs are named from one run on them (a tensor:
   ``output__0``; a tuple: ``output__0..``; a dict: its keys).
-- Batching: ``max_batch_size`` defaults to 8 when the model batches along dim 0 (checked
-  by running the examples stacked twice) and to 1 otherwise. With ``max_batch_size > 1``
-  dim 0 of every input and output is ``-1``; with 1 the shapes are the examples' own.
+- Batching: whether the model batches along dim 0 is probed by running the examples
+  stacked twice (every output's dim 0 must double with them). That alone decides the
+  shapes: a model that batches gets ``-1`` as dim 0 of every input and output, one that
+  does not keeps the examples' shapes. The manifest has no field of its own for it; dim 0
+  of the inputs being ``-1`` is the record (``model_batches``).
+- ``max_batch_size`` is a serving bound, not a shape: the most rows one request may carry
+  and the most rows the batcher combines into one model call (1: requests are never
+  combined). It defaults to 8 for a model that batches; one that does not gets 1, and
+  asking it for more is an error. So ``--max-batch-size 1`` on a batching model gives
+  ``-1`` dims and ``max_batch_size`` 1, and an operator may raise it later in the config
+  without repackaging.
 - Without example inputs the signature cannot be inferred, except for the
   ``image_classifier`` handler, whose model input is fixed: FP32 ``[-1, 3, H, W]``
   (``handler_config.image_size``, default 224 x 224), probed with zeros. A ``.mar`` with
@@ -161,8 +169,9 @@ def plan_archive(
         module = torch.jit.load(io.BytesIO(build.module_bytes), map_location="cpu").eval()
         if not examples:
             examples = _default_examples(build, model or str(from_mar))
-        batch = _batching(module, examples, max_batch_size)
-        inputs, outputs = _signature(module, examples, batch)
+        batches = _probe_batching(module, examples)
+        batch = _max_batch_size(batches, max_batch_size)
+        inputs, outputs = _signature(module, examples, batches)
         manifest = _manifest(build, inputs, outputs, batch, max_queue_delay_ms, rtol, atol)
         build.members[MODEL_MEMBER] = build.module_bytes
         samples, sample_members = record_samples(
@@ -295,32 +304,42 @@ def _output_items(result: Any) -> list[tuple[str, torch.Tensor]]:
     return items
 
 
-def _batching(
-    module: torch.jit.ScriptModule,
-    examples: list[tuple[str | None, torch.Tensor]],
-    requested: int | None,
-) -> int:
-    if requested is not None and requested < 1:
-        raise ArchiveError(f"--max-batch-size: must be >= 1, got {requested}")
-    if requested == 1:
-        return 1
+def model_batches(manifest: Manifest) -> bool:
+    """Whether the packaged model batches along dim 0: dim 0 of every model input is -1.
+
+    The manifest has no field of its own for it; the packager records it this way.
+    """
+    return all(spec.shape[:1] == (-1,) for spec in manifest.inputs)
+
+
+def _probe_batching(
+    module: torch.jit.ScriptModule, examples: list[tuple[str | None, torch.Tensor]]
+) -> bool:
+    """True when every output follows the examples' dim 0 when they are stacked twice."""
     tensors = [t for _, t in examples]
     rows = {int(t.shape[0]) if t.dim() else -1 for t in tensors}
-    batches = len(rows) == 1 and min(rows) > 0
+    if len(rows) != 1 or min(rows) < 1:
+        return False
+    single = _output_items(run_module(module, tensors, "example inputs"))
+    try:
+        doubled = _output_items(run_module(module, [torch.cat([t, t]) for t in tensors], "x2"))
+    except ArchiveError:  # e.g. a traced reshape that fixed the batch size
+        return False
+    n = rows.pop()
+    return len(doubled) == len(single) and all(
+        a.dim() and b.dim() and a.shape[0] == n and b.shape[0] == 2 * n
+        for (_, a), (_, b) in zip(single, doubled, strict=True)
+    )
+
+
+def _max_batch_size(batches: bool, requested: int | None) -> int:
+    if requested is not None and requested < 1:
+        raise ArchiveError(f"--max-batch-size: must be >= 1, got {requested}")
     if batches:
-        single = _output_items(run_module(module, tensors, "example inputs"))
-        try:
-            doubled = _output_items(run_module(module, [torch.cat([t, t]) for t in tensors], "x2"))
-        except ArchiveError:  # e.g. a traced reshape that fixed the batch size
-            doubled = []
-        n = rows.pop()
-        batches = len(doubled) == len(single) and all(
-            a.dim() and b.dim() and a.shape[0] == n and b.shape[0] == 2 * n
-            for (_, a), (_, b) in zip(single, doubled, strict=True)
-        )
-    if batches:
-        return requested or DEFAULT_MAX_BATCH_SIZE
-    if requested is not None:
+        chosen = requested or DEFAULT_MAX_BATCH_SIZE
+        log.info("the model batches along dim 0: dim 0 is -1, max_batch_size %d", chosen)
+        return chosen
+    if requested is not None and requested > 1:
         raise ArchiveError(
             f"--max-batch-size {requested}: the model does not batch along "
             "dim 0 of its example inputs; use --max-batch-size 1"
@@ -330,11 +349,13 @@ def _batching(
 
 
 def _signature(
-    module: torch.jit.ScriptModule, examples: list[tuple[str | None, torch.Tensor]], batch: int
+    module: torch.jit.ScriptModule,
+    examples: list[tuple[str | None, torch.Tensor]],
+    batches: bool,
 ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     def shape(t: torch.Tensor) -> tuple[int, ...]:
         dims = tuple(int(d) for d in t.shape)
-        return (-1, *dims[1:]) if batch > 1 else dims
+        return (-1, *dims[1:]) if batches else dims
 
     inputs = tuple(
         TensorSpec(n or f"input__{i}", DATATYPE_OF_TORCH[t.dtype], shape(t))

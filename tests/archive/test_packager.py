@@ -14,7 +14,7 @@ import torch
 from edgeserve.archive import extract_archive, read_manifest, verify_tree
 from edgeserve.errors import ArchiveError
 from edgeserve.manifest import Manifest
-from edgeserve.packager import build_archive
+from edgeserve.packager import build_archive, model_batches
 from edgeserve.signing import TrustStore
 from edgeserve.types import TensorSpec
 
@@ -215,16 +215,67 @@ def test_batching_detection(models_py: Path, example_npy: Path, tmp_path: Path) 
         example_inputs=[example_npy],
     )  # fmt: skip
     assert fixed.batching.max_batch_size == 1 and fixed.inputs[0].shape == (2, 16)
-    single = build_archive(
-        f"{models_py}:build", name="m", version="1", output=tmp_path / "s.esar",
-        example_inputs=[example_npy], max_batch_size=1, max_queue_delay_ms=5.0,
-    )  # fmt: skip
-    assert single.inputs[0].shape == (2, 16) and single.batching.max_queue_delay_ms == 5.0
+    assert not model_batches(mix) and not model_batches(fixed)
     wide = build_archive(
         f"{models_py}:build", name="m", version="1", output=tmp_path / "w.esar",
         example_inputs=[example_npy], max_batch_size=32, rtol=0.5, atol=0.25,
     )  # fmt: skip
     assert wide.batching.max_batch_size == 32 and (wide.rtol, wide.atol) == (0.5, 0.25)
+    assert model_batches(wide) and wide.inputs[0].shape == (-1, 16)
+    with pytest.raises(ArchiveError, match="--max-batch-size: must be >= 1, got 0"):
+        build_archive(
+            f"{models_py}:build", name="m", version="1", output=tmp_path / "z.esar",
+            example_inputs=[example_npy], max_batch_size=0,
+        )  # fmt: skip
+
+
+def _fits(spec: TensorSpec, shape: tuple[int, ...]) -> bool:
+    """Whether a request tensor of ``shape`` matches ``spec`` (-1 = any size)."""
+    return len(spec.shape) == len(shape) and all(
+        want in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+    )
+
+
+def test_max_batch_size_1_on_a_batching_model_keeps_dim_0_open(
+    models_py: Path, example_npy: Path, tmp_path: Path
+) -> None:
+    """Whether the model batches decides the -1; max_batch_size 1 only stops combining."""
+    from edgeserve.runtime import RuntimeOptions, load_model
+
+    out = tmp_path / "s.esar"
+    single = build_archive(
+        f"{models_py}:build", name="m", version="1", output=out,
+        example_inputs=[("x", example_npy)], max_batch_size=1, max_queue_delay_ms=5.0,
+    )  # fmt: skip
+    assert single.inputs == (TensorSpec("x", "FP32", (-1, 16)),)
+    assert single.outputs == (TensorSpec("output__0", "FP32", (-1, 4)),)
+    assert single.batching.max_batch_size == 1 and single.batching.max_queue_delay_ms == 5.0
+    assert model_batches(single)
+    # the example had 2 rows; a request of 1 row (or any other count) fits the signature
+    assert _fits(single.inputs[0], (1, 16)) and _fits(single.inputs[0], (3, 16))
+    manifest, dest = _unpack(out, tmp_path)
+    loaded = load_model(dest, manifest, RuntimeOptions(device="cpu"))
+    try:
+        assert loaded.warm_up().samples == 1  # the 2-row example is still the sample
+        for rows in (1, 3):
+            result = loaded.run({"x": torch.zeros(rows, 16)})
+            assert result["output__0"].shape == (rows, 4)
+    finally:
+        loaded.close()
+
+
+def test_max_batch_size_1_on_a_model_that_does_not_batch_keeps_the_example_shapes(
+    models_py: Path, example_npy: Path, tmp_path: Path
+) -> None:
+    for factory in ("batch_mix", "fixed_two"):
+        manifest = build_archive(
+            f"{models_py}:{factory}", name="m", version="1", output=tmp_path / f"{factory}.esar",
+            example_inputs=[example_npy], max_batch_size=1,
+        )  # fmt: skip
+        assert manifest.inputs[0].shape == (2, 16), factory
+        assert manifest.batching.max_batch_size == 1 and not model_batches(manifest)
+        assert not _fits(manifest.inputs[0], (1, 16))
+    assert manifest.outputs[0].shape == (2, 16)  # fixed_two: [2, 16] -> [2, 16]
 
 
 def test_two_inputs_dict_outputs_and_sample_groups(models_py: Path, tmp_path: Path) -> None:
