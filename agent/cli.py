@@ -196,7 +196,9 @@ def _register_package(commands: Any) -> None:
         default=[],
         help="extra member for the archive (labels, vocabularies)",
     )
-    sub.add_argument("--max-batch-size", type=int, help="batching default in the manifest")
+    sub.add_argument(
+        "--max-batch-size", type=int, help="most rows per request and per batch (1: never combine)"
+    )
     sub.add_argument("--max-queue-delay-ms", type=float, help="batching default (ms)")
     sub.add_argument("--sign-key", type=Path, help="Ed25519 private key (PEM) to sign with")
     sub.add_argument(

@@ -104,6 +104,8 @@ class ManagementConfig:
     """File holding the bearer token; required when listen has TCP; nothing for others."""
     socket_mode: int = 0o660
     """Permission bits of the Unix socket (write it as YAML octal: 0660); never for others."""
+    archive_dir: Path | None = None
+    """The only directory LoadModel reads archives from; null = <state_dir>/incoming."""
 
     def __post_init__(self) -> None:
         _check_addresses(self.listen, "listen", False, hint="; management is local only")

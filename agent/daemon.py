@@ -98,7 +98,7 @@ class Daemon:
             registry=self.registry,
             status=self.status.document,
             listen=list(config.management.listen),
-            archive_dir=getattr(config.management, "archive_dir", None) or state_dir / "incoming",
+            archive_dir=config.management.archive_dir or state_dir / "incoming",
             state_dir=state_dir,
             allowed_group=config.management.allowed_group,
             token_file=config.management.token_file,
@@ -130,6 +130,10 @@ class Daemon:
             path.mkdir(parents=True, exist_ok=True, mode=0o750)
         logging.getLogger("edgeserve").addHandler(self.recent_errors)  # management/status
         await asyncio.to_thread(self.store.collect_garbage)
+        # Management first, so a technician sees "starting" rather than "down" while
+        # models load; changes it asks for queue behind the restore on lifecycle's lock.
+        for address in await self.management.start():
+            log.info("serving management on %s", address)
         problems = await self.lifecycle.restore(self.store.read_live_state())
         for model in self.config.models:
             await self._load_configured(model)
@@ -139,8 +143,6 @@ class Daemon:
         self._start_metrics()
         for address in self.server.addresses:
             log.info("serving inference on %s", address)
-        for address in await self.management.start():  # management API
-            log.info("serving management on %s", address)
         self.notifier.ready()
         self.notifier.status(self._status_line(problems))
 

@@ -22,6 +22,11 @@ CORE = {
     "store",
     "archive",
     "manifest",
+    "mar",
+    "safezip",
+    "warmup",
+    "scripting",
+    "package_samples",
 }
 FORBIDDEN_FOR_CORE = (
     "edgeserve.api",

@@ -90,10 +90,20 @@ def test_one_byte_inputs_never_alias_cpythons_shared_bytes() -> None:
 
 def test_empty_inputs_decode_to_empty_tensors() -> None:
     request = decode_infer_request(
-        raw_request(("x", "FP32", [0, 3], b"")),
+        raw_request(("x", "FP32", [1, 0], b"")),
         model([("x", "FP32", (-1, -1))], max_batch_size=1),
     )
-    assert request.inputs["x"].shape == (0, 3)
+    assert request.inputs["x"].shape == (1, 0)
+
+
+def test_a_batching_model_with_max_batch_size_1_takes_one_row_per_request() -> None:
+    batching = model([("x", "FP32", (-1, 3))], max_batch_size=1)
+    one = decode_infer_request(raw_request(("x", "FP32", [1, 3], bytes(12))), batching)
+    assert one.batch_size == 1
+    with pytest.raises(InvalidArgument, match=r"'x': batch size 3 \(dim 0\) is outside 1..1"):
+        decode_infer_request(raw_request(("x", "FP32", [3, 3], bytes(36))), batching)
+    fixed = model([("x", "FP32", (3, 3))], max_batch_size=1)
+    assert decode_infer_request(raw_request(("x", "FP32", [3, 3], bytes(36))), fixed).batch_size
 
 
 def test_bool_bytes_other_than_0_and_1_are_refused() -> None:

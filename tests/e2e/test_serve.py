@@ -173,3 +173,19 @@ def test_configured_model_without_version_gets_the_newest_stored(daemons, mlp_ar
     )
     version, _ = again.client().infer("mlp", {"x": np.ones((1, 16), dtype=np.float32)})
     assert version == "2"
+
+
+def test_a_model_that_fails_to_restore_is_not_forgotten(daemons, mlp_archive_factory):
+    import json
+
+    daemon = daemons.start(mlp_archive_factory("1"), mlp_archive_factory("2", name="other"))
+    assert daemon.terminate() == 0
+    # Damage one stored model: its restore fails verification at the next start.
+    stored = daemon.state_dir / "models" / "other" / "2" / "model.pt"
+    stored.write_bytes(stored.read_bytes() + b"tampered")
+    again = daemons.start(state_dir=daemon.state_dir)
+    version, _ = again.client().infer("mlp", {"x": np.ones((1, 16), dtype=np.float32)})
+    assert version == "1"
+    assert again.terminate() == 0
+    live = json.loads((daemon.state_dir / "live.json").read_text())
+    assert {(m["name"], m["version"]) for m in live["models"]} == {("mlp", "1"), ("other", "2")}
