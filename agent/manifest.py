@@ -101,7 +101,9 @@ class Manifest:
             raise _bad("manifest", "must be a JSON object")
         schema = _get(data, "schema", int)
         if schema != SCHEMA_VERSION:
-            raise _bad("schema", f"unsupported schema {schema} (this edgeserve reads {SCHEMA_VERSION})")
+            raise _bad(
+                "schema", f"unsupported schema {schema} (this edgeserve reads {SCHEMA_VERSION})"
+            )
         fmt = _get(data, "format", str)
         if fmt not in FORMATS:
             raise _bad("format", f"must be one of {list(FORMATS)}, got '{fmt}'")
@@ -225,7 +227,9 @@ def _samples(raw: Any, files: dict[str, str]) -> tuple[Sample, ...]:
                 raise _bad(f"samples[{i}].{side}", "must be an object")
             for tensor, member in mapping.items():
                 if member not in files:
-                    raise _bad(f"samples[{i}].{side}.{tensor}", f"'{member}' is not listed in files")
+                    raise _bad(
+                        f"samples[{i}].{side}.{tensor}", f"'{member}' is not listed in files"
+                    )
             parts[side] = dict(mapping)
         samples.append(Sample(parts["inputs"], parts["outputs"]))
     return tuple(samples)

@@ -51,8 +51,10 @@ class BytesTensor:
 
     def __post_init__(self) -> None:
         if math.prod(self.shape) != len(self.items):
-            raise ValueError(f"BYTES tensor of shape {list(self.shape)} needs "
-                             f"{math.prod(self.shape)} elements, got {len(self.items)}")
+            raise ValueError(
+                f"BYTES tensor of shape {list(self.shape)} needs "
+                f"{math.prod(self.shape)} elements, got {len(self.items)}"
+            )
 
     @property
     def batch_size(self) -> int:
