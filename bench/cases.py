@@ -1,0 +1,241 @@
+"""The cases the bench runs, and how one case becomes a row of figures.
+
+A case name reads ``<target>-<transport>-<load>``: target ``echo`` (the echo ceiling) or
+a model key (``mlp``, ``mlp-nobatch``, ``mlp-int8``, ``cnn``: edgeserve serving it);
+transport ``uds`` or ``tcp``; load ``c<N>`` (closed loop, N unary calls in flight),
+``stream<N>`` (one ModelStreamInfer stream, N messages in flight), ``open<P>`` (Poisson
+at P % of the capacity measured for that model and transport in the same repeat) and a
+``-p<K>`` suffix for a run with K load processes instead of the default.
+
+The machine is shared: when other processes used more than ``quiet_cores`` of CPU in a
+case's window, the case is run again (up to ``retries`` more times) and the quietest
+attempt is kept; every attempt's "other" load is recorded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.catalog import MODELS, read_counters
+from bench.loadgen import LoadPool, LoadResult, LoadSpec
+from bench.server import Server, metrics_batches
+
+ECHO = "echo"
+TRANSPORTS = ("uds", "tcp")
+CLOSED_LEVELS = (1, 8, 32, 64)
+STREAM_IN_FLIGHT = 32
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    target: str
+    """``echo`` or a model key."""
+    transport: str
+    kind: str
+    """``closed`` | ``stream`` | ``open``."""
+    concurrency: int = 1
+    load: float = 0.0
+    """open: offered load as a fraction of the measured capacity."""
+    procs: int = 0
+    """Load processes; 0 = the bench's default."""
+
+    @property
+    def model(self) -> str:
+        """The model whose requests are sent (the echo server gets the tiny MLP's)."""
+        return "mlp" if self.target == ECHO else self.target
+
+
+def _closed(target: str, transport: str, level: int, procs: int = 0) -> Case:
+    suffix = f"-p{procs}" if procs else ""
+    name = f"{target}-{transport}-c{level}{suffix}"
+    return Case(name, target, transport, "closed", level, procs=procs)
+
+
+def _stream(target: str, transport: str) -> Case:
+    name = f"{target}-{transport}-stream{STREAM_IN_FLIGHT}"
+    return Case(name, target, transport, "stream", STREAM_IN_FLIGHT)
+
+
+def _open(target: str, transport: str, percent: int) -> Case:
+    name = f"{target}-{transport}-open{percent}"
+    return Case(name, target, transport, "open", load=percent / 100)
+
+
+def all_cases() -> list[Case]:
+    """Every case, in run order: echo and edgeserve interleaved per load level, so that
+    each pair is measured under similar machine conditions; open loops last (they need
+    the closed-loop capacity)."""
+    cases: list[Case] = []
+    for transport in TRANSPORTS:
+        for level in CLOSED_LEVELS:
+            cases += [_closed(ECHO, transport, level), _closed("mlp", transport, level)]
+            if level == 1:
+                cases.append(_closed("mlp-nobatch", transport, 1))
+        cases += [_stream(ECHO, transport), _stream("mlp", transport)]
+        cases += [_closed("mlp-int8", transport, level) for level in (1, 32)]
+        cases += [_closed("cnn", transport, level) for level in (1, 32)]
+    cases += [_closed(ECHO, "uds", 32, procs=2), _closed("mlp", "uds", 32, procs=2)]
+    cases += [_closed("cnn", "uds", level) for level in (8, 64)]
+    for transport in TRANSPORTS:
+        cases += [_open("mlp", transport, percent) for percent in (50, 90)]
+    cases += [_open("cnn", "uds", percent) for percent in (50, 90, 300)]
+    return cases
+
+
+QUICK = (
+    "echo-uds-c1,mlp-uds-c1,mlp-nobatch-uds-c1,echo-uds-c32,mlp-uds-c32,"
+    "echo-uds-stream32,mlp-uds-stream32,cnn-uds-c32,cnn-uds-open90,cnn-uds-open300,"
+    "echo-tcp-c1,mlp-tcp-c1"
+)
+
+
+def select(cases: list[Case], only: str | None) -> list[Case]:
+    """Cases whose name matches one of the comma-separated globs (all when None)."""
+    if not only:
+        return list(cases)
+    patterns = [p.strip() for p in only.split(",") if p.strip()]
+    chosen = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"bench: --only {only!r} matches no case")
+    return chosen
+
+
+@dataclass
+class Settings:
+    warmup_s: float
+    duration_s: float
+    retries: int
+    quiet_cores: float
+    procs: int
+
+
+class CaseRunner:
+    """Runs cases against the running servers with the load pools."""
+
+    def __init__(self, servers: dict[str, Server], work: Path, settings: Settings) -> None:
+        self._servers = servers
+        self._work = work
+        self._settings = settings
+        self._pools: dict[int, LoadPool] = {}
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    def pool(self, procs: int) -> LoadPool:
+        procs = procs or self._settings.procs
+        if procs not in self._pools:
+            self._pools[procs] = LoadPool(procs)
+        return self._pools[procs]
+
+    def run(
+        self,
+        case: Case,
+        capacity: float | None = None,
+        *,
+        duration_s: float | None = None,
+        retries: int | None = None,
+    ) -> dict[str, Any]:
+        """Run ``case`` (again while the machine is busy); the figures of the quietest try."""
+        attempts: list[dict[str, Any]] = []
+        tries = 1 + (self._settings.retries if retries is None else retries)
+        for _ in range(tries):
+            attempts.append(self._attempt(case, capacity, duration_s or self._settings.duration_s))
+            if attempts[-1]["cpu"]["other"] <= self._settings.quiet_cores:
+                break
+        best = min(attempts, key=lambda a: a["cpu"]["other"])
+        best["attempts"] = len(attempts)
+        best["other_cores_per_attempt"] = [round(a["cpu"]["other"], 3) for a in attempts]
+        return best
+
+    def _attempt(self, case: Case, capacity: float | None, duration_s: float) -> dict[str, Any]:
+        server = self._servers[ECHO if case.target == ECHO else "edgeserve"]
+        spec = LoadSpec(
+            address=server.address(case.transport),
+            kind=case.kind,
+            payload=MODELS[case.model].payload(),
+            concurrency=case.concurrency,
+            rate=(capacity or 0.0) * case.load,
+            warmup_s=self._settings.warmup_s,
+            duration_s=duration_s,
+        )
+        if case.kind == "open" and not spec.rate:
+            raise ValueError(f"{case.name}: open loop without a measured capacity")
+        result = self.pool(case.procs).run(spec, server.pid, edges=self._probe(case, server))
+        figures = summarize(result)
+        first, last = result.extra["edges"]
+        figures["rss_start_mb"], figures["rss_end_mb"] = first["rss_mb"], last["rss_mb"]
+        if case.kind == "open":
+            figures["capacity"] = capacity
+        if case.target != ECHO:
+            figures.update(_mean_batch(case.target, first, last))
+        return figures
+
+    def _probe(self, case: Case, server: Server) -> Callable[[], dict[str, Any]]:
+        """What is read at the window's edges: the server's RSS and, for edgeserve, the
+        model's batch counters and the Prometheus batch histogram."""
+        counter = None if case.target == ECHO else MODELS[case.target].counter_file(self._work)
+
+        def probe() -> dict[str, Any]:
+            found: dict[str, Any] = {"rss_mb": server.rss() / 2**20}
+            if counter is not None:
+                found["counters"] = read_counters(counter)
+                found["metrics"] = metrics_batches(server)
+            return found
+
+        return probe
+
+
+def _mean_batch(model: str, first: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """Mean rows per batch in the window, from the counting handler and, when the daemon
+    serves it, from Prometheus' ``edgeserve_batch_size`` (preferred)."""
+    c0, m0, c1, m1 = first["counters"], first["metrics"], last["counters"], last["metrics"]
+    batches, rows = c1[0] - c0[0], c1[1] - c0[1]
+    counted = rows / batches if batches else None
+    out: dict[str, Any] = {"mean_batch_counted": counted, "batches": batches}
+    if m0 and m1 and model in m0 and model in m1:
+        total, count = m1[model][0] - m0[model][0], m1[model][1] - m0[model][1]
+        out["mean_batch_metrics"] = total / count if count else None
+    out["mean_batch"] = out.get("mean_batch_metrics") or counted
+    out["batch_source"] = "prometheus" if out.get("mean_batch_metrics") else "handler counters"
+    return out
+
+
+def _ms(values: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(values, q) * 1e3) if values.size else None
+
+
+def summarize(result: LoadResult) -> dict[str, Any]:
+    """The figures of one load run (latencies in ms, rates per second)."""
+    lat = result.latency_ok
+    errors = {code: n for code, n in result.codes.items() if code != "OK"}
+    half = result.window_s / 2
+    first, second = lat[result.issued_ok < half], lat[result.issued_ok >= half]
+    return {
+        "throughput": result.throughput,
+        "ok": result.ok,
+        "offered": result.offered,
+        "p50_ms": _ms(lat, 50),
+        "p95_ms": _ms(lat, 95),
+        "p99_ms": _ms(lat, 99),
+        "mean_ms": float(lat.mean() * 1e3) if lat.size else None,
+        "max_ms": float(lat.max() * 1e3) if lat.size else None,
+        "p99_first_half_ms": _ms(first, 99),
+        "p99_second_half_ms": _ms(second, 99),
+        "errors": errors,
+        "rejected": result.codes.get("RESOURCE_EXHAUSTED", 0),
+        "rejected_p50_ms": _ms(result.latency_rejected, 50),
+        "rejected_p99_ms": _ms(result.latency_rejected, 99),
+        "lag_p99_ms": _ms(result.lag, 99),
+        "shed": result.shed,
+        "processes": result.processes,
+        "cpu": asdict(result.cpu),
+    }

@@ -1,0 +1,86 @@
+"""The bench's models as the orchestrator sees them (no torch here: it runs in a child).
+
+Archives are built by ``python -m bench.models`` in a child process, so the process that
+drives the load never imports torch (no OpenMP threads, ~200 MB less beside the daemon).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeserve.proto import kserve_v2_pb2 as pb
+
+INPUT_NAME = "x"
+MAX_BATCH_SIZE = 32
+_COUNTERS = struct.Struct("<qq")  # the layout bench/counting_handler.py writes
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    """Served model name and case prefix."""
+    factory: str
+    """Factory in bench/model_defs.py."""
+    input_shape: tuple[int, ...]
+    """One request's input, batch dimension first (1)."""
+    output_shape: tuple[int, ...]
+    quantize: str | None = None
+    batching: dict[str, Any] = field(default_factory=dict)
+    """Per-model ``batching:`` config of the daemon."""
+
+    def archive(self, work: Path) -> Path:
+        return work / "archives" / f"{self.key}.esar"
+
+    def counter_file(self, work: Path) -> Path:
+        return work / "counters" / f"{self.key}.bin"
+
+    def example(self, seed: int = 0) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal(self.input_shape).astype(np.float32)
+
+    def payload(self) -> bytes:
+        """A serialized ModelInferRequest with raw FP32 contents for one sample (built
+        here: ``edgeserve.api.client`` would import torch into the load processes)."""
+        request = pb.ModelInferRequest(model_name=self.key)
+        request.inputs.add(name=INPUT_NAME, datatype="FP32", shape=list(self.input_shape))
+        request.raw_input_contents.append(self.example().tobytes())
+        return bytes(request.SerializeToString())
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.key: spec
+    for spec in (
+        ModelSpec("mlp", "build_mlp", (1, 64), (1, 10)),
+        ModelSpec("mlp-nobatch", "build_mlp", (1, 64), (1, 10), batching={"max_batch_size": 1}),
+        ModelSpec("mlp-int8", "build_mlp", (1, 64), (1, 10), quantize="dynamic"),
+        ModelSpec("cnn", "build_cnn", (1, 3, 32, 32), (1, 10)),
+    )
+}
+
+
+def build_archives(work: Path, key_file: Path, keys: list[str]) -> dict[str, Any]:
+    """Build the archives of ``keys`` in a child process; returns its report."""
+    command = [sys.executable, "-m", "bench.models", "--work", str(work), "--key", str(key_file)]
+    done = subprocess.run(
+        [*command, *keys], check=True, capture_output=True, text=True, timeout=600
+    )
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def read_counters(path: Path) -> tuple[int, int]:
+    """(batches, rows) the counting handler has written so far."""
+    data = path.read_bytes()
+    return _COUNTERS.unpack(data[: _COUNTERS.size]) if len(data) >= _COUNTERS.size else (0, 0)
+
+
+def reset_counters(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(_COUNTERS.size))

@@ -1,0 +1,231 @@
+"""``python -m bench``: build the models, start the servers, run the cases, report.
+
+One repeat = raw torch for each model used, the idle tiny-MLP daemon (start-up, idle RSS
+and CPU), then every selected case in order (the open loops take their capacity from
+the closed-loop cases of the same model and transport in that repeat). The echo server
+and the bench daemon stay up across repeats. Everything is printed and written to
+``OUT/bench-<time>.json`` and ``.png``; the exit code says whether the bench *ran*, not
+whether targets were met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.cases import ECHO, QUICK, Case, CaseRunner, Settings, all_cases, select
+from bench.catalog import MODELS, build_archives
+from bench.references import baselines, idle_daemon, raw_torch
+from bench.server import DaemonSetup, Server, start_daemon, start_echo
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+MAX_QUEUE_SIZE = 256
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short smoke run (< 1 min)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    parser.add_argument("--only", help="comma-separated case globs (e.g. 'mlp-uds-*,echo-*')")
+    parser.add_argument("--repeats", type=int, default=1, help="repeats; medians are reported")
+    parser.add_argument("--duration", type=float, help="measured seconds per case")
+    parser.add_argument("--warmup", type=float, help="warm-up seconds per case")
+    parser.add_argument("--idle-seconds", type=float, help="idle CPU window (default 10)")
+    parser.add_argument("--procs", type=int, default=1, help="load processes (default 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="intra-op threads of the daemon's instance and of raw torch",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="re-runs of a case while other processes load the machine",
+    )
+    parser.add_argument(
+        "--quiet-cores",
+        type=float,
+        default=0.25,
+        help="CPU of other processes (cores) above which a case is re-run",
+    )
+    parser.add_argument("--no-idle", action="store_true", help="skip the idle-daemon step")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the repeats, profile the daemon with py-spy (bench/profile.py)",
+    )
+    parser.add_argument("--profile-cases", default="mlp-uds-c1,mlp-uds-c32,echo-uds-c32")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, state)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.duration = args.duration or (1.0 if quick else 3.0)
+    args.warmup = args.warmup if args.warmup is not None else (0.3 if quick else 0.5)
+    args.idle_seconds = args.idle_seconds or (1.0 if quick else 10.0)
+    args.raw_seconds = 1.0 if quick else 3.0
+    if quick and not args.only:
+        args.only = QUICK
+    return args
+
+
+def _models_needed(cases: list[Case], idle: bool) -> list[str]:
+    """Models the daemon serves (the cases' targets), plus the tiny MLP for the idle step."""
+    keys = {c.target for c in cases} | ({"mlp"} if idle else set())
+    return [k for k in MODELS if k in keys]
+
+
+def _capacity(results: dict[str, Any], case: Case) -> float | None:
+    """The best closed-loop throughput of the same model and transport so far."""
+    prefix = f"{case.target}-{case.transport}-c"
+    rates = [f["throughput"] for name, f in results.items() if name.startswith(prefix)]
+    return max(rates) if rates else None
+
+
+def run_repeat(
+    runner: CaseRunner, cases: list[Case], args: argparse.Namespace, ctx: dict[str, Any]
+) -> dict[str, Any]:
+    repeat: dict[str, Any] = {"cases": {}, "raw": {}, "max_queue_size": MAX_QUEUE_SIZE}
+    for model in ctx["served"]:
+        print(f"  raw torch {model} ...", flush=True)
+        repeat["raw"][model] = raw_torch(
+            ctx["work"], model, args.threads, args.raw_seconds, args.retries, args.quiet_cores
+        )
+    if not args.no_idle:
+        print("  idle tiny-MLP daemon ...", flush=True)
+        repeat["idle"] = idle_daemon(ctx["work"], ctx["public"], args.threads, args.idle_seconds)
+        repeat["baselines"] = baselines()
+    for case in cases:
+        capacity = None
+        if case.kind == "open":
+            capacity = _capacity(repeat["cases"], case)
+            if capacity is None:
+                probe = Case(
+                    f"{case.target}-{case.transport}-c32", case.target, case.transport, "closed", 32
+                )
+                capacity = runner.run(probe)["throughput"]
+        figures = runner.run(case, capacity)
+        repeat["cases"][case.name] = figures
+        print(
+            f"  {case.name:<24} {figures['throughput']:8.0f}/s  p50 "
+            f"{report._f(figures['p50_ms'], 3)} ms  p99 {report._f(figures['p99_ms'], 3)} ms"
+            f"  other cpu {figures['cpu']['other']:.2f}",
+            flush=True,
+        )
+    daemon: Server | None = ctx["servers"].get("edgeserve")
+    if daemon is not None:
+        repeat["daemon"] = {
+            "ready_s": daemon.ready_s,
+            "models": len(ctx["served"]),
+            "rss_after_load_mb": daemon.rss() / 2**20,
+        }
+    return repeat
+
+
+def _start_servers(cases: list[Case], ctx: dict[str, Any], args: argparse.Namespace) -> None:
+    if any(c.target == ECHO for c in cases):
+        ctx["servers"][ECHO] = start_echo(ctx["work"])
+    served = ctx["served"]
+    if served:
+        setup = DaemonSetup(
+            models=[(MODELS[k].archive(ctx["work"]), MODELS[k].batching) for k in served],
+            public_key=ctx["public"],
+            threads=args.threads,
+            max_queue_size=MAX_QUEUE_SIZE,
+        )
+        ctx["servers"]["edgeserve"] = start_daemon(ctx["work"], "edgeserve", setup)
+
+
+def _meta(args: argparse.Namespace) -> dict[str, Any]:
+    git = shutil.which("git")
+    commit = ""
+    if git:
+        commit = subprocess.run(
+            [git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    return {
+        "command": "python -m bench " + " ".join(sys.argv[1:]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": commit,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cases = select(all_cases(), args.only)
+    if args.list:
+        print("\n".join(c.name for c in all_cases()))
+        return 0
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"edgeserve-bench-{stamp}-"))
+    ctx: dict[str, Any] = {"work": work, "servers": {}}
+    meta = _meta(args)
+    started = time.monotonic()
+    try:
+        from edgeserve.signing import generate_key
+
+        private, ctx["public"] = work / "bench.key", work / "bench.pub"
+        generate_key(private, ctx["public"])
+        ctx["served"] = _models_needed(cases, False)
+        needed = _models_needed(cases, not args.no_idle)
+        print(f"building {', '.join(needed)} ...", flush=True)
+        meta["archives"] = build_archives(work, private, needed)
+        _start_servers(cases, ctx, args)
+        settings = Settings(args.warmup, args.duration, args.retries, args.quiet_cores, args.procs)
+        runner = CaseRunner(ctx["servers"], work, settings)
+        repeats = []
+        try:
+            for index in range(args.repeats):
+                print(f"repeat {index + 1}/{args.repeats}", flush=True)
+                repeats.append(run_repeat(runner, cases, args, ctx))
+            profiles = _profile(runner, ctx, args) if args.profile else None
+        finally:
+            runner.close()
+    finally:
+        for server in ctx["servers"].values():
+            server.stop()
+    summary = report.summarize_repeats(repeats, cases)
+    meta["wall_s"] = time.monotonic() - started
+    document = {"meta": meta, "median": summary, "repeats": repeats, "profile": profiles}
+    json_path, png_path = args.out / f"bench-{stamp}.json", args.out / f"bench-{stamp}.png"
+    report.write_json(json_path, document)
+    report.plot(png_path, summary, cases)
+    print()
+    print(report.reference_table(summary))
+    print()
+    print(report.case_table(summary, cases))
+    print()
+    print(report.target_table(summary))
+    print(
+        f"\nmedians of {args.repeats} repeat(s); wrote {json_path} and {png_path} "
+        f"in {meta['wall_s']:.0f} s"
+    )
+    if args.keep:
+        print(f"work folder kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _profile(runner: CaseRunner, ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    from bench.profile import profile_cases
+
+    chosen = select(all_cases(), args.profile_cases)
+    seconds = max(args.duration, 5.0)
+    return profile_cases(runner, ctx["servers"], chosen, args.out, seconds, args.warmup)

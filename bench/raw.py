@@ -1,0 +1,128 @@
+"""Raw in-process torch: the physical limit the daemon is compared with.
+
+    python -m bench.raw --archive A.esar --threads 2 [--seconds 3] [--batches 1,2,4,...]
+
+Loads the archive's own TorchScript file (``model.pt``; the quantized engine its
+manifest names), sets ``torch.set_num_threads(threads)`` (the daemon's per-instance
+intra-op budget) and, under ``torch.inference_mode()``, measures:
+
+* batch 1: the latency of single calls (p50/p99) and their rate;
+* every batch size of the sweep: the time of one call (median of short chunks), hence
+  samples/s; the best batch is the one with the most samples/s.
+
+Prints one JSON line. Runs in its own process so that its OpenMP threads are gone
+before the load cases start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from edgeserve.archive import read_manifest
+
+_CHUNK_S = 0.05
+
+
+def load_module(archive: Path) -> tuple[torch.jit.ScriptModule, list[int]]:
+    manifest = read_manifest(archive, trust=None)
+    engine = (manifest.quantization or {}).get("engine")
+    if engine and engine in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = engine
+    with zipfile.ZipFile(archive) as zf:
+        module = torch.jit.load(io.BytesIO(zf.read(manifest.model_file)), map_location="cpu")
+    return module.eval(), list(manifest.inputs[0].shape[1:])
+
+
+def _batch_one(module: torch.jit.ScriptModule, x: torch.Tensor, seconds: float) -> dict[str, Any]:
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        module(x)
+        times.append(time.perf_counter() - started)
+    arr = np.asarray(times)
+    return {
+        "p50_ms": float(np.percentile(arr, 50) * 1e3),
+        "p99_ms": float(np.percentile(arr, 99) * 1e3),
+        "throughput": float(1.0 / np.median(arr)),
+        "calls": len(times),
+    }
+
+
+def _per_call_s(module: torch.jit.ScriptModule, x: torch.Tensor, seconds: float) -> float:
+    chunks: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(chunks) < 3:
+        calls = 0
+        started = time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < _CHUNK_S or calls == 0:
+            module(x)
+            calls += 1
+        chunks.append(elapsed / calls)
+    return statistics.median(chunks)
+
+
+def _busy() -> tuple[float, float, float]:
+    """(monotonic time, this process's CPU seconds, the machine's busy CPU seconds)."""
+    own = psutil.Process().cpu_times()
+    total = psutil.cpu_times()
+    busy = sum(total) - total.idle - getattr(total, "iowait", 0.0)
+    return time.monotonic(), own.user + own.system, busy
+
+
+def measure(archive: Path, threads: int, batches: list[int], seconds: float) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    module, sample_shape = load_module(archive)
+    per_batch_s = seconds / (len(batches) + 1)
+    sweep: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for size in [1, *batches]:  # warm-up (and TorchScript profiling runs)
+            for _ in range(3):
+                module(torch.randn(size, *sample_shape))
+        start = _busy()
+        single = _batch_one(module, torch.randn(1, *sample_shape), per_batch_s)
+        for size in batches:
+            call_s = _per_call_s(module, torch.randn(size, *sample_shape), per_batch_s)
+            sweep[str(size)] = {"call_ms": call_s * 1e3, "samples_per_s": size / call_s}
+        end = _busy()
+    wall = end[0] - start[0]
+    best = max(sweep, key=lambda size: sweep[size]["samples_per_s"])
+    return {
+        "threads": threads,
+        "batch1": single,
+        "sweep": sweep,
+        "best_batch": int(best),
+        "best_throughput": sweep[best]["samples_per_s"],
+        "own_cores": (end[1] - start[1]) / wall,
+        "other_cores": max(0.0, (end[2] - start[2]) - (end[1] - start[1])) / wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.raw", description=__doc__)
+    parser.add_argument("--archive", type=Path, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--batches", default="1,2,4,8,16,32")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    batches = [int(b) for b in args.batches.split(",")]
+    print(json.dumps(measure(args.archive, args.threads, batches, args.seconds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Medians over repeats, the printed tables, the JSON document and the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.cases import ECHO, Case
+from bench.targets import case_ratios, targets
+
+
+def median_tree(values: Sequence[Any]) -> Any:
+    """Median of numbers; dicts merged key by key; anything else: the first value."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        return statistics.median(present)
+    if all(isinstance(v, dict) for v in present):
+        keys: list[str] = []
+        for value in present:
+            keys += [k for k in value if k not in keys]
+        return {k: median_tree([v.get(k) for v in present]) for k in keys}
+    return present[0]
+
+
+def summarize_repeats(repeats: list[dict[str, Any]], cases: list[Case]) -> dict[str, Any]:
+    """Medians of figures, of per-repeat ratios and of per-repeat target values."""
+    ratios = {
+        case.name: median_tree([case_ratios(r, case) for r in repeats])
+        for case in cases
+        if any(case.name in r["cases"] for r in repeats)
+    }
+    rows = []
+    for target in targets():
+        values = [target.measure(r) for r in repeats]
+        value = median_tree([v for v in values if v is not None])
+        verdict = "n/a" if value is None else ("PASS" if target.passes(value) else "MISS")
+        rows.append(
+            {
+                "key": target.key,
+                "target": target.text,
+                "threshold": target.threshold,
+                "value": value,
+                "per_repeat": values,
+                "unit": target.unit,
+                "verdict": verdict,
+            }
+        )
+    return {
+        "cases": median_tree([r["cases"] for r in repeats]),
+        "ratios": ratios,
+        "raw": median_tree([r.get("raw") for r in repeats]),
+        "idle": median_tree([r.get("idle") for r in repeats]),
+        "baselines": median_tree([r.get("baselines") for r in repeats]),
+        "daemon": median_tree([r.get("daemon") for r in repeats]),
+        "targets": rows,
+    }
+
+
+def _f(value: Any, digits: int = 2, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def case_table(summary: dict[str, Any], cases: list[Case]) -> str:
+    head = (
+        f"{'case':<24}{'req/s':>8}{'p50':>8}{'p95':>8}{'p99':>8}{'batch':>7}"
+        f"{'/echo':>7}{'d50echo':>8}{'/raw':>7}{'cpu c/s/o':>16}  errors"
+    )
+    lines = [head, "-" * len(head)]
+    for case in cases:
+        fig = summary["cases"].get(case.name)
+        if not fig:
+            continue
+        ratio = summary["ratios"].get(case.name, {})
+        cpu = fig["cpu"]
+        errors = ", ".join(f"{k}:{int(v)}" for k, v in fig["errors"].items()) or "-"
+        lines.append(
+            f"{case.name:<24}{fig['throughput']:>8.0f}{_f(fig['p50_ms'], 3):>8}"
+            f"{_f(fig['p95_ms'], 3):>8}{_f(fig['p99_ms'], 3):>8}"
+            f"{_f(fig.get('mean_batch'), 1):>7}{_f(ratio.get('vs_echo_throughput')):>7}"
+            f"{_f(ratio.get('vs_echo_p50_delta_ms'), 3):>8}"
+            f"{_f(ratio.get('vs_raw_throughput')):>7}"
+            f"{cpu['client']:>6.2f}/{cpu['server']:.2f}/{cpu['other']:.2f}  {errors}"
+        )
+    return "\n".join(lines)
+
+
+def target_table(summary: dict[str, Any]) -> str:
+    lines = [f"{'target':<72}{'measured':>12}  {'wanted':<28}verdict"]
+    lines.append("-" * len(lines[0]))
+    for row in summary["targets"]:
+        measured = _f(row["value"], 3, row["unit"])
+        lines.append(f"{row['target']:<72}{measured:>12}  {row['threshold']:<28}{row['verdict']}")
+    return "\n".join(lines)
+
+
+def reference_table(summary: dict[str, Any]) -> str:
+    lines = []
+    for model, raw in (summary.get("raw") or {}).items():
+        lines.append(
+            f"raw torch {model:<10} {raw['threads']} thread(s): batch 1 p50 "
+            f"{raw['batch1']['p50_ms']:.3f} ms ({raw['batch1']['throughput']:.0f}/s); best "
+            f"batch {raw['best_batch']}: {raw['best_throughput']:.0f} samples/s"
+        )
+    idle, base, daemon = summary.get("idle"), summary.get("baselines"), summary.get("daemon")
+    if idle:
+        lines.append(
+            f"tiny-MLP daemon: READY {idle['ready_s']:.2f} s after start; idle RSS "
+            f"{idle['idle_rss_mb']:.0f} MiB; idle CPU {idle['idle_cpu_percent']:.2f} % "
+            f"over {idle['idle_window_s']:.0f} s"
+        )
+    if base:
+        lines.append(
+            f"bare python RSS {base['python_rss_mb']:.0f} MiB; python + import torch "
+            f"{base['import_torch_rss_mb']:.0f} MiB"
+        )
+    if daemon:
+        lines.append(
+            f"bench daemon ({daemon.get('models')} models): READY {daemon['ready_s']:.2f} s; "
+            f"RSS after load {_f(daemon.get('rss_after_load_mb'), 0)} MiB"
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    def default(value: Any) -> Any:
+        return str(value)
+
+    path.write_text(json.dumps(document, indent=1, default=default, allow_nan=True) + "\n")
+
+
+def plot(path: Path, summary: dict[str, Any], cases: list[Case]) -> None:
+    """Latency (p50 solid, p99 dotted) against throughput, one panel per transport."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for axis, transport in zip(axes, ("uds", "tcp"), strict=True):
+        for target in (ECHO, "mlp", "mlp-int8", "cnn"):
+            points = [
+                (c, summary["cases"][c.name])
+                for c in cases
+                if c.target == target
+                and c.transport == transport
+                and c.kind == "closed"
+                and not c.procs
+                and c.name in summary["cases"]
+            ]
+            points.sort(key=lambda p: p[0].concurrency)
+            if not points:
+                continue
+            xs = [p[1]["throughput"] for p in points]
+            line = axis.plot(xs, [p[1]["p50_ms"] for p in points], "o-", label=f"{target} p50")
+            color = line[0].get_color()
+            axis.plot(xs, [p[1]["p99_ms"] for p in points], ":", color=color, label=f"{target} p99")
+            for case, fig in points:
+                axis.annotate(
+                    f"c{case.concurrency}", (fig["throughput"], fig["p50_ms"]), fontsize=7
+                )
+            opens = [
+                summary["cases"][c.name]
+                for c in cases
+                if c.target == target
+                and c.transport == transport
+                and c.kind != "closed"
+                and c.name in summary["cases"]
+            ]
+            if opens:
+                axis.plot(
+                    [f["throughput"] for f in opens],
+                    [f["p50_ms"] for f in opens],
+                    "x",
+                    color=color,
+                    label=f"{target} open/stream p50",
+                )
+        axis.set_xlabel("throughput (responses/s)")
+        axis.set_title(f"over {transport.upper()}")
+        axis.set_yscale("log")
+        axis.grid(True, which="both", alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.set_xscale("log")
+            axis.legend(fontsize=7)
+    axes[0].set_ylabel("latency (ms)")
+    figure.suptitle("edgeserve bench: latency against throughput (medians over repeats)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
