@@ -1,24 +1,11 @@
-"""KServe v2 datatype names <-> torch and numpy dtypes (the one table)."""
+"""KServe v2 datatype names <-> numpy dtypes (torch's table is in ``torch_dtypes``).
+
+Kept free of torch so that client commands (``edgeserve predict``, ``status``) start fast.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "UINT8": torch.uint8,
-    "INT8": torch.int8,
-    "INT16": torch.int16,
-    "INT32": torch.int32,
-    "INT64": torch.int64,
-    "FP16": torch.float16,
-    "BF16": torch.bfloat16,
-    "FP32": torch.float32,
-    "FP64": torch.float64,
-}
-
-DATATYPE_OF_TORCH: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),

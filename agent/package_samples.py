@@ -37,11 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeserve.dtypes import DATATYPE_OF_TORCH, datatype_of_numpy
+from edgeserve.dtypes import datatype_of_numpy
 from edgeserve.errors import ArchiveError
 from edgeserve.handlers.tensor import name_outputs
 from edgeserve.manifest import Manifest, Sample
 from edgeserve.scripting import first_line, run_module
+from edgeserve.torch_dtypes import DATATYPE_OF_TORCH
 from edgeserve.types import BytesTensor, TensorSpec, TensorValue
 
 InputArg = Path | str | tuple[str, Path]

@@ -58,13 +58,13 @@ import torch
 
 from edgeserve import __version__
 from edgeserve.archive import RESERVED_NAMES, write_archive
-from edgeserve.dtypes import DATATYPE_OF_TORCH
 from edgeserve.errors import ArchiveError
 from edgeserve.handlers import get_handler_class
 from edgeserve.manifest import BatchingDefaults, Manifest
 from edgeserve.mar import mar_handler, read_mar
 from edgeserve.package_samples import InputArg, as_tensor, read_inputs, record_samples
 from edgeserve.scripting import load_torchscript, pick_engine, run_module, script_eager, use_engine
+from edgeserve.torch_dtypes import DATATYPE_OF_TORCH
 from edgeserve.types import TensorSpec
 
 log = logging.getLogger("edgeserve.packager")

@@ -43,7 +43,6 @@ from pathlib import Path
 import torch
 
 from edgeserve.archive import member_path
-from edgeserve.dtypes import TORCH_DTYPES
 from edgeserve.errors import (
     ArchiveError,
     ConfigError,
@@ -61,6 +60,7 @@ from edgeserve.handlers._custom import (
 )
 from edgeserve.handlers.base import BaseHandler, HandlerContext, InputRejected
 from edgeserve.manifest import Manifest
+from edgeserve.torch_dtypes import TORCH_DTYPES
 from edgeserve.types import BytesTensor, TensorSpec, TensorValue
 from edgeserve.warmup import Signature, WarmupReport, warm_up
 

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 from edgeserve.archive import member_path
-from edgeserve.dtypes import TORCH_DTYPES, datatype_of_numpy
+from edgeserve.dtypes import datatype_of_numpy
 from edgeserve.errors import ArchiveError, WarmupFailed
 from edgeserve.manifest import Manifest, Sample
+from edgeserve.torch_dtypes import TORCH_DTYPES
 from edgeserve.types import BytesTensor, TensorSpec, TensorValue
 
 log = logging.getLogger("edgeserve.runtime")
