@@ -2,8 +2,8 @@
 
 ``AdaptiveBatcher.submit`` is what ``LiveModel.submit`` calls. A request goes into the
 queue of its *key* (name, dtype and non-batch shape of every input, so requests that
-cannot be concatenated never meet), the total across keys bounded by
-``max_queue_size``; the caller awaits a future that is resolved exactly once:
+cannot be concatenated never meet; the queues are ``batch_queue``), the total across keys
+bounded by ``max_queue_size``; the caller awaits a future that is resolved exactly once:
 
 - with its outputs, split back from the batch (views, no copies);
 - ``Overloaded`` at once when the queue is full (nothing queued, no work done);
@@ -13,8 +13,8 @@ cannot be concatenated never meet), the total across keys bounded by
   correlation id) or the ``EdgeserveError`` itself when its batch raised: a failing
   batch fails only its own requests;
 - ``NotReady`` when the batcher is drained or closed before the request ran.
-A caller that goes away (its task cancelled) leaves the queue: the entry is marked dead,
-skipped at dispatch, and compacted away, so memory stays bounded.
+A caller that goes away (its task cancelled) leaves the queue at once; its entry is
+compacted away later, so memory stays bounded.
 
 Dispatch is event driven rather than one asyncio task per instance: whenever something
 changes (a request arrives, a batch finishes, a policy timer fires) ``_kick`` runs
@@ -37,13 +37,13 @@ import logging
 import math
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 from edgeserve.batch_policy import ArrivalRate, ServiceTimeFit, Wait, decide
+from edgeserve.batch_queue import FINISHED, QUEUED, BatchQueue, Entry, Tensors
 from edgeserve.errors import (
     ConfigError,
     EdgeserveError,
@@ -55,13 +55,6 @@ from edgeserve.errors import (
 from edgeserve.types import InferRequest, InferResult, TensorValue
 
 log = logging.getLogger("edgeserve.batching")
-
-Tensors = dict[str, TensorValue]
-# Keep this many empty per-shape queues around before dropping them.
-_KEEP_EMPTY_QUEUES = 16
-# Compact a queue once its dead entries outnumber the live ones by this much.
-_COMPACT_SLACK = 16
-_QUEUED, _RUNNING, _FINISHED = 0, 1, 2
 
 
 class BatchExecutor(Protocol):
@@ -133,30 +126,8 @@ class BatcherStats:
 
 
 @dataclass(slots=True, eq=False)
-class _Queue:
-    """The requests of one key, FIFO; dead entries are skipped and compacted away."""
-
-    entries: deque[_Entry] = field(default_factory=deque)
-    rows: int = 0
-    live: int = 0
-    dead: int = 0
-
-
-@dataclass(slots=True, eq=False)
-class _Entry:
-    request: InferRequest
-    rows: int
-    future: asyncio.Future[Tensors]
-    enqueued_at: float
-    queue: _Queue
-    timer: asyncio.TimerHandle | None = None
-    state: int = _QUEUED
-    ran: tuple[float, float] = (0.0, 0.0)  # (dispatched at, batch service time)
-
-
-@dataclass(slots=True, eq=False)
 class _Batch:
-    entries: list[_Entry]
+    entries: list[Entry]
     executor: BatchExecutor
     started: float
     rows: int
@@ -199,14 +170,14 @@ class AdaptiveBatcher:
         self._fit = fit or ServiceTimeFit()
         self._arrivals = arrivals or ArrivalRate()
         self._on_batch = on_batch
-        self._queues: dict[Hashable, _Queue] = {}
+        self._queue = BatchQueue()
         self._active: set[_Batch] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._quiet: asyncio.Event | None = None
         self._state = "ready"
-        self._depth = self._running = 0
+        self._running = 0
         self._batches = self._completed = self._failed = 0
         self._expired = self._cancelled = self._rejected = 0
         self._sizes: dict[int, int] = {}
@@ -216,7 +187,7 @@ class AdaptiveBatcher:
     @property
     def queue_depth(self) -> int:
         """Requests queued and not yet running."""
-        return self._depth
+        return self._queue.depth
 
     @property
     def running(self) -> int:
@@ -234,7 +205,7 @@ class AdaptiveBatcher:
 
     def stats(self) -> BatcherStats:
         return BatcherStats(
-            queue_depth=self._depth,
+            queue_depth=self._queue.depth,
             running=self._running,
             batches=self._batches,
             completed=self._completed,
@@ -251,7 +222,7 @@ class AdaptiveBatcher:
         """Queue ``request``, wait for its batch, return its own outputs."""
         if self._state != "ready":
             raise NotReady.model(self.model, self.version, self._state)
-        if self._depth >= self.settings.max_queue_size:
+        if self._queue.depth >= self.settings.max_queue_size:
             self._rejected += 1
             raise Overloaded.queue_full(self.model, self.version, self.settings.max_queue_size)
         loop = self._loop = asyncio.get_running_loop()
@@ -260,8 +231,8 @@ class AdaptiveBatcher:
         try:
             outputs = await entry.future
         except asyncio.CancelledError:
-            if entry.state == _QUEUED:
-                self._remove(entry)
+            if entry.state == QUEUED:
+                self._queue.remove(entry)
                 self._cancelled += 1
                 self._check_quiet()
             raise
@@ -277,21 +248,9 @@ class AdaptiveBatcher:
             {"queue_s": dispatched_at - entry.enqueued_at, "compute_s": service},
         )
 
-    def _enqueue(
-        self, request: InferRequest, now: float, loop: asyncio.AbstractEventLoop
-    ) -> _Entry:
-        inputs = request.inputs
-        key = _queue_key(inputs)
-        q = self._queues.get(key)
-        if q is None:
-            q = self._queues[key] = _Queue()
-        rows = _rows(inputs)
-        entry = _Entry(request, rows, loop.create_future(), now, q)
-        q.entries.append(entry)
-        q.rows += rows
-        q.live += 1
-        self._depth += 1
-        self._arrivals.record(now, rows)
+    def _enqueue(self, request: InferRequest, now: float, loop: asyncio.AbstractEventLoop) -> Entry:
+        entry = self._queue.push(request, loop.create_future(), now)
+        self._arrivals.record(now, entry.rows)
         if request.deadline is not None:
             entry.timer = loop.call_later(request.deadline - now, self._expire, entry)
         return entry
@@ -300,9 +259,10 @@ class AdaptiveBatcher:
         """Give work to idle instances, or arm the policy's timer."""
         s = self.settings
         limits = (s.max_batch_size, s.max_queue_delay_s, s.preferred_batch_sizes)
-        while self._idle and self._depth:
+        queue = self._queue
+        while self._idle and queue.depth:
             now = self._clock()
-            q = self._oldest_queue()
+            q = queue.oldest()
             if q is None:
                 return
             rate = self._arrivals.rate(now) if self._state == "ready" else 0.0
@@ -311,54 +271,10 @@ class AdaptiveBatcher:
             if isinstance(decision, Wait):
                 self._arm_timer(now, decision.until)
                 return
-            entries = self._take(q, decision.size, now)
+            entries = queue.take(q, decision.size, now, self._expired_in_take)
             if entries:
                 rows = sum(e.rows for e in entries)
                 self._launch(_Batch(entries, self._idle.pop(), now, rows))
-
-    def _oldest_queue(self) -> _Queue | None:
-        best: _Queue | None = None
-        empty: list[Hashable] = []
-        for key, q in self._queues.items():
-            entries = q.entries
-            while entries and entries[0].state != _QUEUED:
-                entries.popleft()
-                q.dead -= 1
-            if not entries:
-                empty.append(key)
-            elif best is None or entries[0].enqueued_at < best.entries[0].enqueued_at:
-                best = q
-        if len(empty) > _KEEP_EMPTY_QUEUES:
-            for key in empty:
-                del self._queues[key]
-        return best
-
-    def _take(self, q: _Queue, size: int, now: float) -> list[_Entry]:
-        """Up to ``size`` rows from the head of ``q`` (at least one request), FIFO."""
-        entries = q.entries
-        taken: list[_Entry] = []
-        rows = 0
-        while entries:
-            entry = entries[0]
-            if entry.state != _QUEUED:
-                entries.popleft()
-                q.dead -= 1
-                continue
-            if taken and rows + entry.rows > size:
-                break
-            entries.popleft()
-            self._unqueue(entry)
-            deadline = entry.request.deadline
-            if deadline is not None and deadline <= now:
-                self._expired += 1
-                _fail(entry, Expired.while_queued(self.model, self.version))
-                continue
-            entry.state = _RUNNING
-            taken.append(entry)
-            rows += entry.rows
-            if rows >= size:
-                break
-        return taken
 
     def _launch(self, batch: _Batch) -> None:
         self._active.add(batch)
@@ -391,7 +307,7 @@ class AdaptiveBatcher:
                 self._observe(self._on_batch, batch.rows, elapsed)
             ran = (batch.started, elapsed)
             for entry, outputs in zip(entries, results, strict=False):
-                entry.state = _FINISHED
+                entry.state = FINISHED
                 entry.ran = ran
                 if not entry.future.done():
                     entry.future.set_result(outputs)
@@ -410,11 +326,11 @@ class AdaptiveBatcher:
                 "model '%s' version '%s': batch observer failed", self.model, self.version
             )
 
-    def _fail_batch(self, entries: list[_Entry], error: BaseException) -> None:
+    def _fail_batch(self, entries: list[Entry], error: BaseException) -> None:
         self._failed += len(entries)
         if isinstance(error, EdgeserveError):
             for entry in entries:
-                _fail(entry, error)
+                entry.fail(error)
             return
         correlation_id = uuid.uuid4().hex[:12]
         log.error(
@@ -428,36 +344,21 @@ class AdaptiveBatcher:
         for entry in entries:
             wrapped = HandlerFailed(self.model, self.version, correlation_id)
             wrapped.__cause__ = error
-            _fail(entry, wrapped)
+            entry.fail(wrapped)
 
-    # -- queue bookkeeping --------------------------------------------------------------
+    # -- deadlines and timers -----------------------------------------------------------
 
-    def _unqueue(self, entry: _Entry) -> None:
-        """Account for ``entry`` leaving the queue (the caller pops or marks it)."""
-        q = entry.queue
-        q.rows -= entry.rows
-        q.live -= 1
-        self._depth -= 1
-        if entry.timer is not None:
-            entry.timer.cancel()
-            entry.timer = None
+    def _expired_in_take(self, entry: Entry) -> None:
+        """``BatchQueue.take`` found ``entry`` past its deadline (it left the queue)."""
+        self._expired += 1
+        entry.fail(Expired.while_queued(self.model, self.version))
 
-    def _remove(self, entry: _Entry) -> None:
-        """Take a queued entry out in place: mark it dead, compact when dead pile up."""
-        self._unqueue(entry)
-        entry.state = _FINISHED
-        q = entry.queue
-        q.dead += 1
-        if q.dead > q.live + _COMPACT_SLACK:
-            q.entries = deque(e for e in q.entries if e.state == _QUEUED)
-            q.dead = 0
-
-    def _expire(self, entry: _Entry) -> None:
+    def _expire(self, entry: Entry) -> None:
         entry.timer = None
-        if entry.state == _QUEUED:
-            self._remove(entry)
+        if entry.state == QUEUED:
+            self._queue.remove(entry)
             self._expired += 1
-            _fail(entry, Expired.while_queued(self.model, self.version))
+            entry.fail(Expired.while_queued(self.model, self.version))
             self._check_quiet()
 
     def _arm_timer(self, now: float, until: float) -> None:
@@ -515,17 +416,14 @@ class AdaptiveBatcher:
                 )
 
     def _fail_all(self, state: str) -> None:
-        for q in self._queues.values():
-            for entry in list(q.entries):
-                if entry.state == _QUEUED:
-                    self._remove(entry)
-                    _fail(entry, NotReady.model(self.model, self.version, state))
+        for entry in self._queue.remove_all():
+            entry.fail(NotReady.model(self.model, self.version, state))
         for batch in self._active:
             for entry in batch.entries:
-                _fail(entry, NotReady.model(self.model, self.version, state))
+                entry.fail(NotReady.model(self.model, self.version, state))
 
     async def _wait_quiet(self, timeout: float) -> bool:
-        if self._depth == 0 and self._running == 0:
+        if self._queue.depth == 0 and self._running == 0:
             return True
         self._quiet = quiet = self._quiet or asyncio.Event()
         quiet.clear()
@@ -536,32 +434,5 @@ class AdaptiveBatcher:
         return True
 
     def _check_quiet(self) -> None:
-        if self._quiet is not None and self._depth == 0 and self._running == 0:
+        if self._quiet is not None and self._queue.depth == 0 and self._running == 0:
             self._quiet.set()
-
-
-def _fail(entry: _Entry, error: BaseException) -> None:
-    entry.state = _FINISHED
-    if not entry.future.done():
-        entry.future.set_exception(error)
-
-
-def _queue_key(inputs: Mapping[str, Any]) -> Hashable:
-    """Requests with equal keys can be concatenated along dim 0."""
-    if len(inputs) == 1:
-        for name, value in inputs.items():
-            return (name, getattr(value, "dtype", "BYTES"), tuple(value.shape[1:]))
-    return tuple(
-        sorted(
-            (name, getattr(value, "dtype", "BYTES"), tuple(value.shape[1:]))
-            for name, value in inputs.items()
-        )
-    )
-
-
-def _rows(inputs: Mapping[str, Any]) -> int:
-    """Batch rows of a request: dim 0 of its first input (0-d inputs count as 1)."""
-    for value in inputs.values():
-        shape = value.shape
-        return int(shape[0]) if len(shape) else 1
-    return 0
