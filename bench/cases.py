@@ -238,4 +238,12 @@ def summarize(result: LoadResult) -> dict[str, Any]:
         "shed": result.shed,
         "processes": result.processes,
         "cpu": asdict(result.cpu),
+        # CPU time per served request: a cost the other tenants of the machine hardly skew.
+        "server_us_per_request": _per_request(result.cpu.server, result),
+        "client_us_per_request": _per_request(result.cpu.client, result),
     }
+
+
+def _per_request(cores: float, result: LoadResult) -> float | None:
+    answered = sum(result.codes.values()) / result.window_s
+    return cores / answered * 1e6 if answered else None

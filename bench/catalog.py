@@ -35,6 +35,12 @@ class ModelSpec:
     quantize: str | None = None
     batching: dict[str, Any] = field(default_factory=dict)
     """Per-model ``batching:`` config of the daemon."""
+    raw_as: str | None = None
+    """Measure raw torch on this other model instead (same module)."""
+
+    @property
+    def raw_key(self) -> str:
+        return self.raw_as or self.key
 
     def archive(self, work: Path) -> Path:
         return work / "archives" / f"{self.key}.esar"
@@ -59,7 +65,14 @@ MODELS: dict[str, ModelSpec] = {
     spec.key: spec
     for spec in (
         ModelSpec("mlp", "build_mlp", (1, 64), (1, 10)),
-        ModelSpec("mlp-nobatch", "build_mlp", (1, 64), (1, 10), batching={"max_batch_size": 1}),
+        ModelSpec(
+            "mlp-nobatch",
+            "build_mlp",
+            (1, 64),
+            (1, 10),
+            batching={"max_batch_size": 1},
+            raw_as="mlp",
+        ),
         ModelSpec("mlp-int8", "build_mlp", (1, 64), (1, 10), quantize="dynamic"),
         ModelSpec("cnn", "build_cnn", (1, 3, 32, 32), (1, 10)),
     )

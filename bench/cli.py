@@ -86,8 +86,11 @@ def _models_needed(cases: list[Case], idle: bool) -> list[str]:
 
 
 def _capacity(results: dict[str, Any], case: Case) -> float | None:
-    """The best closed-loop throughput of the same model and transport so far."""
+    """The closed-loop throughput at 32 in flight of the same model and transport (the
+    best closed-loop figure when c=32 was not run)."""
     prefix = f"{case.target}-{case.transport}-c"
+    if f"{prefix}32" in results:
+        return float(results[f"{prefix}32"]["throughput"])
     rates = [f["throughput"] for name, f in results.items() if name.startswith(prefix)]
     return max(rates) if rates else None
 
@@ -96,7 +99,7 @@ def run_repeat(
     runner: CaseRunner, cases: list[Case], args: argparse.Namespace, ctx: dict[str, Any]
 ) -> dict[str, Any]:
     repeat: dict[str, Any] = {"cases": {}, "raw": {}, "max_queue_size": MAX_QUEUE_SIZE}
-    for model in ctx["served"]:
+    for model in sorted({MODELS[m].raw_key for m in ctx["served"]}, key=list(MODELS).index):
         print(f"  raw torch {model} ...", flush=True)
         repeat["raw"][model] = raw_torch(
             ctx["work"], model, args.threads, args.raw_seconds, args.retries, args.quiet_cores

@@ -73,7 +73,7 @@ def _f(value: Any, digits: int = 2, suffix: str = "") -> str:
 def case_table(summary: dict[str, Any], cases: list[Case]) -> str:
     head = (
         f"{'case':<24}{'req/s':>8}{'p50':>8}{'p95':>8}{'p99':>8}{'batch':>7}"
-        f"{'/echo':>7}{'d50echo':>8}{'/raw':>7}{'cpu c/s/o':>16}  errors"
+        f"{'/echo':>7}{'d50echo':>8}{'/raw':>7}{'srv us':>7}{'cpu c/s/o':>16}  errors"
     )
     lines = [head, "-" * len(head)]
     for case in cases:
@@ -89,8 +89,16 @@ def case_table(summary: dict[str, Any], cases: list[Case]) -> str:
             f"{_f(fig.get('mean_batch'), 1):>7}{_f(ratio.get('vs_echo_throughput')):>7}"
             f"{_f(ratio.get('vs_echo_p50_delta_ms'), 3):>8}"
             f"{_f(ratio.get('vs_raw_throughput')):>7}"
+            f"{_f(fig.get('server_us_per_request'), 0):>7}"
             f"{cpu['client']:>6.2f}/{cpu['server']:.2f}/{cpu['other']:.2f}  {errors}"
         )
+    lines.append(
+        "req/s: OK replies per second; p50/p95/p99 in ms; batch: mean rows per batch; /echo, "
+        "d50echo: throughput ratio and p50 difference (ms) against the echo case with the "
+        "same transport and in-flight count; /raw: throughput against raw torch's best; "
+        "srv us: server CPU microseconds per request; cpu c/s/o: cores used by the load "
+        "processes / the server / everything else."
+    )
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.cases import ECHO, Case
+from bench.catalog import MODELS
 
 Repeat = dict[str, Any]
 FULL_BATCH = 32  # the largest batch 32 callers can form (and the archives' max_batch_size)
@@ -53,7 +54,11 @@ def case_ratios(repeat: Repeat, case: Case) -> dict[str, float | None]:
         out["vs_echo_p50_delta_ms"] = _sub(
             _get(repeat, case.name, "p50_ms"), _get(repeat, echo, "p50_ms")
         )
-    raw = repeat.get("raw", {}).get(case.model)
+        out["vs_echo_server_cpu_per_request"] = _div(
+            _get(repeat, case.name, "server_us_per_request"),
+            _get(repeat, echo, "server_us_per_request"),
+        )
+    raw = repeat.get("raw", {}).get(MODELS[case.model].raw_key)
     if raw and case.target != ECHO:
         out["vs_raw_throughput"] = _div(
             _get(repeat, case.name, "throughput"), raw["best_throughput"]
