@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from edgeserve.errors import EdgeserveError, InvalidArgument, NotFound, PermissionDenied
 
 if TYPE_CHECKING:
-    from edgeserve.api.management import ManagementClient
+    from edgeserve.api.management_client import ManagementClient
     from edgeserve.config import Config
 
 ENV_ADDRESS = "EDGESERVE_MANAGEMENT"
@@ -170,7 +170,7 @@ def management_target(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def _client(args: argparse.Namespace) -> ManagementClient:
-    from edgeserve.api.management import ManagementClient
+    from edgeserve.api.management_client import ManagementClient
 
     target, token = management_target(args)
     return ManagementClient(target, token=token, timeout=args.timeout)
@@ -178,7 +178,7 @@ def _client(args: argparse.Namespace) -> ManagementClient:
 
 def _call(args: argparse.Namespace, action: Callable[[ManagementClient], Any]) -> Any:
     """Run one client action; map a failed call to the CLI's error family."""
-    from edgeserve.api.management import CallFailed
+    from edgeserve.api.management_client import CallFailed
 
     client = _client(args)
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from edgeserve.api.management import ManagementClient
+from edgeserve.api.management_client import ManagementClient
 
 CLI_TIMEOUT = 120
 
@@ -109,7 +109,7 @@ def drop_in(daemon: Any, archive: Path, name: str | None = None) -> Path:
 # `edgeserve ARGS`. The interpreter lives under /root (0700), so imports must happen first.
 _AS_USER = textwrap.dedent("""\
     import os, sys, json
-    import grpc, edgeserve.cli, edgeserve.cli_models, edgeserve.api.management
+    import grpc, edgeserve.cli, edgeserve.cli_models, edgeserve.api.management_client
     import edgeserve.status, edgeserve.config, edgeserve.store, edgeserve.telemetry.sampler
     import encodings.idna, argparse, json.decoder
     uid, gid, groups = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])

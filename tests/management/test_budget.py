@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from edgeserve.api.management import CallFailed
+from edgeserve.api.management_client import CallFailed
 from tests.management.conftest import drop_in, management_address, run_cli
 
 

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from edgeserve.api.management import CallFailed
+from edgeserve.api.management_client import CallFailed
 from tests.management.conftest import drop_in, management_address, run_cli
 
 X = np.ones((1, 16), dtype=np.float32)

@@ -11,7 +11,7 @@ import sys
 import grpc
 import pytest
 
-from edgeserve.api.management import CallFailed, ManagementClient
+from edgeserve.api.management_client import CallFailed, ManagementClient
 from tests.conftest import free_port
 from tests.management.conftest import drop_in, management_address, open_run_dir, run_cli
 
