@@ -20,7 +20,9 @@ message always names the model, version, input or config key at fault.
     │                           malformed signature
     ├── StoreError          model store I/O failure
     ├── WarmupFailed        sample inputs did not give the expected outputs
-    └── ManagementError     refused management call (permissions, budget)
+    ├── ManagementError     refused management call (permissions, budget)
+    ├── PermissionDenied    the caller is known but not allowed (uid, group, path)
+    └── Unauthenticated     the caller did not prove who it is (no or wrong token)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Kind(enum.Enum):
     TOO_LARGE = "too_large"
     PERMISSION_DENIED = "permission_denied"
     FAILED_PRECONDITION = "failed_precondition"
+    UNAUTHENTICATED = "unauthenticated"
 
 
 class EdgeserveError(Exception):
@@ -148,3 +151,10 @@ class ManagementError(EdgeserveError):
 
 class PermissionDenied(EdgeserveError):
     kind = Kind.PERMISSION_DENIED
+
+
+class Unauthenticated(EdgeserveError):
+    """No credentials, or wrong ones (a missing or wrong management token); the message
+    says which, and never echoes what the caller sent."""
+
+    kind = Kind.UNAUTHENTICATED

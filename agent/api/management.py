@@ -37,7 +37,14 @@ from edgeserve.api.peercred import (
 )
 from edgeserve.api.status import map_errors
 from edgeserve.config import is_loopback_host, parse_listen_address
-from edgeserve.errors import ArchiveError, ConfigError, InvalidArgument, NotFound, PermissionDenied
+from edgeserve.errors import (
+    ArchiveError,
+    ConfigError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from edgeserve.proto import management_pb2 as pb
 from edgeserve.proto import management_pb2_grpc as pb_grpc
 from edgeserve.types import ModelSettings
@@ -152,7 +159,8 @@ _Method = Callable[[_S, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]
 
 
 def _guarded(method: _Method[_S, _Req, _Resp]) -> _Method[_S, _Req, _Resp]:
-    """Refuse callers the gate does not admit, then map errors through the shared table."""
+    """Refuse callers the gate does not admit (``Unauthenticated`` without a right token,
+    ``PermissionDenied`` otherwise), then map errors through the shared table."""
 
     @functools.wraps(method)
     async def checked(self: _S, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
@@ -160,12 +168,8 @@ def _guarded(method: _Method[_S, _Req, _Resp]) -> _Method[_S, _Req, _Resp]:
         verdict = self.gate.check(peer, context.invocation_metadata() or ())
         if not isinstance(verdict, str):
             log.warning("management: %s refused (%s): %s", method.__name__, peer, verdict.message)
-            code = (
-                grpc.StatusCode.UNAUTHENTICATED
-                if verdict.unauthenticated
-                else grpc.StatusCode.PERMISSION_DENIED
-            )
-            await context.abort(code, verdict.message)
+            refused = Unauthenticated if verdict.unauthenticated else PermissionDenied
+            raise refused(verdict.message)
         _CALLER.set(verdict)  # each RPC runs in its own task: a per-call value
         return await method(self, request, context)
 

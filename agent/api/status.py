@@ -37,6 +37,7 @@ STATUS_OF_KIND: Mapping[Kind, grpc.StatusCode] = MappingProxyType(
         Kind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
         Kind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
         Kind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+        Kind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     }
 )
 

@@ -20,7 +20,15 @@ from edgeserve.api.codec import (
     request_uses_raw,
 )
 from edgeserve.api.status import STATUS_OF_KIND, describe_error
-from edgeserve.errors import EdgeserveError, InvalidArgument, Kind, MessageTooLarge, NotFound
+from edgeserve.errors import (
+    EdgeserveError,
+    InvalidArgument,
+    Kind,
+    MessageTooLarge,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from edgeserve.proto import kserve_v2_pb2 as pb
 from edgeserve.registry import LiveModel
 from edgeserve.types import BytesTensor, InferRequest, InferResult
@@ -228,3 +236,18 @@ def test_status_table_covers_every_kind() -> None:
     )
     code, message = describe_error(ValueError("secret 42"), "X")
     assert code is grpc.StatusCode.INTERNAL and "secret" not in message
+
+
+def test_refused_callers_map_to_unauthenticated_or_permission_denied() -> None:
+    # Unauthenticated (no or wrong token) and PermissionDenied (known but not allowed) are
+    # distinct kinds, and the message goes out unchanged.
+    assert Unauthenticated("wrong management token").kind is Kind.UNAUTHENTICATED
+    assert isinstance(Unauthenticated("x"), EdgeserveError)
+    assert describe_error(Unauthenticated("wrong management token"), "ListModels") == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "wrong management token",
+    )
+    assert describe_error(PermissionDenied("uid 1000 is not allowed"), "ListModels") == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "uid 1000 is not allowed",
+    )

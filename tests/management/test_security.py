@@ -76,12 +76,17 @@ def test_tcp_needs_the_token(mdaemons, mlp_archive_factory, client_of, tmp_path)
     wrong.write_text("not-the-token-but-long-enough")
 
     wrong_token = wrong.read_text()
-    for client in (ManagementClient(tcp), ManagementClient(tcp, token=wrong_token)):
-        with client:
+    refusals = {
+        None: "missing 'authorization: Bearer <token>' metadata",
+        wrong_token: "wrong management token",
+    }
+    for sent, expected in refusals.items():
+        with ManagementClient(tcp, token=sent) as client:
             for call in (lambda c: c.list_models(), lambda c: c.unload("mlp", "1")):
                 with pytest.raises(CallFailed) as caught:
                     call(client)
                 assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED, caught.value
+                assert caught.value.message == expected  # and never the token sent
     with ManagementClient(tcp, token=token) as client:
         assert client.list_models() == before
 
