@@ -27,6 +27,7 @@ CORE = {
     "warmup",
     "scripting",
     "package_samples",
+    "batch_queue",
 }
 FORBIDDEN_FOR_CORE = (
     "edgeserve.api",
