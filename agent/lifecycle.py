@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -28,8 +27,10 @@ from edgeserve.registry import LiveModel, ModelRegistry, ModelState
 from edgeserve.runtime import LoadedModel, RuntimeOptions, load_model
 from edgeserve.store import InstalledModel, LiveEntry, ModelStore
 from edgeserve.telemetry.recorders import Recorders
+from edgeserve.thread_budget import choose_intra_op_threads, first_row, full_batch_of
 from edgeserve.types import ModelSettings
-from edgeserve.worker import InstanceWorker
+from edgeserve.warmup import representative_inputs
+from edgeserve.worker import InstanceWorker, default_intra_op_threads
 
 log = logging.getLogger("edgeserve.lifecycle")
 
@@ -212,7 +213,11 @@ class Lifecycle:
         try:
             if options.warmup:
                 await asyncio.to_thread(loaded.warm_up)
-            return self._assemble(installed, loaded, settings, time.monotonic() - started)
+            batch = _batch_settings(installed, settings)
+            threads = await asyncio.to_thread(self._intra_op_threads, loaded, settings, batch)
+            return self._assemble(
+                installed, loaded, settings, batch, threads, time.monotonic() - started
+            )
         except WarmupFailed:
             self._recorders.for_model(name, version).observe_warmup_failure()
             await asyncio.to_thread(loaded.close)
@@ -221,29 +226,38 @@ class Lifecycle:
             await asyncio.to_thread(loaded.close)
             raise
 
+    def _intra_op_threads(
+        self, loaded: LoadedModel, settings: ModelSettings, batch: BatchSettings
+    ) -> int:
+        """The configured count, else the one measured fastest on this model (thread_budget)."""
+        if settings.intra_op_threads:
+            return settings.intra_op_threads
+        share = default_intra_op_threads(batch.instances)
+        if share == 1 or loaded.device.type != "cpu":
+            return 1  # on a GPU one CPU thread feeds it; on one core there is no choice
+        sample = representative_inputs(loaded)
+        if sample is None:
+            log.info("%s: nothing to time the thread budget with: 1 thread", loaded.manifest.name)
+            return 1
+        batches = all(spec.shape[:1] == (-1,) for spec in loaded.inputs)
+        one = first_row(sample) if batches else sample
+        full = full_batch_of(sample, batch.max_batch_size) if batches else None
+        choice = choose_intra_op_threads(loaded.run, one, full, share)
+        timings = ", ".join(f"{k} {v * 1e6:.0f}us" for k, v in choice.timings_s.items())
+        log.info("%s: %d intra-op thread(s) (%s)", loaded.manifest.name, choice.threads, timings)
+        return choice.threads
+
     def _assemble(
-        self, installed: InstalledModel, loaded: LoadedModel, settings: ModelSettings, took: float
+        self,
+        installed: InstalledModel,
+        loaded: LoadedModel,
+        settings: ModelSettings,
+        batch: BatchSettings,
+        threads: int,
+        took: float,
     ) -> _Serving:
         manifest = installed.manifest
-        defaults = manifest.batching
-        instances = max(1, settings.instances)
-        threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // instances)
-        batch = BatchSettings(
-            max_batch_size=settings.max_batch_size or defaults.max_batch_size,
-            max_queue_delay_s=(
-                settings.max_queue_delay_ms
-                if settings.max_queue_delay_ms is not None
-                else defaults.max_queue_delay_ms
-            )
-            / 1000.0,
-            max_queue_size=settings.max_queue_size,
-            preferred_batch_sizes=(
-                settings.preferred_batch_sizes
-                if settings.preferred_batch_sizes is not None
-                else defaults.preferred_batch_sizes
-            ),
-            instances=instances,
-        )
+        instances = batch.instances
         label = f"{manifest.name}/{manifest.version}"
         workers = [
             InstanceWorker(loaded.run, threads, loaded.device, f"{label}#{i}")
@@ -316,3 +330,25 @@ class Lifecycle:
         self._store.write_live_state(self.live_entries())
         if self._on_change is not None:
             self._on_change()
+
+
+def _batch_settings(installed: InstalledModel, settings: ModelSettings) -> BatchSettings:
+    """Serving settings over the archive's batching defaults."""
+    defaults = installed.manifest.batching
+    delay_ms = (
+        settings.max_queue_delay_ms
+        if settings.max_queue_delay_ms is not None
+        else defaults.max_queue_delay_ms
+    )
+    preferred = (
+        settings.preferred_batch_sizes
+        if settings.preferred_batch_sizes is not None
+        else defaults.preferred_batch_sizes
+    )
+    return BatchSettings(
+        max_batch_size=settings.max_batch_size or defaults.max_batch_size,
+        max_queue_delay_s=delay_ms / 1000.0,
+        max_queue_size=settings.max_queue_size,
+        preferred_batch_sizes=preferred,
+        instances=max(1, settings.instances),
+    )

@@ -112,17 +112,30 @@ def warm_up(model: Runnable) -> WarmupReport:
     return WarmupReport(len(durations), False, tuple(durations), worst)
 
 
-def _synthetic(model: Runnable) -> WarmupReport:
-    label = _label(model.manifest)
+def representative_inputs(model: Runnable) -> Mapping[str, TensorValue] | None:
+    """One real batch the model accepts: its first sample, else zeros; None if neither."""
+    manifest = model.manifest
+    if manifest.samples:
+        inputs, _ = load_sample(
+            model.model_dir, manifest, manifest.samples[0], signature=(model.inputs, model.outputs)
+        )
+        return inputs
     if any(spec.datatype not in TORCH_DTYPES for spec in model.inputs):
-        log.info("%s: no samples and non-numeric inputs: no warm-up run", label)
-        return WarmupReport(0, False, (), {})
-    inputs: Tensors = {
+        return None
+    return {
         spec.name: torch.zeros(
             [1 if d < 0 else d for d in spec.shape], dtype=TORCH_DTYPES[spec.datatype]
         )
         for spec in model.inputs
     }
+
+
+def _synthetic(model: Runnable) -> WarmupReport:
+    label = _label(model.manifest)
+    inputs = representative_inputs(model)
+    if inputs is None:
+        log.info("%s: no samples and non-numeric inputs: no warm-up run", label)
+        return WarmupReport(0, False, (), {})
     started = time.perf_counter()
     _run(model, inputs, "the synthetic batch")
     took = time.perf_counter() - started

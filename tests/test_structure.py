@@ -28,6 +28,7 @@ CORE = {
     "scripting",
     "package_samples",
     "batch_queue",
+    "thread_budget",
 }
 FORBIDDEN_FOR_CORE = (
     "edgeserve.api",

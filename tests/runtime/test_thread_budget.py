@@ -1,0 +1,52 @@
+"""The intra-op thread budget is measured, and more threads must clearly pay."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from edgeserve.thread_budget import choose_intra_op_threads, first_row, full_batch_of
+from edgeserve.types import BytesTensor
+
+
+def _costs(one_thread_s: float, more_threads_s: float):
+    """A run whose cost depends on the intra-op thread count of the calling thread."""
+
+    def run(inputs):
+        time.sleep(one_thread_s if torch.get_num_threads() == 1 else more_threads_s)
+
+    return run
+
+
+def test_more_threads_are_kept_only_when_clearly_faster():
+    x = {"x": torch.zeros(1, 4)}
+    full = {"x": torch.zeros(8, 4)}
+    faster = choose_intra_op_threads(_costs(0.004, 0.001), x, full, 2, budget_s=0.2)
+    assert faster.threads == 2
+    assert set(faster.timings_s) == {"1x1", "1x8", "2x1", "2x8"}
+    slower = choose_intra_op_threads(_costs(0.001, 0.004), x, full, 2, budget_s=0.2)
+    assert slower.threads == 1
+    marginal = choose_intra_op_threads(_costs(0.002, 0.0019), x, None, 2, budget_s=0.2)
+    assert marginal.threads == 1
+
+
+def test_the_callers_thread_budget_is_untouched():
+    before = torch.get_num_threads()
+    choose_intra_op_threads(_costs(0.001, 0.001), {"x": torch.zeros(1)}, None, 2, budget_s=0.05)
+    assert torch.get_num_threads() == before
+
+
+def test_one_core_needs_no_probe():
+    calls = []
+    choice = choose_intra_op_threads(lambda i: calls.append(1), {"x": torch.zeros(1)}, None, 1)
+    assert choice.threads == 1 and not calls
+
+
+def test_rows_are_cut_and_repeated_along_dim_0():
+    sample = {"x": torch.arange(6.0).reshape(2, 3), "s": BytesTensor([b"a", b"b"], (2,))}
+    one = first_row(sample)
+    assert one["x"].shape == (1, 3) and one["s"].items == [b"a"]
+    full = full_batch_of(sample, 5)
+    assert full["x"].shape == (5, 3) and full["x"][4].tolist() == [0.0, 1.0, 2.0]
+    assert full["s"].items == [b"a", b"b", b"a", b"b", b"a"] and full["s"].shape == (5,)
