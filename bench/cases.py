@@ -1,7 +1,8 @@
 """The cases the bench runs, and how one case becomes a row of figures.
 
 A case name reads ``<target>-<transport>-<load>``: target ``echo`` (the echo ceiling) or
-a model key (``mlp``, ``mlp-nobatch``, ``mlp-int8``, ``cnn``: edgeserve serving it);
+a model key (``mlp``, ``mlp-nobatch``, ``mlp-int8``, ``cnn`` and the thread-budget
+variants ``mlp-t1``, ``cnn-2x1``: edgeserve serving it, see ``bench.catalog``);
 transport ``uds`` or ``tcp``; load ``c<N>`` (closed loop, N unary calls in flight),
 ``stream<N>`` (one ModelStreamInfer stream, N messages in flight), ``open<P>`` (Poisson
 at P % of the capacity measured for that model and transport in the same repeat) and a
@@ -30,6 +31,11 @@ ECHO = "echo"
 TRANSPORTS = ("uds", "tcp")
 CLOSED_LEVELS = (1, 8, 32, 64)
 STREAM_IN_FLIGHT = 32
+
+
+def server_of(case: Case) -> str:
+    """The name of the server a case drives."""
+    return ECHO if case.target == ECHO else MODELS[case.target].daemon
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ def all_cases() -> list[Case]:
         cases += [_closed("cnn", transport, level) for level in (1, 32)]
     cases += [_closed(ECHO, "uds", 32, procs=2), _closed("mlp", "uds", 32, procs=2)]
     cases += [_closed("cnn", "uds", level) for level in (8, 64)]
+    cases += [_closed("mlp-t1", "uds", level) for level in (1, 32)]
+    cases += [_closed("cnn-2x1", "uds", level) for level in (1, 32)]
     for transport in TRANSPORTS:
         cases += [_open("mlp", transport, percent) for percent in (50, 90)]
     cases += [_open("cnn", "uds", percent) for percent in (50, 90, 300)]
@@ -157,7 +165,7 @@ class CaseRunner:
         return best
 
     def _attempt(self, case: Case, capacity: float | None, duration_s: float) -> dict[str, Any]:
-        server = self._servers[ECHO if case.target == ECHO else "edgeserve"]
+        server = self._servers[server_of(case)]
         spec = LoadSpec(
             address=server.address(case.transport),
             kind=case.kind,

@@ -20,6 +20,7 @@ from edgeserve.proto import kserve_v2_pb2 as pb
 
 INPUT_NAME = "x"
 MAX_BATCH_SIZE = 32
+VARIANTS = "edgeserve-1thread"
 _COUNTERS = struct.Struct("<qq")  # the layout bench/counting_handler.py writes
 
 
@@ -37,6 +38,11 @@ class ModelSpec:
     """Per-model ``batching:`` config of the daemon."""
     raw_as: str | None = None
     """Measure raw torch on this other model instead (same module)."""
+    daemon: str = "edgeserve"
+    """Which bench daemon serves it. The thread-budget variants get their own: in one
+    process, an instance's first batch resets its OpenMP thread count to whatever
+    ``torch.set_num_threads`` was called with last, in any thread (ATen's per-thread
+    lazy init), so mixed intra-op budgets in one daemon are not what they say."""
 
     @property
     def raw_key(self) -> str:
@@ -75,6 +81,26 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec("mlp-int8", "build_mlp", (1, 64), (1, 10), quantize="dynamic"),
         ModelSpec("cnn", "build_cnn", (1, 3, 32, 32), (1, 10)),
+        # Thread-budget variants of the same modules (DESIGN.md section 4): what a
+        # different instances x intra-op split does when client and server share 2 cores.
+        ModelSpec(
+            "mlp-t1",
+            "build_mlp",
+            (1, 64),
+            (1, 10),
+            batching={"intra_op_threads": 1},
+            raw_as="mlp",
+            daemon=VARIANTS,
+        ),
+        ModelSpec(
+            "cnn-2x1",
+            "build_cnn",
+            (1, 3, 32, 32),
+            (1, 10),
+            batching={"instances": 2, "intra_op_threads": 1},
+            raw_as="cnn",
+            daemon=VARIANTS,
+        ),
     )
 }
 

@@ -11,6 +11,7 @@ whether targets were met.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -27,6 +28,7 @@ from bench.catalog import MODELS, build_archives
 from bench.references import baselines, idle_daemon, raw_torch
 from bench.server import DaemonSetup, Server, start_daemon, start_echo
 
+DAEMON = "edgeserve"  # the main bench daemon (the thread-budget variants have their own)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 MAX_QUEUE_SIZE = 256
 
@@ -59,6 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.25,
         help="CPU of other processes (cores) above which a case is re-run",
     )
+    parser.add_argument(
+        "--daemon-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the bench daemons (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE",
+    )
     parser.add_argument("--no-idle", action="store_true", help="skip the idle-daemon step")
     parser.add_argument(
         "--profile",
@@ -67,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--profile-cases", default="mlp-uds-c1,mlp-uds-c32,echo-uds-c32")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument(
+        "--report", type=Path, help="re-print the tables and re-plot from a bench JSON; no run"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, state)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -125,11 +137,11 @@ def run_repeat(
             f"  other cpu {figures['cpu']['other']:.2f}",
             flush=True,
         )
-    daemon: Server | None = ctx["servers"].get("edgeserve")
+    daemon: Server | None = ctx["servers"].get(DAEMON)
     if daemon is not None:
         repeat["daemon"] = {
             "ready_s": daemon.ready_s,
-            "models": len(ctx["served"]),
+            "models": sum(MODELS[k].daemon == DAEMON for k in ctx["served"]),
             "rss_after_load_mb": daemon.rss() / 2**20,
         }
     return repeat
@@ -138,15 +150,18 @@ def run_repeat(
 def _start_servers(cases: list[Case], ctx: dict[str, Any], args: argparse.Namespace) -> None:
     if any(c.target == ECHO for c in cases):
         ctx["servers"][ECHO] = start_echo(ctx["work"])
-    served = ctx["served"]
-    if served:
+    groups: dict[str, list[str]] = {}
+    for key in ctx["served"]:
+        groups.setdefault(MODELS[key].daemon, []).append(key)
+    for name, keys in groups.items():
         setup = DaemonSetup(
-            models=[(MODELS[k].archive(ctx["work"]), MODELS[k].batching) for k in served],
+            models=[(MODELS[k].archive(ctx["work"]), MODELS[k].batching) for k in keys],
             public_key=ctx["public"],
             threads=args.threads,
             max_queue_size=MAX_QUEUE_SIZE,
+            env=dict(item.split("=", 1) for item in args.daemon_env),
         )
-        ctx["servers"]["edgeserve"] = start_daemon(ctx["work"], "edgeserve", setup)
+        ctx["servers"][name] = start_daemon(ctx["work"], name, setup)
 
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
@@ -174,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(c.name for c in all_cases()))
         return 0
+    if args.report:
+        return _report_again(args.report)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"edgeserve-bench-{stamp}-"))
@@ -223,6 +240,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"work folder kept: {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _print_tables(summary: dict[str, Any], cases: list[Case]) -> None:
+    print()
+    print(report.reference_table(summary))
+    print()
+    print(report.case_table(summary, cases))
+    print()
+    print(report.target_table(summary))
+
+
+def _report_again(path: Path) -> int:
+    """Summarize a bench JSON again (medians, ratios, targets), rewrite it and its plot."""
+    document = json.loads(path.read_text())
+    cases = [c for c in all_cases() if any(c.name in r["cases"] for r in document["repeats"])]
+    document["median"] = report.summarize_repeats(document["repeats"], cases)
+    report.write_json(path, document)
+    report.plot(path.with_suffix(".png"), document["median"], cases)
+    _print_tables(document["median"], cases)
+    print(f"\nmedians of {len(document['repeats'])} repeat(s); rewrote {path}")
     return 0
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from bench.cases import ECHO, Case, CaseRunner
+from bench.cases import Case, CaseRunner, server_of
 from bench.server import Server
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -161,7 +161,7 @@ def profile_cases(
         return {"error": "py-spy not found (pip install py-spy)"}
     found: dict[str, Any] = {}
     for case in cases:
-        server = servers.get(ECHO if case.target == ECHO else "edgeserve")
+        server = servers.get(server_of(case))
         if server is None:
             continue
         found[case.name] = _profile_one(binary, runner, server, case, out, seconds, warmup_s)

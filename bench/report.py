@@ -28,6 +28,23 @@ def median_tree(values: Sequence[Any]) -> Any:
     return present[0]
 
 
+def _zero_filled_errors(repeats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-repeat case figures whose ``errors`` list every code seen in any repeat (0 where
+    a repeat had none), so that the median of a code seen once is 0, not its count."""
+    codes: dict[str, set[str]] = {}
+    for repeat in repeats:
+        for name, figures in repeat["cases"].items():
+            codes.setdefault(name, set()).update(figures["errors"])
+    filled = []
+    for repeat in repeats:
+        cases = {}
+        for name, figures in repeat["cases"].items():
+            errors = {code: figures["errors"].get(code, 0) for code in sorted(codes[name])}
+            cases[name] = {**figures, "errors": errors}
+        filled.append(cases)
+    return filled
+
+
 def summarize_repeats(repeats: list[dict[str, Any]], cases: list[Case]) -> dict[str, Any]:
     """Medians of figures, of per-repeat ratios and of per-repeat target values."""
     ratios = {
@@ -52,7 +69,7 @@ def summarize_repeats(repeats: list[dict[str, Any]], cases: list[Case]) -> dict[
             }
         )
     return {
-        "cases": median_tree([r["cases"] for r in repeats]),
+        "cases": median_tree(_zero_filled_errors(repeats)),
         "ratios": ratios,
         "raw": median_tree([r.get("raw") for r in repeats]),
         "idle": median_tree([r.get("idle") for r in repeats]),
@@ -82,7 +99,7 @@ def case_table(summary: dict[str, Any], cases: list[Case]) -> str:
             continue
         ratio = summary["ratios"].get(case.name, {})
         cpu = fig["cpu"]
-        errors = ", ".join(f"{k}:{int(v)}" for k, v in fig["errors"].items()) or "-"
+        errors = ", ".join(f"{k}:{v:.0f}" for k, v in fig["errors"].items() if v) or "-"
         lines.append(
             f"{case.name:<24}{fig['throughput']:>8.0f}{_f(fig['p50_ms'], 3):>8}"
             f"{_f(fig['p95_ms'], 3):>8}{_f(fig['p99_ms'], 3):>8}"

@@ -138,6 +138,8 @@ class DaemonSetup:
     instances: int = 1
     max_queue_size: int = 256
     metrics: bool = True
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of the daemon process (``--daemon-env``, e.g. OMP_WAIT_POLICY)."""
 
 
 def _config_text(
@@ -193,7 +195,7 @@ def start_daemon(work: Path, name: str, setup: DaemonSetup, timeout: float = 180
     started = time.monotonic()
     with log_path.open("ab") as sink:
         process = subprocess.Popen(  # noqa: S603 - our interpreter, our arguments
-            command, stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ)
+            command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **setup.env}
         )
     server = Server(name, process, uds, tcp, log_path, metrics_port=port)
     server.extra["run_dir"] = run_dir
