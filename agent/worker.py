@@ -170,6 +170,10 @@ class InstanceWorker:
                 job()
 
     def _setup(self, stack: contextlib.ExitStack) -> None:
+        # torch sizes a thread's OpenMP team at its first parallel op, from whatever
+        # set_num_threads() ran last in *any* thread; run one first, so that a model loaded
+        # later with another budget cannot overwrite this instance's.
+        torch.ones(1 << 17).add_(1)  # above the parallel grain size: really parallel
         torch.set_num_threads(self.intra_op_threads)
         device = self.device
         if device is not None and device.type == "cuda" and torch.cuda.is_available():

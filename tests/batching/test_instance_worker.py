@@ -161,3 +161,22 @@ def test_many_hops_in_a_row_keep_order_and_values():
 def test_a_thread_budget_below_one_is_refused():
     with pytest.raises(ValueError, match="intra_op_threads must be >= 1"):
         InstanceWorker(lambda inputs: dict(inputs), intra_op_threads=0, name="bad")
+
+
+def test_a_later_instance_cannot_change_an_earlier_ones_thread_budget():
+    """torch seeds a thread's OpenMP team from the last set_num_threads() of any thread."""
+    def probe(inputs):
+        x = torch.ones(256, 256)
+        x @ x  # a parallel op, after which the team size is fixed
+        return {"n": torch.tensor([torch.get_num_threads()])}
+
+    async def scenario():
+        two = InstanceWorker(probe, 2, None, "two")
+        one = InstanceWorker(probe, 1, None, "one")  # created after, before `two` ever ran
+        try:
+            return (await two.run_batch({}))["n"].item(), (await one.run_batch({}))["n"].item()
+        finally:
+            two.close()
+            one.close()
+
+    assert asyncio.run(scenario()) == (2, 1)
