@@ -30,7 +30,12 @@ from edgeserve.telemetry.recorders import Recorders
 from edgeserve.thread_budget import choose_intra_op_threads, first_row, full_batch_of
 from edgeserve.types import ModelSettings
 from edgeserve.warmup import representative_inputs
-from edgeserve.worker import InstanceWorker, default_intra_op_threads
+from edgeserve.worker import (
+    INLINE_MAX_BATCH_S,
+    InlineExecutor,
+    InstanceWorker,
+    default_intra_op_threads,
+)
 
 log = logging.getLogger("edgeserve.lifecycle")
 
@@ -214,9 +219,9 @@ class Lifecycle:
             if options.warmup:
                 await asyncio.to_thread(loaded.warm_up)
             batch = _batch_settings(installed, settings)
-            threads = await asyncio.to_thread(self._intra_op_threads, loaded, settings, batch)
+            threads, inline = await asyncio.to_thread(self._execution, loaded, settings, batch)
             return self._assemble(
-                installed, loaded, settings, batch, threads, time.monotonic() - started
+                installed, loaded, settings, batch, threads, inline, time.monotonic() - started
             )
         except WarmupFailed:
             self._recorders.for_model(name, version).observe_warmup_failure()
@@ -226,26 +231,43 @@ class Lifecycle:
             await asyncio.to_thread(loaded.close)
             raise
 
-    def _intra_op_threads(
+    def _execution(
         self, loaded: LoadedModel, settings: ModelSettings, batch: BatchSettings
-    ) -> int:
-        """The configured count, else the one measured fastest on this model (thread_budget)."""
+    ) -> tuple[int, bool]:
+        """(intra-op threads, run inline on the loop): configured, else measured here.
+
+        A model whose full batch takes under ``INLINE_MAX_BATCH_S`` on one thread runs on
+        the event loop itself (one instance, no thread hop); see ``thread_budget``.
+        """
         if settings.intra_op_threads:
-            return settings.intra_op_threads
+            return settings.intra_op_threads, False
+        if loaded.device.type != "cpu":
+            return 1, False  # the GPU does the work; one CPU thread feeds it
         share = default_intra_op_threads(batch.instances)
-        if share == 1 or loaded.device.type != "cpu":
-            return 1  # on a GPU one CPU thread feeds it; on one core there is no choice
         sample = representative_inputs(loaded)
         if sample is None:
             log.info("%s: nothing to time the thread budget with: 1 thread", loaded.manifest.name)
-            return 1
+            return 1, False
         batches = all(spec.shape[:1] == (-1,) for spec in loaded.inputs)
         one = first_row(sample) if batches else sample
         full = full_batch_of(sample, batch.max_batch_size) if batches else None
         choice = choose_intra_op_threads(loaded.run, one, full, share)
+        slowest = choice.one_thread_s
+        inline = (
+            batch.instances == 1
+            and choice.threads == 1
+            and slowest is not None
+            and slowest < INLINE_MAX_BATCH_S
+        )
         timings = ", ".join(f"{k} {v * 1e6:.0f}us" for k, v in choice.timings_s.items())
-        log.info("%s: %d intra-op thread(s) (%s)", loaded.manifest.name, choice.threads, timings)
-        return choice.threads
+        log.info(
+            "%s: %d intra-op thread(s)%s (%s)",
+            loaded.manifest.name,
+            choice.threads,
+            ", inline on the event loop" if inline else "",
+            timings,
+        )
+        return choice.threads, inline
 
     def _assemble(
         self,
@@ -254,15 +276,20 @@ class Lifecycle:
         settings: ModelSettings,
         batch: BatchSettings,
         threads: int,
+        inline: bool,
         took: float,
     ) -> _Serving:
         manifest = installed.manifest
         instances = batch.instances
         label = f"{manifest.name}/{manifest.version}"
-        workers = [
-            InstanceWorker(loaded.run, threads, loaded.device, f"{label}#{i}")
-            for i in range(instances)
-        ]
+        workers: list[InstanceWorker | InlineExecutor] = (
+            [InlineExecutor(loaded.run, label)]
+            if inline
+            else [
+                InstanceWorker(loaded.run, threads, loaded.device, f"{label}#{i}")
+                for i in range(instances)
+            ]
+        )
         recorder = self._recorders.for_model(manifest.name, manifest.version)
         batcher = AdaptiveBatcher(
             manifest.name, manifest.version, batch, workers, on_batch=recorder.observe_batch
@@ -282,6 +309,7 @@ class Lifecycle:
             info={
                 "instances": instances,
                 "intra_op_threads": threads,
+                "execution": "inline" if inline else "threads",
                 "max_batch_size": batch.max_batch_size,
                 "max_queue_delay_ms": batch.max_queue_delay_s * 1000.0,
                 "max_queue_size": batch.max_queue_size,

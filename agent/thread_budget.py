@@ -33,6 +33,12 @@ class ThreadChoice:
     timings_s: dict[str, float]
     """Median seconds per run, keyed "<threads>x<rows>"."""
 
+    @property
+    def one_thread_s(self) -> float | None:
+        """The slowest one-thread figure (the full batch when it was timed)."""
+        figures = [v for k, v in self.timings_s.items() if k.startswith("1x")]
+        return max(figures) if figures else None
+
 
 def choose_intra_op_threads(
     run: Callable[[Inputs], object],
@@ -44,18 +50,18 @@ def choose_intra_op_threads(
 ) -> ThreadChoice:
     """Time ``run`` with 1 and ``max_threads`` threads on a fresh thread (OpenMP's thread
     count is per thread) and return the smaller count unless the larger is clearly faster.
+    With ``max_threads`` 1 only one thread is timed (the lifecycle still wants the figure).
     """
-    if max_threads <= 1:
-        return ThreadChoice(1, {})
+    counts = (1, max_threads) if max_threads > 1 else (1,)
     cases = [one_row] + ([full_batch] if full_batch is not None else [])
-    per_case = budget_s / (2 * len(cases))
+    per_case = budget_s / (len(counts) * len(cases))
     timings: dict[str, float] = {}
     failure: list[BaseException] = []
 
     def probe() -> None:
         try:
             with torch.inference_mode():
-                for threads in (1, max_threads):
+                for threads in counts:
                     torch.set_num_threads(threads)
                     for inputs in cases:
                         key = f"{threads}x{_rows(inputs)}"
@@ -68,6 +74,8 @@ def choose_intra_op_threads(
     worker.join()
     if failure:
         raise failure[0]
+    if max_threads <= 1:
+        return ThreadChoice(1, timings)
     faster = all(
         timings[f"{max_threads}x{_rows(c)}"] < _MUST_BEAT * timings[f"1x{_rows(c)}"] for c in cases
     )

@@ -180,3 +180,34 @@ def test_a_later_instance_cannot_change_an_earlier_ones_thread_budget():
             one.close()
 
     assert asyncio.run(scenario()) == (2, 1)
+
+
+def test_inline_executor_serves_a_batcher_on_the_loop_thread():
+    from edgeserve.batching import AdaptiveBatcher, BatchSettings
+    from edgeserve.types import InferRequest
+    from edgeserve.worker import InlineExecutor
+
+    seen_threads = []
+
+    def double(inputs):
+        seen_threads.append(threading.get_ident())
+        if bool((inputs["x"] < 0).any()):
+            raise ValueError("negative")
+        return {"y": inputs["x"] * 2}
+
+    async def scenario():
+        settings = BatchSettings(max_batch_size=8, max_queue_delay_s=0.001, max_queue_size=16)
+        batcher = AdaptiveBatcher("m", "1", settings, [InlineExecutor(double)])
+        requests = [
+            InferRequest("m", "1", {"x": torch.full((1, 2), float(i))}) for i in range(5)
+        ]
+        bad = InferRequest("m", "1", {"x": torch.full((1, 2), -1.0)})
+        ok = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        failed = await asyncio.gather(batcher.submit(bad), return_exceptions=True)
+        await batcher.close()
+        return threading.get_ident(), ok, failed
+
+    loop_thread, ok, failed = asyncio.run(scenario())
+    assert [r.outputs["y"][0, 0].item() for r in ok] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert set(seen_threads) == {loop_thread}
+    assert len(failed) == 1 and isinstance(failed[0], Exception)

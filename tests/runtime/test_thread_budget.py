@@ -37,10 +37,12 @@ def test_the_callers_thread_budget_is_untouched():
     assert torch.get_num_threads() == before
 
 
-def test_one_core_needs_no_probe():
-    calls = []
-    choice = choose_intra_op_threads(lambda i: calls.append(1), {"x": torch.zeros(1)}, None, 1)
-    assert choice.threads == 1 and not calls
+def test_one_core_times_one_thread_only():
+    choice = choose_intra_op_threads(
+        _costs(0.001, 0.0), {"x": torch.zeros(1)}, None, 1, budget_s=0.05
+    )
+    assert choice.threads == 1 and set(choice.timings_s) == {"1x1"}
+    assert 0.001 <= choice.one_thread_s < 0.01
 
 
 def test_rows_are_cut_and_repeated_along_dim_0():
