@@ -47,7 +47,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=len(os.sched_getaffinity(0)),
-        help="intra-op threads of the daemon's instance and of raw torch",
+        help="intra-op threads of raw torch (the physical limit)",
+    )
+    parser.add_argument(
+        "--daemon-threads",
+        type=int,
+        default=None,
+        help="intra_op_threads in the daemon's config (default: edgeserve measures per model)",
     )
     parser.add_argument(
         "--retries",
@@ -118,7 +124,9 @@ def run_repeat(
         )
     if not args.no_idle:
         print("  idle tiny-MLP daemon ...", flush=True)
-        repeat["idle"] = idle_daemon(ctx["work"], ctx["public"], args.threads, args.idle_seconds)
+        repeat["idle"] = idle_daemon(
+            ctx["work"], ctx["public"], args.daemon_threads, args.idle_seconds
+        )
         repeat["baselines"] = baselines()
     for case in cases:
         capacity = None
@@ -157,7 +165,7 @@ def _start_servers(cases: list[Case], ctx: dict[str, Any], args: argparse.Namesp
         setup = DaemonSetup(
             models=[(MODELS[k].archive(ctx["work"]), MODELS[k].batching) for k in keys],
             public_key=ctx["public"],
-            threads=args.threads,
+            threads=args.daemon_threads,
             max_queue_size=MAX_QUEUE_SIZE,
             env=dict(item.split("=", 1) for item in args.daemon_env),
         )

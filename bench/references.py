@@ -65,7 +65,7 @@ def baselines() -> dict[str, float]:
     return {"python_rss_mb": _child_rss("pass"), "import_torch_rss_mb": _child_rss("import torch")}
 
 
-def idle_daemon(work: Path, public_key: Path, threads: int, idle_s: float) -> dict[str, Any]:
+def idle_daemon(work: Path, public_key: Path, threads: int | None, idle_s: float) -> dict[str, Any]:
     """Start a daemon with the tiny MLP alone: time to READY, then RSS and CPU at idle."""
     setup = DaemonSetup(
         models=[(MODELS["mlp"].archive(work), {})],

@@ -134,7 +134,8 @@ class DaemonSetup:
     models: list[tuple[Path, dict[str, Any]]]
     """(archive, per-model batching overrides); the first is the default of its name."""
     public_key: Path
-    threads: int
+    threads: int | None
+    """intra_op_threads in the config; None leaves it to edgeserve (measured at load)."""
     instances: int = 1
     max_queue_size: int = 256
     metrics: bool = True
@@ -171,9 +172,9 @@ def _config_text(
           format: text
         batching:
           instances: {setup.instances}
-          intra_op_threads: {setup.threads}
           max_queue_size: {setup.max_queue_size}
         """)
+        + (f"  intra_op_threads: {setup.threads}\n" if setup.threads is not None else "")
         + metrics
         + "models:\n"
         + models
