@@ -122,7 +122,7 @@ class Lifecycle:
             live = await self._load_locked(name, version, settings or ModelSettings())
             if make_default:
                 self._registry.set_default(name, version)
-            self._persist()
+            await self._persist()
             return live
 
     async def swap(self, name: str, version: str, settings: ModelSettings | None = None) -> None:
@@ -131,22 +131,22 @@ class Lifecycle:
             if (name, version) not in self._serving:
                 await self._load_locked(name, version, settings or ModelSettings())
             self._registry.set_default(name, version)
-            self._persist()
+            await self._persist()
             old = [v for v in self._registry.versions(name) if v != version]
             for other in old:
                 await self._unload_locked(name, other)
-            self._persist()
+            await self._persist()
 
     async def unload(self, name: str, version: str) -> None:
         async with self._lock:
             if self._unrestored.pop((name, version), None) is None:
                 await self._unload_locked(name, version)
-            self._persist()
+            await self._persist()
 
     async def set_default(self, name: str, version: str) -> None:
         async with self._lock:
             self._registry.set_default(name, version)
-            self._persist()
+            await self._persist()
 
     async def scale(self, name: str, version: str, **changes: Any) -> ModelSettings:
         """Apply new serving settings by loading a fresh instance set, then swapping.
@@ -165,7 +165,7 @@ class Lifecycle:
             self._registry.add(fresh.live, make_default=was_default)
             self._serving[(name, version)] = fresh
             await self._teardown(serving)
-            self._persist()
+            await self._persist()
             return settings
 
     async def restore(self, entries: Sequence[LiveEntry]) -> list[str]:
@@ -354,8 +354,9 @@ class Lifecycle:
                 f"{self._memory_budget / 2**20:.0f} MiB budget (runtime.memory_budget_mb)"
             )
 
-    def _persist(self) -> None:
-        self._store.write_live_state(self.live_entries())
+    async def _persist(self) -> None:
+        # write + fsync + rename + dir fsync: tens of ms on flash, so off the event loop.
+        await asyncio.to_thread(self._store.write_live_state, self.live_entries())
         if self._on_change is not None:
             self._on_change()
 

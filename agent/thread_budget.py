@@ -53,7 +53,9 @@ def choose_intra_op_threads(
     With ``max_threads`` 1 only one thread is timed (the lifecycle still wants the figure).
     """
     counts = (1, max_threads) if max_threads > 1 else (1,)
-    cases = [one_row] + ([full_batch] if full_batch is not None else [])
+    cases = [one_row]
+    if full_batch is not None and _rows(full_batch) != _rows(one_row):
+        cases.append(full_batch)
     per_case = budget_s / (len(counts) * len(cases))
     timings: dict[str, float] = {}
     failure: list[BaseException] = []
@@ -108,10 +110,14 @@ def _rows(inputs: Inputs) -> int:
 
 
 def _median_time(run: Callable[[Inputs], object], inputs: Inputs, budget_s: float) -> float:
+    """Median of up to ``_RUNS_MAX`` runs within ``budget_s``; a slow model (one run over
+    the budget) is timed once, so the probe never costs more than a few of its batches."""
+    deadline = time.monotonic() + budget_s
     run(inputs)  # first call: allocations, lazy kernel choice
     times: list[float] = []
-    deadline = time.monotonic() + budget_s
-    while len(times) < _RUNS_MIN or (len(times) < _RUNS_MAX and time.monotonic() < deadline):
+    while not times or (
+        time.monotonic() < deadline and (len(times) < _RUNS_MIN or len(times) < _RUNS_MAX)
+    ):
         started = time.perf_counter()
         run(inputs)
         times.append(time.perf_counter() - started)

@@ -109,6 +109,8 @@ class InferenceServer:
             server_version,
             is_ready,
             max_stream_in_flight=max_stream_in_flight,
+            # Typed contents decode up to 8x larger than the wire message: bound that too.
+            max_request_bytes=max_message_bytes,
         )
         self.health = ModelHealth(registry, is_ready)
         self._server: grpc.aio.Server | None = None

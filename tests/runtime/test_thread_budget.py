@@ -52,3 +52,26 @@ def test_rows_are_cut_and_repeated_along_dim_0():
     full = full_batch_of(sample, 5)
     assert full["x"].shape == (5, 3) and full["x"][4].tolist() == [0.0, 1.0, 2.0]
     assert full["s"].items == [b"a", b"b", b"a", b"b", b"a"] and full["s"].shape == (5,)
+
+
+def test_a_slow_model_is_timed_within_the_budget():
+    calls = []
+
+    def slow(inputs):
+        calls.append(1)
+        time.sleep(0.05)
+
+    started = time.monotonic()
+    choose_intra_op_threads(
+        slow, {"x": torch.zeros(1, 2)}, {"x": torch.zeros(4, 2)}, 2, budget_s=0.1
+    )
+    # 4 cases (2 thread counts x 2 sizes), each: one warm run + one timed run at most.
+    assert len(calls) == 8
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_full_batch_of_one_row_is_not_timed_twice():
+    choice = choose_intra_op_threads(
+        _costs(0.001, 0.002), {"x": torch.zeros(1, 2)}, {"x": torch.zeros(1, 2)}, 2, budget_s=0.05
+    )
+    assert set(choice.timings_s) == {"1x1", "2x1"}
