@@ -165,6 +165,7 @@ def test_a_thread_budget_below_one_is_refused():
 
 def test_a_later_instance_cannot_change_an_earlier_ones_thread_budget():
     """torch seeds a thread's OpenMP team from the last set_num_threads() of any thread."""
+
     def probe(inputs):
         x = torch.ones(256, 256)
         x @ x  # a parallel op, after which the team size is fixed
@@ -198,9 +199,7 @@ def test_inline_executor_serves_a_batcher_on_the_loop_thread():
     async def scenario():
         settings = BatchSettings(max_batch_size=8, max_queue_delay_s=0.001, max_queue_size=16)
         batcher = AdaptiveBatcher("m", "1", settings, [InlineExecutor(double)])
-        requests = [
-            InferRequest("m", "1", {"x": torch.full((1, 2), float(i))}) for i in range(5)
-        ]
+        requests = [InferRequest("m", "1", {"x": torch.full((1, 2), float(i))}) for i in range(5)]
         bad = InferRequest("m", "1", {"x": torch.full((1, 2), -1.0)})
         ok = await asyncio.gather(*(batcher.submit(r) for r in requests))
         failed = await asyncio.gather(batcher.submit(bad), return_exceptions=True)

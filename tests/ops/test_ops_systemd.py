@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -151,6 +152,8 @@ def _verifiable_copy(repo_root: Path, folder: Path, drop_ins: bool) -> Path:
 def _systemd_analyze() -> str:
     path = shutil.which("systemd-analyze")
     if path is None:
+        if os.environ.get("EDGESERVE_CI"):  # .ci/run installs it: a skip there hides a gap
+            pytest.fail("systemd-analyze is missing in CI (apt-get install systemd)")
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
     return path
 
