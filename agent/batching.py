@@ -289,7 +289,10 @@ class AdaptiveBatcher:
             self._finish(batch, None, exc)
 
     def _finish(
-        self, batch: _Batch, results: list[Tensors] | None, error: BaseException | None
+        self,
+        batch: _Batch,
+        results: list[Tensors | BaseException] | None,
+        error: BaseException | None,
     ) -> None:
         """On the loop, once the executor is done with ``batch``."""
         elapsed = self._clock() - batch.started
@@ -307,11 +310,14 @@ class AdaptiveBatcher:
                 self._observe(self._on_batch, batch.rows, elapsed)
             ran = (batch.started, elapsed)
             for entry, outputs in zip(entries, results, strict=False):
+                if isinstance(outputs, BaseException):  # the batch was run apart
+                    self._fail_batch([entry], outputs)
+                    continue
                 entry.state = FINISHED
                 entry.ran = ran
                 if not entry.future.done():
                     entry.future.set_result(outputs)
-            self._completed += len(entries)
+                self._completed += 1
         else:
             self._fail_batch(entries, error or RuntimeError("executor returned nothing"))
         self._idle.append(batch.executor)

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from edgeserve.errors import EdgeserveError, Kind
 from edgeserve.types import BytesTensor, TensorValue
 
 log = logging.getLogger("edgeserve.worker")
@@ -43,7 +44,8 @@ RunFn = Callable[[Tensors], Mapping[str, TensorValue]]
 # A model whose full batch runs faster than this is run inline on the event loop.
 INLINE_MAX_BATCH_S = 100e-6
 
-PartsDone = Callable[[list[Tensors] | None, BaseException | None], None]
+# Per request: its outputs, or its own error when the batch had to be run apart.
+PartsDone = Callable[[list[Tensors | BaseException] | None, BaseException | None], None]
 _T = TypeVar("_T")
 
 
@@ -51,6 +53,27 @@ def default_intra_op_threads(instances: int) -> int:
     """The cores this process may use, split across instances; at least one each."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // max(1, instances))
+
+
+def run_isolating(
+    run: Callable[[Any], Mapping[str, TensorValue]],
+    parts: Sequence[Mapping[str, TensorValue]],
+    sizes: Sequence[int],
+) -> list[Tensors | BaseException]:
+    """Run the stacked batch and split it; if the batch is refused as an invalid input,
+    run each request alone, so that only the request at fault fails (error path only)."""
+    try:
+        return list(split_outputs(dict(run(stack_parts(parts))), sizes))
+    except EdgeserveError as exc:
+        if len(parts) == 1 or exc.kind is not Kind.INVALID_ARGUMENT:
+            raise
+    results: list[Tensors | BaseException] = []
+    for part in parts:
+        try:
+            results.append(dict(run(dict(part))))
+        except Exception as exc:  # this request's own error
+            results.append(exc)
+    return results
 
 
 def stack_parts(parts: Sequence[Mapping[str, TensorValue]]) -> Tensors:
@@ -133,7 +156,9 @@ class InstanceWorker:
         """Run one already-formed batch on the instance thread."""
         return await self._call(partial(self._run_once, inputs))
 
-    async def run_parts(self, parts: Sequence[Mapping[str, TensorValue]]) -> list[Tensors]:
+    async def run_parts(
+        self, parts: Sequence[Mapping[str, TensorValue]]
+    ) -> list[Tensors | BaseException]:
         """Stack, run and split, awaiting the per-request outputs."""
         sizes = [_rows(part) for part in parts]
         return await self._call(partial(self._stack_run_split, parts, sizes))
@@ -196,8 +221,8 @@ class InstanceWorker:
 
     def _stack_run_split(
         self, parts: Sequence[Mapping[str, TensorValue]], sizes: Sequence[int]
-    ) -> list[Tensors]:
-        return split_outputs(self._run_once(stack_parts(parts)), sizes)
+    ) -> list[Tensors | BaseException]:
+        return run_isolating(self._run_once, parts, sizes)
 
     def _execute_parts(
         self,
@@ -272,7 +297,7 @@ class InlineExecutor:
     ) -> None:
         try:
             with torch.inference_mode():
-                results = split_outputs(dict(self._run(stack_parts(parts))), sizes)
+                results = run_isolating(self._run, parts, sizes)
         except Exception as exc:  # handed to the batcher as the batch error
             loop.call_soon(done, None, exc)
         else:

@@ -210,3 +210,45 @@ def test_inline_executor_serves_a_batcher_on_the_loop_thread():
     assert [r.outputs["y"][0, 0].item() for r in ok] == [0.0, 2.0, 4.0, 6.0, 8.0]
     assert set(seen_threads) == {loop_thread}
     assert len(failed) == 1 and isinstance(failed[0], Exception)
+
+
+def test_a_refused_request_fails_alone_in_a_shared_batch():
+    from edgeserve.batching import AdaptiveBatcher, BatchSettings
+    from edgeserve.errors import InvalidArgument
+    from edgeserve.types import InferRequest
+
+    gate = threading.Event()
+    batch_rows = []
+
+    def model(inputs):
+        gate.wait(5)  # hold the first batch so that the rest queue up together
+        batch_rows.append(int(inputs["x"].shape[0]))
+        if bool((inputs["x"] < 0).any()):
+            raise InvalidArgument.for_input("m", "x", "negative values are refused")
+        return {"y": inputs["x"] + 1}
+
+    async def scenario():
+        settings = BatchSettings(max_batch_size=8, max_queue_delay_s=0.001, max_queue_size=16)
+        batcher = AdaptiveBatcher("m", "1", settings, [InstanceWorker(model, 1, None, "w")])
+        first = asyncio.ensure_future(
+            batcher.submit(InferRequest("m", "1", {"x": torch.ones(1, 2)}))
+        )
+        await asyncio.sleep(0)
+        values = [2.0, -1.0, 3.0, 4.0]
+        rest = [
+            asyncio.ensure_future(
+                batcher.submit(InferRequest("m", "1", {"x": torch.full((1, 2), v)}))
+            )
+            for v in values
+        ]
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert 4 in batch_rows, f"the four queued requests never shared a batch: {batch_rows}"
+    assert isinstance(results[2], InvalidArgument)
+    good = [r for i, r in enumerate(results) if i != 2]
+    assert [r.outputs["y"][0, 0].item() for r in good] == [2.0, 3.0, 4.0, 5.0]
