@@ -1,4 +1,4 @@
-"""The one interface that changes what is live: load, unload, set default, scale, swap.
+"""The one interface that changes what is live: load, unload, set default, scale, restore.
 
 Every change runs under one lock and follows load-new, flip, drain-old:
 a version is loaded, warmed and self-checked *beside* what is live, and only then added
@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -38,6 +38,8 @@ from edgeserve.worker import (
 )
 
 log = logging.getLogger("edgeserve.lifecycle")
+
+_T = TypeVar("_T")
 
 # A TorchScript module needs roughly its file size again while it loads (zip + tensors).
 _LOAD_MEMORY_FACTOR = 2.0
@@ -78,6 +80,7 @@ class Lifecycle:
         # Persisted entries that failed to restore: kept in the live set until unloaded.
         self._unrestored: dict[tuple[str, str], LiveEntry] = {}
         self._lock = asyncio.Lock()
+        self._changes: set[asyncio.Task[Any]] = set()
 
     # -- queries --------------------------------------------------------------------------
 
@@ -105,9 +108,23 @@ class Lifecycle:
 
     # -- changes --------------------------------------------------------------------------
 
-    async def install(self, archive: Path) -> InstalledModel:
-        """Verify an archive and add it to the store (nothing becomes live)."""
-        return await asyncio.to_thread(self._store.install, archive)
+    async def install(
+        self, archive: Path, *, release: Callable[[], None] | None = None
+    ) -> InstalledModel:
+        """Verify an archive and add it to the store (nothing becomes live).
+
+        ``release`` runs once the store is done with ``archive`` (management passes an
+        open file descriptor's path and closes it there, not when its caller goes away).
+        """
+
+        async def change() -> InstalledModel:
+            try:
+                return await asyncio.to_thread(self._store.install, archive)
+            finally:
+                if release is not None:
+                    release()
+
+        return await self._change(change)
 
     async def load(
         self,
@@ -118,35 +135,39 @@ class Lifecycle:
         make_default: bool = False,
     ) -> LiveModel:
         """Load a stored version beside what is live; flip the default when asked."""
-        async with self._lock:
+
+        async def change() -> LiveModel:
             live = await self._load_locked(name, version, settings or ModelSettings())
             if make_default:
                 self._registry.set_default(name, version)
             await self._persist()
             return live
 
-    async def swap(self, name: str, version: str, settings: ModelSettings | None = None) -> None:
-        """Load ``version``, make it the default, then unload every other version of ``name``."""
-        async with self._lock:
-            if (name, version) not in self._serving:
-                await self._load_locked(name, version, settings or ModelSettings())
-            self._registry.set_default(name, version)
-            await self._persist()
-            old = [v for v in self._registry.versions(name) if v != version]
-            for other in old:
-                await self._unload_locked(name, other)
-            await self._persist()
+        return await self._change(change)
 
     async def unload(self, name: str, version: str) -> None:
-        async with self._lock:
-            if self._unrestored.pop((name, version), None) is None:
-                await self._unload_locked(name, version)
-            await self._persist()
+        """Take a version out of service; its admitted requests finish first."""
+
+        async def change() -> None:
+            if self._unrestored.pop((name, version), None) is not None:
+                await self._persist()
+                return
+            serving = self._serving.pop((name, version), None)
+            if serving is None:
+                raise NotFound.model(name, version)
+            self._registry.remove(name, version)
+            await self._persist()  # before the drain: a crash meanwhile must not revive it
+            await self._teardown(serving)
+            self._recorders.forget(name, version)
+
+        await self._change(change)
 
     async def set_default(self, name: str, version: str) -> None:
-        async with self._lock:
+        async def change() -> None:
             self._registry.set_default(name, version)
             await self._persist()
+
+        await self._change(change)
 
     async def scale(self, name: str, version: str, **changes: Any) -> ModelSettings:
         """Apply new serving settings by loading a fresh instance set, then swapping.
@@ -154,7 +175,8 @@ class Lifecycle:
         The version keeps serving throughout: the new batcher and workers are built and
         warmed first, the registry entry is replaced, and the old set drains.
         """
-        async with self._lock:
+
+        async def change() -> ModelSettings:
             serving = self._serving.get((name, version))
             if serving is None:
                 raise NotFound.model(name, version)
@@ -164,9 +186,29 @@ class Lifecycle:
             self._registry.remove(name, version)
             self._registry.add(fresh.live, make_default=was_default)
             self._serving[(name, version)] = fresh
-            await self._teardown(serving)
             await self._persist()
+            await self._teardown(serving)
             return settings
+
+        return await self._change(change)
+
+    async def _change(self, work: Callable[[], Awaitable[_T]]) -> _T:
+        """Run one change under the lock to its end, even if the caller goes away.
+
+        A management RPC is cancelled when its deadline passes or its client quits; a
+        change cut off halfway would leave the registry, the instance threads and
+        live.json disagreeing. So the change is a task of its own, kept here (``close``
+        awaits it), and the caller only waits for it through a shield.
+        """
+
+        async def locked() -> _T:
+            async with self._lock:
+                return await work()
+
+        task = asyncio.get_running_loop().create_task(locked())
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        return await asyncio.shield(task)
 
     async def restore(self, entries: Sequence[LiveEntry]) -> list[str]:
         """Bring back a persisted live set; returns one message per entry that failed.
@@ -192,6 +234,8 @@ class Lifecycle:
 
     async def close(self) -> None:
         """Drain and unload everything (daemon shutdown); the persisted set is kept."""
+        if self._changes:  # let changes already under way finish, whoever asked for them
+            await asyncio.gather(*self._changes, return_exceptions=True)
         async with self._lock:
             for name, version in list(self._serving):
                 await self._unload_locked(name, version)

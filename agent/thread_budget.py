@@ -68,6 +68,8 @@ def choose_intra_op_threads(
                     for inputs in cases:
                         key = f"{threads}x{_rows(inputs)}"
                         timings[key] = _median_time(run, inputs, per_case)
+                        if timings[key] > budget_s / 2:
+                            return  # too slow to time within the budget: keep 1 thread
         except BaseException as exc:  # reported to the caller's thread
             failure.append(exc)
 
@@ -76,7 +78,7 @@ def choose_intra_op_threads(
     worker.join()
     if failure:
         raise failure[0]
-    if max_threads <= 1:
+    if max_threads <= 1 or len(timings) < len(counts) * len(cases):
         return ThreadChoice(1, timings)
     faster = all(
         timings[f"{max_threads}x{_rows(c)}"] < _MUST_BEAT * timings[f"1x{_rows(c)}"] for c in cases

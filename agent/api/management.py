@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -219,10 +220,11 @@ class ManagementServicer(pb_grpc.ManagementServicer):
         if source == "archive_path":
             fd = open_archive(request.archive_path, self._archive_dir)
             log.info("management: %s installs %s", _CALLER.get(), request.archive_path)
-            try:
-                installed = await self._lifecycle.install(Path(f"/proc/self/fd/{fd}"))
-            finally:
-                os.close(fd)
+            # The descriptor is closed by the install itself: the RPC may be cancelled
+            # while the store still reads through it.
+            installed = await self._lifecycle.install(
+                Path(f"/proc/self/fd/{fd}"), release=partial(os.close, fd)
+            )
             name, version = installed.name, installed.version
         elif source == "stored":
             name, version = request.stored.name, request.stored.version

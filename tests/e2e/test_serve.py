@@ -189,3 +189,44 @@ def test_a_model_that_fails_to_restore_is_not_forgotten(daemons, mlp_archive_fac
     assert again.terminate() == 0
     live = json.loads((daemon.state_dir / "live.json").read_text())
     assert {(m["name"], m["version"]) for m in live["models"]} == {("mlp", "1"), ("other", "2")}
+
+
+def test_a_cancelled_unload_still_finishes_and_is_persisted(daemons, mlp_archive_factory, tmp_path):
+    import json
+
+    from edgeserve.api.management_client import CallFailed, ManagementClient
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    handler = tmp_path / "slow_handler.py"
+    handler.write_text(SLOW_HANDLER_SOURCE)
+    config = {"sleep_s": 2.0, "marker_dir": str(markers)}
+    v1 = mlp_archive_factory("1", handler=str(handler), name="slow", handler_config=config)
+    v2 = mlp_archive_factory("2", handler=str(handler), name="slow", handler_config=config)
+    daemon = daemons.start(v1, v2)
+    before = len(list(markers.iterdir()))
+    x = np.ones((1, 16), dtype=np.float32)
+    result: list[object] = []
+    caller = threading.Thread(
+        target=lambda: result.append(_triton_infer(daemon.tcp, "slow", x, "1"))
+    )
+    caller.start()
+    deadline = time.monotonic() + 30
+    while len(list(markers.iterdir())) == before:
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.01)
+    # The unload waits for the request in flight (2 s); its caller gives up after 0.3 s.
+    with ManagementClient(f"unix://{daemon.run_dir / 'management.sock'}", timeout=0.3) as m:
+        with pytest.raises(CallFailed):
+            m.unload("slow", "1")
+    caller.join(30)
+    assert result and not isinstance(result[0], Exception)
+    live_path = daemon.state_dir / "live.json"
+    deadline = time.monotonic() + 30
+    while {m["version"] for m in json.loads(live_path.read_text())["models"]} != {"2"}:
+        assert time.monotonic() < deadline, live_path.read_text()
+        time.sleep(0.05)
+    with ManagementClient(f"unix://{daemon.run_dir / 'management.sock'}") as m:
+        assert [(v["name"], v["version"]) for v in m.list_models()] == [("slow", "2")]
+    assert daemon.terminate() == 0
+    assert "unloaded slow/1" in daemon.log()
