@@ -10,7 +10,6 @@ cores, and keeps more threads only when they are clearly faster at both sizes.
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -31,7 +30,7 @@ class ThreadChoice:
     threads: int
     """The intra-op thread count chosen."""
     timings_s: dict[str, float]
-    """Median seconds per run, keyed "<threads>x<rows>"."""
+    """Fastest seconds per run, keyed "<threads>x<rows>"."""
 
     @property
     def one_thread_s(self) -> float | None:
@@ -67,7 +66,7 @@ def choose_intra_op_threads(
                     torch.set_num_threads(threads)
                     for inputs in cases:
                         key = f"{threads}x{_rows(inputs)}"
-                        timings[key] = _median_time(run, inputs, per_case)
+                        timings[key] = _fastest_time(run, inputs, per_case)
                         if timings[key] > budget_s / 2:
                             return  # too slow to time within the budget: keep 1 thread
         except BaseException as exc:  # reported to the caller's thread
@@ -111,9 +110,11 @@ def _rows(inputs: Inputs) -> int:
     return value.batch_size if isinstance(value, BytesTensor) else int(value.shape[0])
 
 
-def _median_time(run: Callable[[Inputs], object], inputs: Inputs, budget_s: float) -> float:
-    """Median of up to ``_RUNS_MAX`` runs within ``budget_s``; a slow model (one run over
-    the budget) is timed once, so the probe never costs more than a few of its batches."""
+def _fastest_time(run: Callable[[Inputs], object], inputs: Inputs, budget_s: float) -> float:
+    """Fastest of up to ``_RUNS_MAX`` runs within ``budget_s`` (a slow model is timed
+    once). The fastest run, not the median: loads usually happen beside other work (a
+    swap under traffic, several models at start), and contention slows the multi-thread
+    runs most, which would bias the choice towards one thread."""
     deadline = time.monotonic() + budget_s
     run(inputs)  # first call: allocations, lazy kernel choice
     times: list[float] = []
@@ -123,4 +124,4 @@ def _median_time(run: Callable[[Inputs], object], inputs: Inputs, budget_s: floa
         started = time.perf_counter()
         run(inputs)
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return min(times)
