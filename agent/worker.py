@@ -295,13 +295,20 @@ class InlineExecutor:
         loop: asyncio.AbstractEventLoop,
         done: PartsDone,
     ) -> None:
+        # Run at the end of this loop iteration, not now: requests that arrive in the same
+        # iteration find the executor busy, queue, and go together as the next batch.
+        loop.call_soon(self._run_parts, parts, sizes, done)
+
+    def _run_parts(
+        self, parts: Sequence[Mapping[str, TensorValue]], sizes: Sequence[int], done: PartsDone
+    ) -> None:
         try:
             with torch.inference_mode():
                 results = run_isolating(self._run, parts, sizes)
         except Exception as exc:  # handed to the batcher as the batch error
-            loop.call_soon(done, None, exc)
+            done(None, exc)
         else:
-            loop.call_soon(done, results, None)
+            done(results, None)
 
     def close(self, timeout: float | None = None) -> bool:
         return True
