@@ -295,20 +295,13 @@ class InlineExecutor:
         loop: asyncio.AbstractEventLoop,
         done: PartsDone,
     ) -> None:
-        # Run at the end of this loop iteration, not now: requests that arrive in the same
-        # iteration find the executor busy, queue, and go together as the next batch.
-        loop.call_soon(self._run_parts, parts, sizes, done)
-
-    def _run_parts(
-        self, parts: Sequence[Mapping[str, TensorValue]], sizes: Sequence[int], done: PartsDone
-    ) -> None:
         try:
             with torch.inference_mode():
                 results = run_isolating(self._run, parts, sizes)
         except Exception as exc:  # handed to the batcher as the batch error
-            done(None, exc)
+            loop.call_soon(done, None, exc)
         else:
-            done(results, None)
+            loop.call_soon(done, results, None)
 
     def close(self, timeout: float | None = None) -> bool:
         return True
