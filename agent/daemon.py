@@ -134,9 +134,14 @@ class Daemon:
         # models load; changes it asks for queue behind the restore on lifecycle's lock.
         for address in await self.management.start():
             log.info("serving management on %s", address)
-        problems = await self.lifecycle.restore(self.store.read_live_state())
+        stopping = lambda: self._flags.should_exit  # noqa: E731
+        problems = await self.lifecycle.restore(self.store.read_live_state(), stopping)
         for model in self.config.models:
+            if stopping():
+                return
             await self._load_configured(model)
+        if stopping():
+            return
         await self.server.start()
         self._ready = True
         await self.server.refresh_health()

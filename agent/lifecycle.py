@@ -210,7 +210,9 @@ class Lifecycle:
         task.add_done_callback(self._changes.discard)
         return await asyncio.shield(task)
 
-    async def restore(self, entries: Sequence[LiveEntry]) -> list[str]:
+    async def restore(
+        self, entries: Sequence[LiveEntry], should_stop: Callable[[], bool] = lambda: False
+    ) -> list[str]:
         """Bring back a persisted live set; returns one message per entry that failed.
 
         Restoring never rewrites the live set: a failure or a kill -9 halfway through
@@ -220,6 +222,8 @@ class Lifecycle:
         problems = []
         async with self._lock:
             for entry in entries:
+                if should_stop():  # SIGTERM during startup: stop between models
+                    break
                 try:
                     await self._load_locked(
                         entry.name, entry.version, ModelSettings.from_dict(entry.settings)
@@ -298,7 +302,10 @@ class Lifecycle:
         choice = choose_intra_op_threads(loaded.run, one, full, share)
         slowest = choice.one_thread_s
         inline = (
-            batch.instances == 1
+            # Only the built-in tensor handler: a custom or image handler may cost far more
+            # per real request than on the sample, and inline work holds the event loop.
+            loaded.manifest.handler == "tensor"
+            and batch.instances == 1
             and choice.threads == 1
             and slowest is not None
             and slowest < INLINE_MAX_BATCH_S

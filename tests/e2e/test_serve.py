@@ -230,3 +230,27 @@ def test_a_cancelled_unload_still_finishes_and_is_persisted(daemons, mlp_archive
         assert [(v["name"], v["version"]) for v in m.list_models()] == [("slow", "2")]
     assert daemon.terminate() == 0
     assert "unloaded slow/1" in daemon.log()
+
+
+def test_sigterm_during_startup_stops_between_model_loads(daemons, mlp_archive_factory, tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    handler = tmp_path / "slow_handler.py"
+    handler.write_text(SLOW_HANDLER_SOURCE)
+    config = {"sleep_s": 3.0, "marker_dir": str(markers)}
+    archives = [
+        mlp_archive_factory(v, handler=str(handler), name=f"slow{v}", handler_config=config)
+        for v in ("1", "2", "3")
+    ]
+    packaged = len(list(markers.iterdir()))
+    daemon = daemons.start(*archives, wait=False)
+    deadline = time.monotonic() + 60
+    while len(list(markers.iterdir())) == packaged:  # the first warm-up has begun
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert daemon.terminate(timeout=30) == 0, daemon.log()
+    # Loading all three takes 18 s or more (warm-up and thread probe, 3 s each per model).
+    assert time.monotonic() - started < 12, daemon.log()
+    assert daemon.log().count('"event":"loaded slow') <= 1
+    assert "serving inference" not in daemon.log()
