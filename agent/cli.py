@@ -129,7 +129,7 @@ def _register_serve(commands: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from edgeserve.config import load_config
+    from edgeserve.config import Config, load_config
     from edgeserve.daemon import Daemon
     from edgeserve.logs import setup_logging
 
@@ -148,7 +148,11 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["models+"] = [{"archive": str(p), "default": True} for p in args.model]
     config = load_config(args.config, overrides=overrides)
     setup_logging(config.logging.level, config.logging.format)
-    return asyncio.run(Daemon(config).run())
+
+    def reload_config() -> Config:  # SIGHUP: the same file, flags and environment
+        return load_config(args.config, overrides=overrides)
+
+    return asyncio.run(Daemon(config, reload_config=reload_config).run())
 
 
 # -- package -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgeserve import __version__
@@ -51,8 +51,16 @@ class _Flags:
 class Daemon:
     """One edgeserve process: serve until told to stop, then drain and exit."""
 
-    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        notifier: Notifier | None = None,
+        reload_config: Callable[[], Config] | None = None,
+    ) -> None:
         self.config = config
+        self._reload_config = reload_config
+        self._reloading: asyncio.Task[None] | None = None
         self.notifier = notifier or Notifier.from_env()
         self.started_at = time.time()
         state_dir = Path(config.state_dir)
@@ -204,24 +212,40 @@ class Daemon:
                 pass
             self._flags.wake.clear()
             self.notifier.watchdog()
-            if self._flags.reload:
+            if self._flags.reload and (self._reloading is None or self._reloading.done()):
                 self._flags.reload = False
-                await self._reload()
+                # A task of its own: model loads take seconds and the watchdog must go on.
+                self._reloading = asyncio.get_running_loop().create_task(self._reload())
 
     async def _reload(self) -> None:
-        """SIGHUP: load configured models that are not live yet (config is re-read by cli)."""
+        """SIGHUP: re-read the config file and load the models it gained.
+
+        Only ``models`` is applied (addresses, trust and the rest need a restart), and
+        only entries that are new: a model a technician unloaded stays unloaded.
+        """
         self.notifier.reloading()
         try:
-            for model in self.config.models:
+            if self._reload_config is None:
+                log.warning("reload: no config file to re-read")
+                return
+            fresh = await asyncio.to_thread(self._reload_config)
+            added = [m for m in fresh.models if m not in self.config.models]
+            self.config = replace(self.config, models=fresh.models)
+            for model in added:
                 await self._load_configured(model)
+            log.info("reload: %d new model entr%s", len(added), "y" if len(added) == 1 else "ies")
         except EdgeserveError as exc:
             log.error("reload failed: %s", exc)
-        self.notifier.ready()
+        finally:
+            self.notifier.ready()
 
     # -- shutdown -------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
         self._ready = False
+        if self._reloading is not None and not self._reloading.done():
+            self._reloading.cancel()
+            await asyncio.gather(self._reloading, return_exceptions=True)
         self.notifier.stopping()
         grace = self.config.server.grace_period_s
         await self.management.stop(grace)  # management API first: no changes while draining

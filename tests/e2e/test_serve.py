@@ -254,3 +254,32 @@ def test_sigterm_during_startup_stops_between_model_loads(daemons, mlp_archive_f
     assert time.monotonic() - started < 12, daemon.log()
     assert daemon.log().count('"event":"loaded slow') <= 1
     assert "serving inference" not in daemon.log()
+
+
+def test_sighup_loads_added_models_and_leaves_unloaded_ones_alone(daemons, mlp_archive_factory):
+    import signal
+
+    from edgeserve.api.client import ClientError
+    from edgeserve.api.management_client import ManagementClient
+
+    first, added = mlp_archive_factory("1"), mlp_archive_factory("2", name="other")
+    entry = "  - archive: {}\n    default: true\n"
+    daemon = daemons.start(extra_config="models:\n" + entry.format(first))
+    x = {"x": np.ones((1, 16), dtype=np.float32)}
+    with ManagementClient(f"unix://{daemon.run_dir / 'management.sock'}") as m:
+        m.unload("mlp", "1")
+    daemon.config.write_text(daemon.config.read_text() + entry.format(added))
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 60
+    with daemon.client() as client:
+        while True:
+            try:
+                version, _ = client.infer("other", x)
+                break
+            except ClientError:
+                assert time.monotonic() < deadline, daemon.log()
+                time.sleep(0.05)
+        assert version == "2"
+        with pytest.raises(ClientError, match="NOT_FOUND"):
+            client.infer("mlp", x)
+    assert daemon.terminate() == 0
