@@ -241,7 +241,8 @@ def test_a_refused_request_fails_alone_in_a_shared_batch():
             )
             for v in values
         ]
-        await asyncio.sleep(0.01)
+        while batcher.queue_depth < len(values):  # all four queued behind the held batch
+            await asyncio.sleep(0)
         gate.set()
         results = await asyncio.gather(first, *rest, return_exceptions=True)
         await batcher.close()
