@@ -168,7 +168,7 @@ def _shared_batch(
 ) -> int:
     """dim 0 of this input; when the model batches, it must equal the first input's."""
     batch = shape[0] if shape else 1
-    if first is None or not _batches(model) or batch == first:
+    if first is None or not model.batches or batch == first:
         return batch if first is None else first
     raise InvalidArgument.for_input(
         model.name,
@@ -204,15 +204,10 @@ def _checked_shape(
         for got, exp in zip(shape, want, strict=True):
             if got < 0 or (exp >= 0 and got != exp):
                 _raise_shape(model, spec, shape)
-    if shape and _batches(model) and not 1 <= shape[0] <= model.max_batch_size:
+    if shape and model.batches and not 1 <= shape[0] <= model.max_batch_size:
         problem = f"batch size {shape[0]} (dim 0) is outside 1..{model.max_batch_size}"
         raise InvalidArgument.for_input(model.name, spec.name, problem + " (max_batch_size)")
     return shape
-
-
-def _batches(model: LiveModel) -> bool:
-    """Whether dim 0 is the batch: the packager writes -1 there exactly when it is."""
-    return model.max_batch_size > 1 or all(s.shape[:1] == (-1,) for s in model.inputs)
 
 
 def _raise_shape(model: LiveModel, spec: TensorSpec, shape: tuple[int, ...]) -> NoReturn:

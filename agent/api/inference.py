@@ -33,7 +33,7 @@ from edgeserve.api.codec import (
     request_uses_raw,
 )
 from edgeserve.api.status import describe_error, map_errors, status_of
-from edgeserve.errors import EdgeserveError, NotReady
+from edgeserve.errors import EdgeserveError
 from edgeserve.proto import kserve_v2_pb2 as pb
 from edgeserve.proto import kserve_v2_pb2_grpc as pb_grpc
 from edgeserve.registry import ModelRegistry
@@ -131,8 +131,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self._registry.get(msg.model_name, msg.model_version or None)
         started = time.perf_counter()
         try:
-            if not model.ready:
-                raise NotReady.model(model.name, model.version, model.state.value)
             request = decode_infer_request(msg, model, deadline, max_bytes=self._max_request_bytes)
             result = await model.infer(request)
             response = encode_infer_response(
