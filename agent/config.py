@@ -8,10 +8,10 @@ value came from) is the second phase and lives in ``config_load``; ``load_config
 ``ENV_VARS`` are re-exported here, so ``from edgeserve.config import load_config`` works.
 Nothing here exits.
 
-Batching for one model (``effective_batching``, and ``ModelConfig.settings_dict`` for
-``lifecycle``): per-model ``batching`` > global ``batching`` fields that are set > the
-archive's defaults > built-ins. The global fields an archive also carries default to
-null, so they beat the archive only when the operator wrote them.
+Batching for one model (``ModelConfig.settings_dict``, resolved against the archive by
+``lifecycle.resolve_batch_settings``): per-model ``batching`` > global ``batching`` fields
+that are set > the archive's defaults > built-ins. The global fields an archive also
+carries default to null, so they beat the archive only when the operator wrote them.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import dataclasses
 import ipaddress
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from edgeserve.errors import ConfigError
 
@@ -252,82 +251,6 @@ class Config:
                         f"models[{defaults[model.name]}] is already the default of '{model.name}'",
                     )
                 defaults[model.name] = i
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    max_batch_size: int
-    """Largest batch."""
-    max_queue_delay_ms: float
-    """Upper bound on added wait."""
-    max_queue_size: int
-    """Queue bound before RESOURCE_EXHAUSTED."""
-    preferred_batch_sizes: tuple[int, ...]
-    """Batch sizes worth waiting for; empty = none."""
-    instances: int
-    """Execution threads."""
-    intra_op_threads: int
-    """Torch intra-op threads per instance."""
-
-    def __post_init__(self) -> None:
-        _check_batching(self)
-
-
-class ArchiveBatching(Protocol):
-    """What ``effective_batching`` reads from an archive (``manifest.BatchingDefaults``)."""
-
-    @property
-    def max_batch_size(self) -> int: ...
-    @property
-    def max_queue_delay_ms(self) -> float: ...
-    @property
-    def preferred_batch_sizes(self) -> Sequence[int]: ...
-
-
-def effective_batching(
-    model_cfg: ModelConfig | None,
-    archive_defaults: ArchiveBatching | None,
-    defaults: BatchingConfig | None = None,
-    *,
-    cpus: int | None = None,
-) -> BatchSettings:
-    """Resolve one model's batching: per-model config > global ``defaults`` (fields set)
-    > archive defaults > built-in (max_batch_size 1, max_queue_delay_ms 2.0).
-
-    Global fields beat the archive only when set: their defaults are None for the fields an
-    archive carries, so a global ``batching.max_batch_size: 8`` means what it says.
-
-    ``intra_op_threads`` left open becomes ``cpus // instances`` (at least 1), where ``cpus``
-    defaults to the CPUs this process may run on (systemd ``CPUAffinity=`` counts).
-    """
-    layers: list[Any] = [
-        model_cfg.batching if model_cfg else None,
-        defaults or BatchingConfig(),
-        archive_defaults,
-    ]
-
-    def pick(name: str) -> Any:
-        for layer in layers:
-            value = getattr(layer, name, None)
-            if value is not None:
-                return value
-        return None
-
-    instances = pick("instances") or 1
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    label = (model_cfg.name or str(model_cfg.archive)) if model_cfg else "?"
-    try:
-        return BatchSettings(
-            max_batch_size=pick("max_batch_size") or 1,
-            max_queue_delay_ms=float(_first(pick("max_queue_delay_ms"), 2.0)),
-            max_queue_size=pick("max_queue_size") or 256,
-            preferred_batch_sizes=tuple(pick("preferred_batch_sizes") or ()),
-            instances=instances,
-            intra_op_threads=pick("intra_op_threads") or max(1, cpus // instances),
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"batching.{exc.key}", f"{problem_of(exc)} (model {label})") from None
 
 
 def parse_listen_address(addr: str, key: str = "address") -> UnixAddress | TcpAddress:

@@ -23,6 +23,7 @@ import psutil
 
 from edgeserve.batching import AdaptiveBatcher, BatchSettings
 from edgeserve.errors import ManagementError, NotFound, WarmupFailed
+from edgeserve.manifest import BatchingDefaults
 from edgeserve.registry import LiveModel, ModelRegistry, ModelState
 from edgeserve.runtime import LoadedModel, RuntimeOptions, load_model
 from edgeserve.store import InstalledModel, LiveEntry, ModelStore
@@ -266,7 +267,7 @@ class Lifecycle:
         try:
             if options.warmup:
                 await asyncio.to_thread(loaded.warm_up)
-            batch = _batch_settings(installed, settings)
+            batch = resolve_batch_settings(installed.manifest.batching, settings)
             threads, inline = await asyncio.to_thread(self._execution, loaded, settings, batch)
             return self._assemble(
                 installed, loaded, settings, batch, threads, inline, time.monotonic() - started
@@ -412,9 +413,8 @@ class Lifecycle:
             self._on_change()
 
 
-def _batch_settings(installed: InstalledModel, settings: ModelSettings) -> BatchSettings:
-    """Serving settings over the archive's batching defaults."""
-    defaults = installed.manifest.batching
+def resolve_batch_settings(defaults: BatchingDefaults, settings: ModelSettings) -> BatchSettings:
+    """Serving settings (config, already layered) over the archive's batching defaults."""
     delay_ms = (
         settings.max_queue_delay_ms
         if settings.max_queue_delay_ms is not None

@@ -15,12 +15,12 @@ from edgeserve.config import (
     ModelBatching,
     ModelConfig,
     ServerConfig,
-    effective_batching,
     grpc_address,
     is_loopback_host,
     parse_listen_address,
 )
 from edgeserve.errors import ConfigError
+from edgeserve.lifecycle import resolve_batch_settings
 from edgeserve.manifest import BatchingDefaults
 from edgeserve.types import ModelSettings
 
@@ -39,7 +39,7 @@ def _dataclass_bodies() -> list[ast.ClassDef]:
 
 def test_every_config_field_has_a_one_line_docstring() -> None:
     classes = _dataclass_bodies()
-    assert {c.name for c in classes} >= {"Config", "ServerConfig", "ModelConfig", "BatchSettings"}
+    assert {c.name for c in classes} >= {"Config", "ServerConfig", "ModelConfig", "BatchingConfig"}
     missing = []
     for cls in classes:
         body = cls.body
@@ -126,21 +126,35 @@ def test_loopback_and_grpc_forms() -> None:
 ARCHIVE = BatchingDefaults(max_batch_size=16, max_queue_delay_ms=5.0, preferred_batch_sizes=(8,))
 
 
-def test_effective_batching_archive_over_builtin_defaults() -> None:
-    got = effective_batching(None, ARCHIVE, BatchingConfig(), cpus=4)
-    assert dataclasses.astuple(got) == (16, 5.0, 256, (8,), 1, 4)
-    assert dataclasses.astuple(effective_batching(None, None, cpus=2)) == (1, 2.0, 256, (), 1, 2)
+def _resolve(model: ModelConfig, defaults: BatchingConfig | None = None):
+    """The daemon's own path: config layers -> ModelSettings -> over the archive."""
+    settings = ModelSettings.from_dict(model.settings_dict(defaults))
+    return resolve_batch_settings(ARCHIVE, settings)
 
 
-def test_effective_batching_global_settings_over_archive() -> None:
+def _plain(got) -> tuple:
+    return (
+        got.max_batch_size,
+        got.max_queue_delay_s,
+        got.max_queue_size,
+        got.preferred_batch_sizes,
+        got.instances,
+    )
+
+
+def test_batching_archive_over_builtin_defaults() -> None:
+    got = _resolve(ModelConfig(name="m"), BatchingConfig())
+    assert _plain(got) == (16, 0.005, 256, (8,), 1)
+
+
+def test_batching_global_settings_over_archive() -> None:
     defaults = BatchingConfig(max_batch_size=8, max_queue_delay_ms=1.0, instances=2)
-    got = effective_batching(None, ARCHIVE, defaults, cpus=4)
-    assert (got.max_batch_size, got.max_queue_delay_ms, got.instances) == (8, 1.0, 2)
+    got = _resolve(ModelConfig(name="m"), defaults)
+    assert (got.max_batch_size, got.max_queue_delay_s, got.instances) == (8, 0.001, 2)
     assert got.preferred_batch_sizes == (8,)  # not set globally: the archive's
-    assert got.intra_op_threads == 2  # 4 CPUs split across 2 instances
 
 
-def test_effective_batching_per_model_wins_over_everything() -> None:
+def test_batching_per_model_wins_over_everything() -> None:
     model = ModelConfig(
         name="mlp",
         batching=ModelBatching(
@@ -153,16 +167,14 @@ def test_effective_batching_per_model_wins_over_everything() -> None:
         ),
     )
     defaults = BatchingConfig(max_batch_size=8, max_queue_delay_ms=1.0, instances=2)
-    got = effective_batching(model, ARCHIVE, defaults, cpus=4)
-    assert dataclasses.astuple(got) == (4, 0.0, 10, (), 3, 1)
+    assert _plain(_resolve(model, defaults)) == (4, 0.0, 10, (), 3)
 
 
-def test_effective_batching_refuses_a_mix_that_does_not_fit() -> None:
+def test_batching_refuses_a_mix_that_does_not_fit() -> None:
     model = ModelConfig(name="mlp", batching=ModelBatching(max_batch_size=4))
     with pytest.raises(ConfigError) as err:
-        effective_batching(model, ARCHIVE, cpus=1)  # archive prefers 8 > 4
+        _resolve(model)  # the archive prefers 8 > 4
     assert err.value.key == "batching.preferred_batch_sizes"
-    assert "model mlp" in str(err.value)
 
 
 def test_settings_dict_feeds_model_settings() -> None:
