@@ -20,19 +20,19 @@ from pathlib import Path
 from edgeserve import __version__
 from edgeserve.api.management import ManagementServer
 from edgeserve.api.server import InferenceServer
+from edgeserve.archive.signing import TrustStore
 from edgeserve.config import Config, ModelConfig, parse_listen_address
 from edgeserve.errors import EdgeserveError, NotFound
 from edgeserve.lifecycle import Lifecycle
 from edgeserve.logs import PayloadGuard
-from edgeserve.metrics_http import MetricsServer, start_metrics_server
-from edgeserve.registry import ModelRegistry, version_sort_key
-from edgeserve.runtime import RuntimeOptions
 from edgeserve.sdnotify import Notifier
-from edgeserve.signing import TrustStore
-from edgeserve.status import LiveStatus, RecentErrors
-from edgeserve.store import ModelStore
+from edgeserve.serving.registry import ModelRegistry, version_sort_key
+from edgeserve.serving.runtime import RuntimeOptions
+from edgeserve.store.model_store import ModelStore
+from edgeserve.telemetry.prometheus import MetricsServer, start_metrics_server
 from edgeserve.telemetry.recorders import Recorders
 from edgeserve.telemetry.sampler import SystemSampler
+from edgeserve.telemetry.status import LiveStatus, RecentErrors
 from edgeserve.types import ModelSettings
 
 log = logging.getLogger("edgeserve.daemon")

@@ -21,22 +21,22 @@ from typing import Any, TypeVar
 
 import psutil
 
-from edgeserve.batching import AdaptiveBatcher, BatchSettings
+from edgeserve.archive.manifest import BatchingDefaults
 from edgeserve.errors import ManagementError, NotFound, WarmupFailed
-from edgeserve.manifest import BatchingDefaults
-from edgeserve.registry import LiveModel, ModelRegistry, ModelState
-from edgeserve.runtime import LoadedModel, RuntimeOptions, load_model
-from edgeserve.store import InstalledModel, LiveEntry, ModelStore
-from edgeserve.telemetry.recorders import Recorders
-from edgeserve.thread_budget import choose_intra_op_threads, first_row, full_batch_of
-from edgeserve.types import ModelSettings
-from edgeserve.warmup import representative_inputs
-from edgeserve.worker import (
+from edgeserve.serving.batching import AdaptiveBatcher, BatchSettings
+from edgeserve.serving.registry import LiveModel, ModelRegistry, ModelState
+from edgeserve.serving.runtime import LoadedModel, RuntimeOptions, load_model
+from edgeserve.serving.thread_budget import choose_intra_op_threads, first_row, full_batch_of
+from edgeserve.serving.warmup import representative_inputs
+from edgeserve.serving.worker import (
     INLINE_MAX_BATCH_S,
     InlineExecutor,
     InstanceWorker,
     default_intra_op_threads,
 )
+from edgeserve.store.model_store import InstalledModel, LiveEntry, ModelStore
+from edgeserve.telemetry.recorders import Recorders
+from edgeserve.types import ModelSettings
 
 log = logging.getLogger("edgeserve.lifecycle")
 

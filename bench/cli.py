@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = _meta(args)
     started = time.monotonic()
     try:
-        from edgeserve.signing import generate_key
+        from edgeserve.archive.signing import generate_key
 
         private, ctx["public"] = work / "bench.key", work / "bench.pub"
         generate_key(private, ctx["public"])

@@ -2,7 +2,7 @@
 
     python -m bench.models --work DIR --key KEY.pem [mlp mlp-int8 cnn ...]
 
-Each archive packages a factory of bench/model_defs.py with ``edgeserve.packager``
+Each archive packages a factory of bench/model_defs.py with ``edgeserve.packager.build``
 (scripted; ``mlp-int8`` dynamically quantized), the counting handler, a counter file in
 ``handler_config``, ``max_batch_size`` 32, and is signed with KEY. Prints one JSON line:
 ``{key: {"archive": path, "seconds": build time}}``.
@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def build_one(key: str, work: Path, sign_key: Path) -> dict[str, object]:
-    from edgeserve.packager import build_archive
+    from edgeserve.packager.build import build_archive
 
     spec = MODELS[key]
     archive = spec.archive(work)

@@ -62,9 +62,12 @@ def py_spy() -> str | None:
 
 
 def area(func: str, file: str) -> str:
-    if file.startswith("agent/") or "/agent/" in file or "/edgeserve/" in file:
-        package = "edgeserve.api." if "/api/" in file else "edgeserve."
-        return package + Path(file).stem
+    for root in ("agent/", "edgeserve/"):
+        if file.startswith(root) or f"/{root}" in file:
+            inside = (
+                file[file.rindex(root) + len(root) :] if f"/{root}" in file else file[len(root) :]
+            )
+            return "edgeserve." + inside.removesuffix(".py").replace("/", ".")
     if file.startswith("libc.so"):
         return f"libc {func}" if not func.startswith("0x") else "libc"
     for needle, name in _AREAS:

@@ -31,7 +31,7 @@ import numpy as np
 import psutil
 import torch
 
-from edgeserve.archive import read_manifest
+from edgeserve.archive.format import read_manifest
 
 _CHUNK_S = 0.05
 

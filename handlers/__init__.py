@@ -3,7 +3,7 @@
     "tensor"            -> TensorHandler            numeric tensors in and out (default)
     "image_classifier"  -> ImageClassifierHandler   encoded images in, top-k labels out
 
-A manifest may instead name a ``.py`` member of its archive; ``edgeserve.runtime``
+A manifest may instead name a ``.py`` member of its archive; ``edgeserve.serving.runtime``
 imports that module and finds the handler class in it.
 """
 

@@ -54,7 +54,7 @@ class SlowHandler(TensorHandler):
 
 @pytest.fixture(scope="session")
 def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from edgeserve.signing import generate_key
+    from edgeserve.archive.signing import generate_key
 
     folder = tmp_path_factory.mktemp("keys")
     private, public = folder / "test.key", folder / "test.pub"
@@ -84,7 +84,7 @@ def mlp_archive_factory(
     mlp_example: Path,
 ):
     """Build (and cache) signed MLP archives: factory(version, quantize=None, **kw) -> Path."""
-    from edgeserve.packager import build_archive
+    from edgeserve.packager.build import build_archive
 
     folder = tmp_path_factory.mktemp("archives")
     cache: dict[tuple, Path] = {}

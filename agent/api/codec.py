@@ -39,8 +39,8 @@ import torch
 from edgeserve.dtypes import NUMPY_DTYPES
 from edgeserve.errors import EdgeserveError, InvalidArgument, MessageTooLarge
 from edgeserve.proto import kserve_v2_pb2 as pb
-from edgeserve.registry import LiveModel
-from edgeserve.torch_dtypes import DATATYPE_OF_TORCH, TORCH_DTYPES
+from edgeserve.serving.registry import LiveModel
+from edgeserve.serving.torch_dtypes import DATATYPE_OF_TORCH, TORCH_DTYPES
 from edgeserve.types import (
     DATATYPE_SIZES,
     BytesTensor,

@@ -27,7 +27,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from edgeserve.registry import ModelRegistry
+from edgeserve.serving.registry import ModelRegistry
 
 log = logging.getLogger("edgeserve.api")
 

@@ -32,11 +32,11 @@ from edgeserve.api.codec import (
     encode_model_metadata,
     request_uses_raw,
 )
-from edgeserve.api.status import describe_error, map_errors, status_of
+from edgeserve.api.errors import describe_error, map_errors, status_of
 from edgeserve.errors import EdgeserveError
 from edgeserve.proto import kserve_v2_pb2 as pb
 from edgeserve.proto import kserve_v2_pb2_grpc as pb_grpc
-from edgeserve.registry import ModelRegistry
+from edgeserve.serving.registry import ModelRegistry
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DEFAULT_MAX_STREAM_IN_FLIGHT = 1024

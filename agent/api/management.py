@@ -11,7 +11,7 @@ resolved, opened with O_NOFOLLOW, and the opened file's real path is checked aga
 symlink swapped in meanwhile cannot lead the daemon elsewhere; the store then installs
 it (under state_dir only). URLs are refused: this API never fetches anything.
 
-The client (``ManagementClient``, ``CallFailed``) is ``api/management_client.py``.
+The client (``ManagementClient``, ``ClientError``) is ``api/management_client.py``.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from edgeserve.api.errors import map_errors
 from edgeserve.api.peercred import (
     AccessPolicy,
     CredentialRelay,
     ManagementGate,
     TokenCheck,
 )
-from edgeserve.api.status import map_errors
 from edgeserve.config import is_loopback_host, parse_listen_address
 from edgeserve.errors import (
     ArchiveError,
@@ -52,7 +52,7 @@ from edgeserve.types import ModelSettings
 
 if TYPE_CHECKING:  # the CLI's client side must not import torch
     from edgeserve.lifecycle import Lifecycle
-    from edgeserve.registry import LiveModel, ModelRegistry
+    from edgeserve.serving.registry import LiveModel, ModelRegistry
 
 log = logging.getLogger("edgeserve.api")
 

@@ -1,9 +1,9 @@
-"""The client of ``edgeserve.v1.Management``, for the CLI (``cli_models``) and tests.
+"""The client of ``edgeserve.v1.Management``, for the CLI (``cli/``) and tests.
 
 Synchronous (the CLI has no event loop) and light: it imports ``grpc`` and the generated
 stubs only, not the servicer, its access checks or ``lifecycle``. Replies become plain
 data (``version_dict``) for the table and ``--json`` renderers; a failed call raises
-``CallFailed`` with the gRPC code, which ``cli_models`` maps to the CLI's exit codes.
+``ClientError`` with the gRPC code, which ``cli/management`` maps to the CLI's exit codes.
 """
 
 from __future__ import annotations
@@ -13,20 +13,12 @@ from typing import Any
 
 import grpc
 
+from edgeserve.api.client import ClientError
 from edgeserve.proto import management_pb2 as pb
 from edgeserve.proto import management_pb2_grpc as pb_grpc
 
 # The fields of ModelSettings, in wire order (instances, ..., device).
 _SETTINGS_FIELDS = tuple(f.name for f in pb.ModelSettings.DESCRIPTOR.fields)
-
-
-class CallFailed(Exception):
-    """A management call failed; ``code`` is the gRPC status code."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
 
 
 class ManagementClient:
@@ -54,7 +46,7 @@ class ManagementClient:
                 request, timeout=self._timeout, metadata=self._metadata
             )
         except grpc.RpcError as err:
-            raise CallFailed(err.code(), err.details() or "") from None
+            raise ClientError(err.code(), err.details() or "") from None
 
     def list_models(self) -> list[dict[str, Any]]:
         reply = self._call("ListModels", pb.ListModelsRequest())

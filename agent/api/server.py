@@ -41,7 +41,7 @@ from edgeserve.config import grpc_address, is_loopback_host, parse_listen_addres
 from edgeserve.errors import ConfigError
 from edgeserve.proto import kserve_v2_pb2 as pb
 from edgeserve.proto import kserve_v2_pb2_grpc as pb_grpc
-from edgeserve.registry import ModelRegistry
+from edgeserve.serving.registry import ModelRegistry
 
 log = logging.getLogger("edgeserve.api")
 

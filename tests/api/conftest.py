@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeserve.registry import ModelRegistry
+from edgeserve.serving.registry import ModelRegistry
 from tests.api.support import Api, LoopThread, Recorder, standard_models, start_api
 
 

@@ -23,7 +23,7 @@ import tritonclient.grpc as triton
 from edgeserve.api.server import InferenceServer
 from edgeserve.errors import Expired, Overloaded
 from edgeserve.proto import kserve_v2_pb2_grpc as pb_grpc
-from edgeserve.registry import LiveModel, ModelRegistry, ModelState
+from edgeserve.serving.registry import LiveModel, ModelRegistry, ModelState
 from edgeserve.types import BytesTensor, InferRequest, InferResult, TensorSpec
 
 T = TypeVar("T")

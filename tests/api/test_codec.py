@@ -19,7 +19,7 @@ from edgeserve.api.codec import (
     join_elements,
     request_uses_raw,
 )
-from edgeserve.api.status import STATUS_OF_KIND, describe_error
+from edgeserve.api.errors import STATUS_OF_KIND, describe_error
 from edgeserve.errors import (
     EdgeserveError,
     InvalidArgument,
@@ -30,7 +30,7 @@ from edgeserve.errors import (
     Unauthenticated,
 )
 from edgeserve.proto import kserve_v2_pb2 as pb
-from edgeserve.registry import LiveModel
+from edgeserve.serving.registry import LiveModel
 from edgeserve.types import BytesTensor, InferRequest, InferResult
 from tests.api.support import live_model
 

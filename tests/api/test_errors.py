@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from edgeserve.proto import kserve_v2_pb2 as pb
-from edgeserve.registry import ModelState
+from edgeserve.serving.registry import ModelState
 from tests.api.support import MAX_MESSAGE_BYTES, Api
 
 

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from edgeserve.api.server import InferenceServer
 from edgeserve.errors import ConfigError
-from edgeserve.registry import ModelRegistry, ModelState
+from edgeserve.serving.registry import ModelRegistry, ModelState
 from edgeserve.types import InferRequest, InferResult
 from tests.api.support import (
     WAIT_S,

@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from edgeserve.api.inference import InferenceServicer
-from edgeserve.registry import ModelRegistry
+from edgeserve.serving.registry import ModelRegistry
 from edgeserve.types import InferRequest, InferResult
 from tests.api.support import WAIT_S, Api, live_model, scripted_submit, wait_for
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeserve.signing import TrustStore
+from edgeserve.archive.signing import TrustStore
 
 MODELS_SOURCE = '''
 import torch
@@ -138,7 +138,7 @@ def scripted_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from edgeserve.signing import generate_key
+    from edgeserve.archive.signing import generate_key
 
     folder = tmp_path_factory.mktemp("keys")
     generate_key(folder / "release.key", folder / "release.pub")
@@ -147,7 +147,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def other_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from edgeserve.signing import generate_key
+    from edgeserve.archive.signing import generate_key
 
     folder = tmp_path_factory.mktemp("other-keys")
     generate_key(folder / "other.key", folder / "other.pub")
@@ -167,7 +167,7 @@ def signed_archive(
     keys: tuple[Path, Path],
 ) -> Path:
     """A signed fp32 MLP archive (name mlp, version 1)."""
-    from edgeserve.packager import build_archive
+    from edgeserve.packager.build import build_archive
 
     out = tmp_path_factory.mktemp("archives") / "mlp-1.esar"
     build_archive(

@@ -19,16 +19,16 @@ from archive_helpers import (
     zip_entries,
 )
 
-from edgeserve.archive import (
+from edgeserve.archive.format import (
     ArchiveLimits,
     extract_archive,
     read_manifest,
     verify_tree,
     write_archive,
 )
+from edgeserve.archive.manifest import Manifest
+from edgeserve.archive.signing import TrustStore
 from edgeserve.errors import ArchiveError
-from edgeserve.manifest import Manifest
-from edgeserve.signing import TrustStore
 from edgeserve.types import TensorSpec
 
 MODEL = b"not really torchscript, the format does not care"
@@ -367,7 +367,7 @@ def test_verify_tree_with_trust_needs_the_signature(unpacked: Path, trust: Trust
 def test_verify_tree_modified_manifest(unpacked: Path, trust: TrustStore) -> None:
     manifest = read_manifest_dir(unpacked)
     changed = dataclasses.replace(manifest, handler_config={"evil": True})
-    from edgeserve.archive import manifest_bytes
+    from edgeserve.archive.format import manifest_bytes
 
     (unpacked / "manifest.json").write_bytes(manifest_bytes(changed))
     assert verify_tree(unpacked, trust=None).handler_config == {"evil": True}

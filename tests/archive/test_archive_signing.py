@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from archive_helpers import rewrite, tree_snapshot, zip_entries
 
-from edgeserve.archive import extract_archive, read_manifest, verify_tree
-from edgeserve.errors import ArchiveError, ConfigError, VerificationError
-from edgeserve.signing import (
+from edgeserve.archive.format import extract_archive, read_manifest, verify_tree
+from edgeserve.archive.signing import (
     SIGNATURE_NAME,
     TrustStore,
     generate_key,
@@ -20,6 +19,7 @@ from edgeserve.signing import (
     load_public_key,
     sign_manifest,
 )
+from edgeserve.errors import ArchiveError, ConfigError, VerificationError
 
 
 def _member(archive: Path, name: str) -> bytes:
@@ -78,7 +78,7 @@ def test_archive_signed_by_an_unknown_key(
     other_keys: tuple[Path, Path],
     trust: TrustStore,
 ) -> None:
-    from edgeserve.packager import build_archive
+    from edgeserve.packager.build import build_archive
 
     archive = tmp_path / "other.esar"
     build_archive(

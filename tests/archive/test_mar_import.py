@@ -11,12 +11,12 @@ import pytest
 import torch
 from archive_helpers import tree_snapshot, write_zip
 
-from edgeserve.archive import extract_archive
-from edgeserve.errors import ArchiveError, VerificationError
-from edgeserve.mar import mar_handler, read_mar
-from edgeserve.packager import build_archive, import_mar
-from edgeserve.signing import TrustStore
-from edgeserve.store import STAGING, ModelStore
+from edgeserve.archive.format import extract_archive
+from edgeserve.archive.mar import mar_handler, read_mar
+from edgeserve.archive.signing import TrustStore
+from edgeserve.errors import ArchiveError
+from edgeserve.packager.build import build_archive, import_mar
+from edgeserve.store.model_store import STAGING, ModelStore
 from edgeserve.types import BytesTensor, TensorSpec
 
 
@@ -99,7 +99,7 @@ def test_image_classifier_mar(classifier_pt: bytes, tmp_path: Path) -> None:
 def test_image_classifier_mar_packaged_and_served(classifier_pt: bytes, tmp_path: Path) -> None:
     from PIL import Image
 
-    from edgeserve.runtime import RuntimeOptions, load_model
+    from edgeserve.serving.runtime import RuntimeOptions, load_model
 
     mar = make_mar(tmp_path / "tiny.mar", classifier_pt, handler="image_classifier", labels=LABELS)
     image = tmp_path / "cat.png"
@@ -205,20 +205,18 @@ def test_malformed_mar(tmp_path: Path, entries: list, needle: str) -> None:
     assert f"TorchServe archive '{mar}'" in str(exc.value)
 
 
-def test_store_loads_a_mar_only_without_a_trust_store(
-    classifier_pt: bytes, tmp_path: Path, trust: TrustStore
+@pytest.mark.parametrize("trusted", [True, False], ids=["trust-keys", "no-trust-keys"])
+def test_store_refuses_a_mar_and_names_the_conversion(
+    classifier_pt: bytes, tmp_path: Path, trust: TrustStore, trusted: bool
 ) -> None:
     mar = make_mar(tmp_path / "tiny.mar", classifier_pt, handler="image_classifier", labels=LABELS)
-    strict = ModelStore(tmp_path / "models", trust, live_state_path=tmp_path / "live.json")
-    with pytest.raises(VerificationError, match="carries no signature.*--from-mar"):
-        strict.install(mar)
-    assert tree_snapshot(strict.root / STAGING) == []
-    assert not (strict.root / "tiny").exists()
-    relaxed = ModelStore(tmp_path / "models", None, live_state_path=tmp_path / "live.json")
-    installed = relaxed.install(mar)
-    assert (installed.name, installed.version) == ("tiny", "2.0")
-    assert relaxed.get("tiny", "2.0").manifest.handler == "image_classifier"
-    assert tree_snapshot(relaxed.root / STAGING) == []
+    store = ModelStore(
+        tmp_path / "models", trust if trusted else None, live_state_path=tmp_path / "live.json"
+    )
+    with pytest.raises(ArchiveError, match="TorchServe .mar; convert it first.*--from-mar"):
+        store.install(mar)
+    assert tree_snapshot(store.root / STAGING) == []
+    assert not (store.root / "tiny").exists()
 
 
 def test_mar_converted_and_signed_installs_in_a_strict_store(

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from archive_helpers import rewrite, tree_snapshot
 
+from edgeserve.archive.signing import SIGNATURE_NAME, TrustStore
 from edgeserve.errors import ArchiveError, NotFound, StoreError, VerificationError
-from edgeserve.signing import SIGNATURE_NAME, TrustStore
-from edgeserve.store import STAGING, LiveEntry, ModelStore
+from edgeserve.store.model_store import STAGING, LiveEntry, ModelStore
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_versions_are_immutable(
     example_npy: Path,
     keys: tuple[Path, Path],
 ) -> None:
-    from edgeserve.packager import build_archive
+    from edgeserve.packager.build import build_archive
 
     first = store.install(signed_archive)
     different = tmp_path / "different.esar"

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from edgeserve.archive import extract_archive, read_manifest, verify_tree
+from edgeserve.archive.format import extract_archive, read_manifest, verify_tree
+from edgeserve.archive.manifest import Manifest
+from edgeserve.archive.signing import TrustStore
 from edgeserve.errors import ArchiveError
-from edgeserve.manifest import Manifest
-from edgeserve.packager import build_archive, model_batches
-from edgeserve.signing import TrustStore
+from edgeserve.packager.build import build_archive, model_batches
 from edgeserve.types import TensorSpec
 
 CUSTOM_HANDLER = """
@@ -240,7 +240,7 @@ def test_max_batch_size_1_on_a_batching_model_keeps_dim_0_open(
     models_py: Path, example_npy: Path, tmp_path: Path
 ) -> None:
     """Whether the model batches decides the -1; max_batch_size 1 only stops combining."""
-    from edgeserve.runtime import RuntimeOptions, load_model
+    from edgeserve.serving.runtime import RuntimeOptions, load_model
 
     out = tmp_path / "s.esar"
     single = build_archive(
@@ -413,7 +413,7 @@ def test_image_classifier_samples_go_through_the_runtime(models_py: Path, tmp_pa
 
 def test_image_classifier_warm_up_passes_in_the_runtime(models_py: Path, tmp_path: Path) -> None:
     """The recorded expected outputs are what the runtime produces from the installed model."""
-    from edgeserve.runtime import RuntimeOptions, load_model
+    from edgeserve.serving.runtime import RuntimeOptions, load_model
 
     out = tmp_path / "img.esar"
     build_archive(

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from edgeserve.batching import AdaptiveBatcher, BatchSettings
+from edgeserve.serving.batching import AdaptiveBatcher, BatchSettings
+from edgeserve.serving.worker import InstanceWorker
 from edgeserve.types import InferRequest, TensorValue
-from edgeserve.worker import InstanceWorker
 
 T = TypeVar("T")
 GATE_TIMEOUT_S = 10.0

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from edgeserve.batch_policy import ArrivalRate, Dispatch, ServiceTimeFit, Wait, decide
+from edgeserve.serving.batch_policy import ArrivalRate, Dispatch, ServiceTimeFit, Wait, decide
 
 A, B = 0.0001, 0.002  # 0.1 ms per row, 2 ms per batch: a model where batching pays
 

@@ -12,8 +12,6 @@ import time
 import pytest
 import torch
 
-from edgeserve.batch_policy import ArrivalRate, ServiceTimeFit
-from edgeserve.batching import AdaptiveBatcher, BatchSettings
 from edgeserve.errors import (
     ConfigError,
     Expired,
@@ -22,8 +20,10 @@ from edgeserve.errors import (
     NotReady,
     Overloaded,
 )
+from edgeserve.serving.batch_policy import ArrivalRate, ServiceTimeFit
+from edgeserve.serving.batching import AdaptiveBatcher, BatchSettings
+from edgeserve.serving.worker import InstanceWorker
 from edgeserve.types import BytesTensor, InferRequest
-from edgeserve.worker import InstanceWorker
 
 from .conftest import Recorder, request, run, serving, until
 
@@ -78,7 +78,7 @@ def test_a_failing_batch_observer_does_not_fail_requests(caplog):
         async with serving(Recorder(), on_batch=broken) as batcher:
             return await batcher.submit(request(2.0))
 
-    with caplog.at_level(logging.ERROR, logger="edgeserve.batching"):
+    with caplog.at_level(logging.ERROR, logger="edgeserve.serving"):
         result = run(main())
     assert torch.equal(result.outputs["y"], torch.full((1, 4), 4.0))
     assert any("batch observer failed" in r.getMessage() for r in caplog.records)
@@ -243,7 +243,7 @@ def test_a_failing_batch_fails_only_its_own_requests(caplog):
             assert batcher.stats().failed == 3
         return errors, results, ok
 
-    with caplog.at_level(logging.ERROR, logger="edgeserve.batching"):
+    with caplog.at_level(logging.ERROR, logger="edgeserve.serving"):
         errors, results, ok = run(main())
     assert all(isinstance(e, HandlerFailed) for e in errors)
     assert all(isinstance(e.__cause__, ZeroDivisionError) for e in errors)

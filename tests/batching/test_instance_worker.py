@@ -9,8 +9,13 @@ import threading
 import pytest
 import torch
 
+from edgeserve.serving.worker import (
+    InstanceWorker,
+    default_intra_op_threads,
+    split_outputs,
+    stack_parts,
+)
 from edgeserve.types import BytesTensor
-from edgeserve.worker import InstanceWorker, default_intra_op_threads, split_outputs, stack_parts
 
 from .conftest import run
 
@@ -184,9 +189,9 @@ def test_a_later_instance_cannot_change_an_earlier_ones_thread_budget():
 
 
 def test_inline_executor_serves_a_batcher_on_the_loop_thread():
-    from edgeserve.batching import AdaptiveBatcher, BatchSettings
+    from edgeserve.serving.batching import AdaptiveBatcher, BatchSettings
+    from edgeserve.serving.worker import InlineExecutor
     from edgeserve.types import InferRequest
-    from edgeserve.worker import InlineExecutor
 
     seen_threads = []
 
@@ -213,8 +218,8 @@ def test_inline_executor_serves_a_batcher_on_the_loop_thread():
 
 
 def test_a_refused_request_fails_alone_in_a_shared_batch():
-    from edgeserve.batching import AdaptiveBatcher, BatchSettings
     from edgeserve.errors import InvalidArgument
+    from edgeserve.serving.batching import AdaptiveBatcher, BatchSettings
     from edgeserve.types import InferRequest
 
     gate = threading.Event()

@@ -74,10 +74,13 @@ def test_profile_summary_attributes_libc_time_to_its_caller() -> None:
         "thread (7): MainThread;run (asyncio/base_events.py:1);"
         "0x1 (grpc/_cython/cygrpc.so);sendmsg (libc.so.6) 3\n"
         "thread (7): MainThread;run (asyncio/base_events.py:1);"
-        "submit (agent/batching.py:9) 1\n"
+        "submit (agent/serving/batching.py:9) 1\n"
     )
     summary = summarize_stacks(stacks)
     assert summary["samples"] == 4
-    assert dict(summary["owners"]) == {"grpc (Cython/C core)": 0.75, "edgeserve.batching": 0.25}
+    assert dict(summary["owners"]) == {
+        "grpc (Cython/C core)": 0.75,
+        "edgeserve.serving.batching": 0.25,
+    }
     assert dict(summary["areas_self"])["libc sendmsg"] == 0.75
     assert math.isclose(dict(summary["threads"])["MainThread"], 1.0)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import edgeserve.config as cfg
+from edgeserve.archive.manifest import BatchingDefaults
 from edgeserve.config import (
     BatchingConfig,
     Config,
@@ -21,7 +22,6 @@ from edgeserve.config import (
 )
 from edgeserve.errors import ConfigError
 from edgeserve.lifecycle import resolve_batch_settings
-from edgeserve.manifest import BatchingDefaults
 from edgeserve.types import ModelSettings
 
 CONFIG_SOURCE = Path(cfg.__file__)

@@ -125,7 +125,7 @@ def test_restart_comes_back_with_the_same_models(daemons, mlp_archive_factory):
 
 
 def test_unsigned_archive_is_refused(daemons, mlp_source, mlp_example, tmp_path):
-    from edgeserve.packager import build_archive
+    from edgeserve.packager.build import build_archive
 
     unsigned = tmp_path / "unsigned.esar"
     build_archive(
@@ -194,7 +194,8 @@ def test_a_model_that_fails_to_restore_is_not_forgotten(daemons, mlp_archive_fac
 def test_a_cancelled_unload_still_finishes_and_is_persisted(daemons, mlp_archive_factory, tmp_path):
     import json
 
-    from edgeserve.api.management_client import CallFailed, ManagementClient
+    from edgeserve.api.client import ClientError
+    from edgeserve.api.management_client import ManagementClient
 
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -217,7 +218,7 @@ def test_a_cancelled_unload_still_finishes_and_is_persisted(daemons, mlp_archive
         time.sleep(0.01)
     # The unload waits for the request in flight (2 s); its caller gives up after 0.3 s.
     with ManagementClient(f"unix://{daemon.run_dir / 'management.sock'}", timeout=0.3) as m:
-        with pytest.raises(CallFailed):
+        with pytest.raises(ClientError):
             m.unload("slow", "1")
     caller.join(30)
     assert result and not isinstance(result[0], Exception)

@@ -109,8 +109,8 @@ def drop_in(daemon: Any, archive: Path, name: str | None = None) -> Path:
 # `edgeserve ARGS`. The interpreter lives under /root (0700), so imports must happen first.
 _AS_USER = textwrap.dedent("""\
     import os, sys, json
-    import grpc, edgeserve.cli, edgeserve.cli_models, edgeserve.api.management_client
-    import edgeserve.status, edgeserve.config, edgeserve.store, edgeserve.telemetry.sampler
+    import grpc, edgeserve.cli, edgeserve.api.management_client, edgeserve.config.load
+    import edgeserve.telemetry.status, edgeserve.store.model_store, edgeserve.telemetry.sampler
     import encodings.idna, argparse, json.decoder
     uid, gid, groups = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
     os.setgroups(groups)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from edgeserve.api.management_client import CallFailed
+from edgeserve.api.client import ClientError
 from tests.management.conftest import drop_in, management_address, run_cli
 
 
@@ -17,7 +17,7 @@ def test_memory_budget_refuses_a_load_and_leaves_the_registry(
     archive = drop_in(daemon, mlp_archive_factory("1"))
     assert client.list_models() == []
 
-    with pytest.raises(CallFailed) as caught:
+    with pytest.raises(ClientError) as caught:
         client.load(archive=str(archive), make_default=True)
     assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "budget" in caught.value.message and "runtime.memory_budget_mb" in caught.value.message

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from edgeserve.api.management_client import CallFailed
+from edgeserve.api.client import ClientError
 from tests.management.conftest import drop_in, management_address, run_cli
 
 X = np.ones((1, 16), dtype=np.float32)
@@ -89,7 +89,7 @@ def test_refused_calls_name_the_fault_and_change_nothing(mdaemons, mlp_archive_f
     client = client_of(daemon)
     before = client.list_models()
     for i, (call, code, words) in enumerate(REFUSED):
-        with pytest.raises(CallFailed) as caught:
+        with pytest.raises(ClientError) as caught:
             call(client)
         assert caught.value.code == getattr(grpc.StatusCode, code), (i, caught.value)
         assert words in caught.value.message, (i, caught.value)

@@ -11,7 +11,8 @@ import sys
 import grpc
 import pytest
 
-from edgeserve.api.management_client import CallFailed, ManagementClient
+from edgeserve.api.client import ClientError
+from edgeserve.api.management_client import ManagementClient
 from tests.conftest import free_port
 from tests.management.conftest import drop_in, management_address, open_run_dir, run_cli
 
@@ -83,7 +84,7 @@ def test_tcp_needs_the_token(mdaemons, mlp_archive_factory, client_of, tmp_path)
     for sent, expected in refusals.items():
         with ManagementClient(tcp, token=sent) as client:
             for call in (lambda c: c.list_models(), lambda c: c.unload("mlp", "1")):
-                with pytest.raises(CallFailed) as caught:
+                with pytest.raises(ClientError) as caught:
                     call(client)
                 assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED, caught.value
                 assert caught.value.message == expected  # and never the token sent
@@ -143,7 +144,7 @@ def test_archive_outside_the_allowed_directory_is_refused(
         "https://example.com/mlp-2.esar",
         "/etc/shadow",
     ):
-        with pytest.raises(CallFailed) as caught:
+        with pytest.raises(ClientError) as caught:
             client.load(archive=path, make_default=True)
         assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED, (path, caught.value)
     refused = run_cli("models", "load", str(outside), "--management", management_address(daemon))

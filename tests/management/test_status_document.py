@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
-from edgeserve.status import (
+from edgeserve.store.model_store import LiveEntry
+from edgeserve.telemetry.status import (
     DaemonFacts,
     ModelFacts,
     RecentErrors,
@@ -15,7 +16,6 @@ from edgeserve.status import (
     render_json,
     render_table,
 )
-from edgeserve.store import LiveEntry
 
 NOW = 1_800_000_000.0
 UP = DaemonFacts(up=True, ready=True, pid=42, version="0.1.0", started_at=NOW - 3700)

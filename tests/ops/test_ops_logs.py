@@ -52,9 +52,9 @@ def test_json_one_event_per_line(root_logger) -> None:
 def test_text_format(root_logger) -> None:
     stream = io.StringIO()
     setup_logging("DEBUG", "text", stream=stream, env={})
-    logging.getLogger("edgeserve.batching").debug("batch of %d", 8, extra={"model": "mlp"})
+    logging.getLogger("edgeserve.serving").debug("batch of %d", 8, extra={"model": "mlp"})
     line = stream.getvalue().rstrip("\n")
-    assert re.fullmatch(r"\S+Z debug +edgeserve\.batching: batch of 8 model='mlp'", line), line
+    assert re.fullmatch(r"\S+Z debug +edgeserve\.serving: batch of 8 model='mlp'", line), line
 
 
 @pytest.mark.parametrize("field", sorted(PAYLOAD_FIELDS))
@@ -101,7 +101,7 @@ def test_third_party_debug_stays_out_at_debug_level(root_logger) -> None:
     logging.getLogger("grpc._cython.cygrpc").debug("Loaded running loop")
     logging.getLogger("grpc._cython.cygrpc").info("still noise")
     logging.getLogger("asyncio").warning("slow callback")
-    logging.getLogger("edgeserve.worker").debug("batch of 4")
+    logging.getLogger("edgeserve.serving").debug("batch of 4")
     assert [e["event"] for e in _events(stream)] == ["slow callback", "batch of 4"]
 
 

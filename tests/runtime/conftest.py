@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeserve.manifest import Manifest, Sample
+from edgeserve.archive.manifest import Manifest, Sample
 from edgeserve.types import TensorSpec
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgeserve.errors import ArchiveError, InvalidArgument
-from edgeserve.runtime import RuntimeOptions, load_model, served_signature
+from edgeserve.serving.runtime import RuntimeOptions, load_model, served_signature
 
 from .conftest import MLP_IN, MLP_OUT
 

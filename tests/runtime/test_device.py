@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgeserve.errors import ConfigError
-from edgeserve.runtime import RuntimeOptions, load_model, resolve_device
+from edgeserve.serving.runtime import RuntimeOptions, load_model, resolve_device
 
 from .conftest import MLP_IN, MLP_OUT
 
@@ -59,7 +59,7 @@ def test_load_on_cuda_without_gpu_is_refused(model_dirs, mlp) -> None:
 
 def test_fp16_is_ignored_on_cpu(model_dirs, mlp, caplog) -> None:
     model_dir, manifest = model_dirs.make(mlp, MLP_IN, MLP_OUT)
-    caplog.set_level("INFO", logger="edgeserve.runtime")
+    caplog.set_level("INFO", logger="edgeserve.serving")
     loaded = load_model(model_dir, manifest, RuntimeOptions(device="cpu", fp16=True))
     try:
         assert loaded.device == torch.device("cpu")

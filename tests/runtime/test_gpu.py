@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgeserve.errors import ConfigError
-from edgeserve.runtime import RuntimeOptions, load_model
+from edgeserve.serving.runtime import RuntimeOptions, load_model
 from edgeserve.types import BytesTensor
 
 from .conftest import MLP_IN, MLP_OUT, TinyCNN, spec

@@ -13,7 +13,7 @@ from PIL import Image
 
 from edgeserve.errors import ArchiveError, InvalidArgument
 from edgeserve.handlers import ImageClassifierHandler
-from edgeserve.runtime import RuntimeOptions, load_model
+from edgeserve.serving.runtime import RuntimeOptions, load_model
 from edgeserve.types import BytesTensor
 
 from .conftest import TinyCNN, spec

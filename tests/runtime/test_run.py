@@ -11,7 +11,7 @@ import torch
 from edgeserve.errors import ArchiveError, EdgeserveError, InvalidArgument, NotReady
 from edgeserve.handlers import TensorHandler, get_handler_class
 from edgeserve.handlers.base import HandlerContext
-from edgeserve.runtime import LOADERS, LoadedModel, RuntimeOptions, load_model
+from edgeserve.serving.runtime import LOADERS, LoadedModel, RuntimeOptions, load_model
 from edgeserve.types import BytesTensor
 
 from .conftest import MLP_IN, MLP_OUT, DictModel, RaiseOnFlag, TupleModel, TwoInputs, spec
@@ -62,7 +62,7 @@ def test_int8_within_tolerance_of_fp32(model_dirs, mlp, mlp_int8, load) -> None:
 
 def test_unsupported_quantized_engine_falls_back(model_dirs, mlp_int8, load, caplog) -> None:
     quant = {"mode": "dynamic", "engine": "no-such-engine", "dtype": "qint8"}
-    caplog.set_level(logging.WARNING, logger="edgeserve.runtime")
+    caplog.set_level(logging.WARNING, logger="edgeserve.serving")
     model = load(*model_dirs.make(mlp_int8, MLP_IN, MLP_OUT, quantization=quant))
     assert "'no-such-engine' is not supported here" in caplog.text
     assert torch.backends.quantized.engine in torch.backends.quantized.supported_engines
@@ -245,7 +245,7 @@ def test_handler_sees_the_model_context(model_dirs, mlp, load) -> None:
     assert isinstance(context, HandlerContext)
     assert context.model is model.module and context.model_dir == model_dir
     assert context.config == {"k": 1} and context.inputs == MLP_IN and context.compute_dtype is None
-    assert "edgeserve.runtime" in sys.modules
+    assert "edgeserve.serving.runtime" in sys.modules
 
 
 def test_half_compute_casts_inputs_and_outputs(model_dirs, mlp) -> None:
@@ -273,7 +273,7 @@ def test_half_compute_casts_inputs_and_outputs(model_dirs, mlp) -> None:
 def test_members_outside_the_manifest_or_directory_are_refused(model_dirs, mlp) -> None:
     from dataclasses import replace
 
-    from edgeserve.archive import member_path
+    from edgeserve.archive.format import member_path
 
     model_dir, manifest = model_dirs.make(mlp, MLP_IN, MLP_OUT)
     assert member_path(model_dir, manifest, "model.pt") == (model_dir / "model.pt").resolve()

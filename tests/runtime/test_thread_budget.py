@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from edgeserve.thread_budget import choose_intra_op_threads, first_row, full_batch_of
+from edgeserve.serving.thread_budget import choose_intra_op_threads, first_row, full_batch_of
 from edgeserve.types import BytesTensor
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from edgeserve.errors import ArchiveError, WarmupFailed
-from edgeserve.runtime import RuntimeOptions, load_model, served_signature
-from edgeserve.warmup import WarmupReport, load_sample
+from edgeserve.serving.runtime import RuntimeOptions, load_model, served_signature
+from edgeserve.serving.warmup import WarmupReport, load_sample
 
 from .conftest import MLP_IN, MLP_OUT, RaiseOnFlag, TupleModel, spec
 

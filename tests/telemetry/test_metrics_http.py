@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from edgeserve.errors import ConfigError
-from edgeserve.metrics_http import MetricsServer, start_metrics_server
+from edgeserve.telemetry.prometheus import MetricsServer, start_metrics_server
 from edgeserve.telemetry.recorders import LATENCY_BOUNDS_S, Recorders
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -51,7 +51,7 @@ from edgeserve.errors import ConfigError
 from edgeserve.telemetry.recorders import Recorders
 from edgeserve.telemetry.sampler import SystemSampler
 
-log = logging.getLogger("edgeserve.metrics")
+log = logging.getLogger("edgeserve.telemetry")
 
 CONFIG_KEY = "metrics.prometheus_listen"
 _MODEL_LABELS = ("model", "version")

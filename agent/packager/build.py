@@ -37,7 +37,7 @@ Rules this module decides (documented here, reported in the manifest):
   numeric tensors; any other file is one BYTES element. The default samples are the
   example inputs when the handler serves the model's own signature. Expected outputs are
   computed from the packaged module itself: in-process for the tensor handler, through
-  ``edgeserve.runtime`` for any other handler.
+  ``edgeserve.serving.runtime`` for any other handler.
 - Tolerance: rtol 1e-5 / atol 1e-6 for fp32, 1e-2 / 1e-2 for int8 (the expected outputs
   come from the quantized model: tolerance only absorbs kernel nondeterminism).
 - Extra files become members named by their base name; a ``.py`` handler becomes
@@ -57,14 +57,20 @@ from typing import Any, Literal
 import torch
 
 from edgeserve import __version__
-from edgeserve.archive import RESERVED_NAMES, write_archive
+from edgeserve.archive.format import RESERVED_NAMES, write_archive
+from edgeserve.archive.manifest import BatchingDefaults, Manifest
+from edgeserve.archive.mar import mar_handler, read_mar
 from edgeserve.errors import ArchiveError
 from edgeserve.handlers import get_handler_class
-from edgeserve.manifest import BatchingDefaults, Manifest
-from edgeserve.mar import mar_handler, read_mar
-from edgeserve.package_samples import InputArg, as_tensor, read_inputs, record_samples
-from edgeserve.scripting import load_torchscript, pick_engine, run_module, script_eager, use_engine
-from edgeserve.torch_dtypes import DATATYPE_OF_TORCH
+from edgeserve.packager.samples import InputArg, as_tensor, read_inputs, record_samples
+from edgeserve.packager.scripting import (
+    load_torchscript,
+    pick_engine,
+    run_module,
+    script_eager,
+    use_engine,
+)
+from edgeserve.serving.torch_dtypes import DATATYPE_OF_TORCH
 from edgeserve.types import TensorSpec
 
 log = logging.getLogger("edgeserve.packager")

@@ -33,14 +33,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from edgeserve.archive import member_path
+from edgeserve.archive.format import member_path
+from edgeserve.archive.manifest import Manifest, Sample
 from edgeserve.dtypes import datatype_of_numpy
 from edgeserve.errors import ArchiveError, WarmupFailed
-from edgeserve.manifest import Manifest, Sample
-from edgeserve.torch_dtypes import TORCH_DTYPES
+from edgeserve.serving.torch_dtypes import TORCH_DTYPES
 from edgeserve.types import BytesTensor, TensorSpec, TensorValue
 
-log = logging.getLogger("edgeserve.runtime")
+log = logging.getLogger("edgeserve.serving")
 
 FP16_TOLERANCE = (1e-2, 1e-2)
 """The least (rtol, atol) a warm-up under fp16 compares with."""

@@ -15,7 +15,7 @@ Rules (``packager``'s docstring has the whole list):
 - Without sample files the samples are the example inputs, when the handler serves the
   model's own signature.
 - Expected outputs come from the packaged module itself: run in-process for the tensor
-  handler, through ``edgeserve.runtime`` (the archive-to-be unpacked in a temporary
+  handler, through ``edgeserve.serving.runtime`` (the archive-to-be unpacked in a temporary
   directory) for any other handler, so they are what the daemon will produce.
 - Stored members: ``.npy`` for numeric tensors; a BYTES input as a raw file holding one
   element; a BYTES output as a JSON list of UTF-8 strings (``manifest.py``).
@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgeserve.archive.manifest import Manifest, Sample
 from edgeserve.dtypes import datatype_of_numpy
 from edgeserve.errors import ArchiveError
 from edgeserve.handlers.tensor import name_outputs
-from edgeserve.manifest import Manifest, Sample
-from edgeserve.scripting import first_line, run_module
-from edgeserve.torch_dtypes import DATATYPE_OF_TORCH
+from edgeserve.packager.scripting import first_line, run_module
+from edgeserve.serving.torch_dtypes import DATATYPE_OF_TORCH
 from edgeserve.types import BytesTensor, TensorSpec, TensorValue
 
 InputArg = Path | str | tuple[str, Path]
@@ -201,7 +201,7 @@ def record_samples(
 @contextlib.contextmanager
 def _runtime_model(manifest: Manifest, members: Mapping[str, bytes | Path]) -> Iterator[Any]:
     """The archive-to-be, unpacked in a temporary directory and loaded by the runtime."""
-    from edgeserve.runtime import RuntimeOptions, load_model
+    from edgeserve.serving.runtime import RuntimeOptions, load_model
 
     with tempfile.TemporaryDirectory(prefix="edgeserve-package-") as tmp:
         root = Path(tmp)

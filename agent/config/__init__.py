@@ -4,7 +4,7 @@ Each dataclass validates its own fields cheaply when built, so a ``Config`` made
 checked too; its ``ConfigError`` names the key relative to the dataclass, and the loader
 prefixes the section (``models[1].batching.max_queue_delay_ms``). Loading (YAML with line
 numbers, ``EDGESERVE_*`` environment variables, overrides, paths, ``run_dir``, where a bad
-value came from) is the second phase and lives in ``config_load``; ``load_config`` and
+value came from) is the second phase and lives in ``config.load``; ``load_config`` and
 ``ENV_VARS`` are re-exported here, so ``from edgeserve.config import load_config`` works.
 Nothing here exits.
 
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from edgeserve.errors import ConfigError
 
 if TYPE_CHECKING:
-    from edgeserve.config_load import ENV_VARS as ENV_VARS
-    from edgeserve.config_load import load_config as load_config
+    from edgeserve.config.load import ENV_VARS as ENV_VARS
+    from edgeserve.config.load import load_config as load_config
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["json", "text"]
@@ -367,9 +367,9 @@ def problem_of(exc: ConfigError) -> str:
 
 
 def __getattr__(name: str) -> Any:
-    # ``config_load`` imports this module, so its names are re-exported lazily (PEP 562).
+    # ``config.load`` imports this module, so its names are re-exported lazily (PEP 562).
     if name in ("load_config", "ENV_VARS"):
-        from edgeserve import config_load
+        from edgeserve.config import load
 
-        return getattr(config_load, name)
+        return getattr(load, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,42 +2,62 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
 from edgeserve.api.client import DEFAULT_ADDRESS, ClientError, InferenceClient, ModelInfo
-from edgeserve.errors import InvalidArgument
+from edgeserve.cli.common import add_command, named_paths
+from edgeserve.cli.exits import DaemonUnreachable, ExitCode
+from edgeserve.errors import EdgeserveError, InvalidArgument
 
-EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 3
+ENV_ADDRESS = "EDGESERVE_ADDRESS"
 
 
-def run_predict(
-    model: str,
-    inputs: list[Path | tuple[str, Path]],
-    *,
-    version: str = "",
-    address: str | None = None,
-    timeout: float = 30.0,
-    as_json: bool = False,
-) -> int:
-    address = address or os.environ.get("EDGESERVE_ADDRESS") or DEFAULT_ADDRESS
+def register(commands: Any) -> None:
+    sub = add_command(
+        commands,
+        "predict",
+        "Send inputs to a running daemon and print the outputs.",
+        "edgeserve predict mlp --input x.npy --json",
+    )
+    sub.add_argument("model", help="model name")
+    sub.add_argument("--model-version", default="", help="version (default: the default one)")
+    sub.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE",
+        help=".npy file, or an image/any file for a BYTES input (repeatable)",
+    )
+    sub.add_argument(
+        "--address",
+        default=None,
+        help="daemon address (default $EDGESERVE_ADDRESS or 127.0.0.1:8001)",
+    )
+    sub.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    address = args.address or os.environ.get(ENV_ADDRESS) or DEFAULT_ADDRESS
     with InferenceClient(address) as client:
         try:
-            info = client.model_metadata(model, version, timeout=timeout)
-            arrays = _read_inputs(info, inputs)
-            served, outputs = client.infer(model, arrays, version=version, timeout=timeout)
+            info = client.model_metadata(args.model, args.model_version, timeout=args.timeout)
+            arrays = _read_inputs(info, named_paths(args.input))
+            served, outputs = client.infer(
+                args.model, arrays, version=args.model_version, timeout=args.timeout
+            )
         except ClientError as err:
-            print(f"edgeserve: error: {err}", file=sys.stderr)
-            unreachable = err.code in (grpc.StatusCode.UNAVAILABLE,) and "connect" in err.message
-            return EXIT_UNREACHABLE if unreachable else EXIT_FAILED
-    _print(model, served, outputs, as_json)
-    return EXIT_OK
+            if err.code.name == "UNAVAILABLE" and "connect" in err.message:
+                raise DaemonUnreachable(str(err)) from None
+            raise EdgeserveError(str(err)) from None
+    _print(args.model, served, outputs, args.json)
+    return ExitCode.OK
 
 
 def _read_inputs(info: ModelInfo, given: list[Path | tuple[str, Path]]) -> dict[str, np.ndarray]:

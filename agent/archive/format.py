@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from edgeserve.errors import ArchiveError
-from edgeserve.manifest import MANIFEST_NAME, Manifest
-from edgeserve.safezip import (
+from edgeserve.archive.manifest import MANIFEST_NAME, Manifest
+from edgeserve.archive.safezip import (
     CHUNK,
     DEFAULT_LIMITS,
     ArchiveLimits,
@@ -42,7 +41,8 @@ from edgeserve.safezip import (
     read_member,
     scan_members,
 )
-from edgeserve.signing import SIGNATURE_NAME, TrustStore, sign_manifest
+from edgeserve.archive.signing import SIGNATURE_NAME, TrustStore, sign_manifest
+from edgeserve.errors import ArchiveError
 
 log = logging.getLogger("edgeserve.archive")
 

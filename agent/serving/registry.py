@@ -19,7 +19,7 @@ from edgeserve.errors import NotFound, NotReady
 from edgeserve.telemetry.recorders import ModelRecorder
 from edgeserve.types import InferRequest, InferResult, TensorSpec
 
-log = logging.getLogger("edgeserve.registry")
+log = logging.getLogger("edgeserve.serving")
 
 PLATFORM = "pytorch_torchscript"
 

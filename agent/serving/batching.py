@@ -42,8 +42,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
-from edgeserve.batch_policy import ArrivalRate, ServiceTimeFit, Wait, decide
-from edgeserve.batch_queue import FINISHED, QUEUED, BatchQueue, Entry, Tensors
 from edgeserve.errors import (
     ConfigError,
     EdgeserveError,
@@ -52,9 +50,11 @@ from edgeserve.errors import (
     NotReady,
     Overloaded,
 )
+from edgeserve.serving.batch_policy import ArrivalRate, ServiceTimeFit, Wait, decide
+from edgeserve.serving.batch_queue import FINISHED, QUEUED, BatchQueue, Entry, Tensors
 from edgeserve.types import InferRequest, InferResult, TensorValue
 
-log = logging.getLogger("edgeserve.batching")
+log = logging.getLogger("edgeserve.serving")
 
 
 class BatchExecutor(Protocol):

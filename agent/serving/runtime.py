@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from edgeserve.archive import member_path
+from edgeserve.archive.format import member_path
+from edgeserve.archive.manifest import Manifest
 from edgeserve.errors import (
     ArchiveError,
     ConfigError,
@@ -58,10 +59,9 @@ from edgeserve.handlers._custom import (
     import_handler_module,
 )
 from edgeserve.handlers.base import BaseHandler, HandlerContext, InputRejected
-from edgeserve.manifest import Manifest
-from edgeserve.torch_dtypes import TORCH_DTYPES
+from edgeserve.serving.torch_dtypes import TORCH_DTYPES
+from edgeserve.serving.warmup import Signature, WarmupReport, warm_up
 from edgeserve.types import BytesTensor, TensorSpec, TensorValue
-from edgeserve.warmup import Signature, WarmupReport, warm_up
 
 __all__ = [
     "LOADERS",
@@ -74,7 +74,7 @@ __all__ = [
     "served_signature",
 ]
 
-log = logging.getLogger("edgeserve.runtime")
+log = logging.getLogger("edgeserve.serving")
 
 DEVICE_KEY = "runtime.device"
 _CUDA_RE = re.compile(r"cuda(?::(\d+))?")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # status must stay importable without torch (the CLI's offline path)
     from edgeserve.lifecycle import Lifecycle
-    from edgeserve.registry import ModelRegistry
+    from edgeserve.serving.registry import ModelRegistry
 
 SCHEMA = 1
 HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"

@@ -8,7 +8,10 @@ it took, and stops the daemon with SIGTERM (or leaves it running).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import grp
+import io
 import os
 import signal
 import socket
@@ -17,11 +20,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgeserve.api.client import ClientError, InferenceClient
+from edgeserve.cli.common import add_command
+from edgeserve.errors import EdgeserveError
 
 MODEL_NAME = "demo-mlp"
 _MODEL_SOURCE = '''\
@@ -36,8 +43,29 @@ def build() -> nn.Module:
 '''
 
 
-def run_demo(state_dir: Path, *, requests: int = 200, keep_running: bool = False) -> int:
-    state_dir = state_dir.resolve()
+def register(commands: Any) -> None:
+    sub = add_command(
+        commands,
+        "demo",
+        "Build an int8 example model, serve it locally, and run requests through gRPC.",
+        "edgeserve demo",
+    )
+    sub.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".edgeserve-demo"),
+        help="where the demo keeps its store and sockets",
+    )
+    sub.add_argument("--requests", type=int, default=200, help="requests to time")
+    sub.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the daemon serving after the demo (Ctrl-C to stop)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    state_dir, requests, keep_running = args.state_dir.resolve(), args.requests, args.keep_running
     state_dir.mkdir(parents=True, exist_ok=True)
     print(f"edgeserve demo: working in {state_dir}")
     archive, key_pub, example = _build_archive(state_dir)
@@ -69,14 +97,14 @@ def run_demo(state_dir: Path, *, requests: int = 200, keep_running: bool = False
 
 
 def _build_archive(state_dir: Path) -> tuple[Path, Path, np.ndarray]:
-    from edgeserve.packager import build_archive
-    from edgeserve.signing import generate_key
+    """Key pair and archive through the same commands a user types (keygen, package)."""
+    from edgeserve.cli import main
 
     keys = state_dir / "keys"
     keys.mkdir(exist_ok=True)
     key_priv, key_pub = keys / "demo.key", keys / "demo.pub"
     if not key_priv.exists():
-        generate_key(key_priv, key_pub)
+        _run_step(main, ["keygen", "--out", str(keys / "demo")])
     source = state_dir / "demo_model.py"
     source.write_text(_MODEL_SOURCE)
     example = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
@@ -84,21 +112,26 @@ def _build_archive(state_dir: Path) -> tuple[Path, Path, np.ndarray]:
     np.save(example_path, example)
     archive = state_dir / f"{MODEL_NAME}-1.esar"
     t0 = time.monotonic()
-    build_archive(
-        f"{source}:build",
-        name=MODEL_NAME,
-        version="1",
-        output=archive,
-        example_inputs=[("x", example_path)],
-        quantize="dynamic",
-        max_batch_size=32,
-        sign_key=key_priv,
-    )
+    _run_step(
+        main,
+        [
+            "package", f"{source}:build", "--name", MODEL_NAME, "--version", "1",
+            "--example-input", f"x={example_path}", "--quantize", "dynamic",
+            "--max-batch-size", "32", "--sign-key", str(key_priv), "-o", str(archive),
+        ],
+    )  # fmt: skip
     print(
         f"packaged {archive.name}: int8 dynamic-quantized MLP, signed "
         f"({archive.stat().st_size / 1024:.0f} KiB, {time.monotonic() - t0:.2f}s)"
     )
     return archive, key_pub, example
+
+
+def _run_step(main: Callable[[list[str]], int], argv: list[str]) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):  # the demo prints its own summary
+        code = main(argv)
+    if code != 0:
+        raise EdgeserveError(f"demo: `edgeserve {argv[0]}` failed (exit {code})")
 
 
 def _write_config(state_dir: Path, key_pub: Path) -> tuple[Path, Path, str]:
@@ -136,14 +169,14 @@ def _wait_ready(client: InferenceClient, daemon: subprocess.Popen[bytes], timeou
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if daemon.poll() is not None:
-            raise SystemExit(f"edgeserve demo: the daemon exited with {daemon.returncode}")
+            raise EdgeserveError(f"demo: the daemon exited with {daemon.returncode}")
         try:
             if client.server_ready(timeout=0.5):
                 return
         except ClientError:
             pass
         time.sleep(0.05)
-    raise SystemExit("edgeserve demo: the daemon did not become ready in time")
+    raise EdgeserveError("demo: the daemon did not become ready in time")
 
 
 def _exercise(client: InferenceClient, example: np.ndarray, requests: int) -> None:

@@ -13,10 +13,9 @@ staging, and staging is cleared on the next start. Versions are immutable: insta
 the same name/version again is a no-op when the manifest is identical and an error
 otherwise.
 
-A TorchServe ``.mar`` carries no signature, so it is installed directly only by a store
-without a trust store (``trust=None``); with one it is refused like any unsigned archive
-(``VerificationError``). Convert and sign it first:
-``edgeserve package --from-mar FILE.mar --sign-key KEY -o FILE.esar``.
+A TorchServe ``.mar`` is refused with the command that converts it (``edgeserve package
+--from-mar FILE.mar [--sign-key KEY] -o FILE.esar``): converting runs the model to infer its
+signature, which is the packager's job, and the daemon never imports the packager.
 """
 
 from __future__ import annotations
@@ -36,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeserve.archive import extract_archive, fsync_dir, verify_tree, write_archive
-from edgeserve.errors import ArchiveError, NotFound, StoreError, VerificationError
-from edgeserve.manifest import MANIFEST_NAME, Manifest
-from edgeserve.signing import TrustStore
+from edgeserve.archive.format import extract_archive, fsync_dir, verify_tree
+from edgeserve.archive.manifest import MANIFEST_NAME, Manifest
+from edgeserve.archive.signing import TrustStore
+from edgeserve.errors import ArchiveError, NotFound, StoreError
 
 log = logging.getLogger("edgeserve.store")
 
@@ -77,7 +76,7 @@ class ModelStore:
     # -- models ---------------------------------------------------------------------------
 
     def install(self, archive: Path) -> InstalledModel:
-        """Verify ``archive`` (or import a ``.mar``) and add it; atomic, all or nothing."""
+        """Verify ``archive`` and add it; atomic, all or nothing."""
         with self._locked():
             staging = self._new_staging()
             try:
@@ -211,7 +210,7 @@ class ModelStore:
 
     def _install(self, archive: Path, staging: Path) -> InstalledModel:
         if archive.suffix == ".mar":
-            archive = self._convert_mar(archive, staging)
+            self._refuse_mar(archive)
         unpacked = staging / "model"
         try:
             manifest = extract_archive(archive, unpacked, trust=self.trust)
@@ -246,18 +245,12 @@ class ModelStore:
         log.info("store: %s %s already installed", manifest.name, manifest.version)
         return current
 
-    def _convert_mar(self, mar: Path, staging: Path) -> Path:
-        if self.trust is not None:
-            raise VerificationError(
-                f"archive '{mar}' is a TorchServe .mar, which carries no signature; convert "
-                f"and sign it: edgeserve package --from-mar {mar} --sign-key KEY -o FILE.esar"
-            )
-        from edgeserve.packager import import_mar  # torch; only this path needs it
-
-        manifest, members = import_mar(mar)
-        converted = staging / "imported.esar"
-        write_archive(converted, manifest, members)
-        return converted
+    @staticmethod
+    def _refuse_mar(mar: Path) -> None:
+        raise ArchiveError(
+            f"archive '{mar}' is a TorchServe .mar; convert it first (and sign it when "
+            f"trust keys are set): edgeserve package --from-mar {mar} --sign-key KEY -o FILE.esar"
+        )
 
     def _version_dir(self, name: str, version: str) -> Path:
         for what, value in (("name", name), ("version", version)):

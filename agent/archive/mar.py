@@ -20,8 +20,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeserve.archive.safezip import (
+    DEFAULT_LIMITS,
+    ArchiveLimits,
+    open_zip,
+    read_member,
+    scan_members,
+)
 from edgeserve.errors import ArchiveError
-from edgeserve.safezip import DEFAULT_LIMITS, ArchiveLimits, open_zip, read_member, scan_members
 
 MAR_MANIFEST = "MAR-INF/MANIFEST.json"
 MAR_LABELS = "index_to_name.json"

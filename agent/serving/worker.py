@@ -36,7 +36,7 @@ import torch
 from edgeserve.errors import EdgeserveError, Kind
 from edgeserve.types import BytesTensor, TensorValue
 
-log = logging.getLogger("edgeserve.worker")
+log = logging.getLogger("edgeserve.serving")
 
 Tensors = dict[str, TensorValue]
 RunFn = Callable[[Tensors], Mapping[str, TensorValue]]
