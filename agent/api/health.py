@@ -41,7 +41,7 @@ def version_service(name: str, version: str) -> str:
     return f"{name}/{version}"
 
 
-class _HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
+class _HealthServicer(health_aio.HealthServicer):
     """The library's aio servicer, with the overall status re-read on every Check."""
 
     def __init__(self, is_ready: Callable[[], bool]) -> None:
