@@ -28,6 +28,7 @@ import numpy as np
 
 from edgeserve.api.client import ClientError, InferenceClient
 from edgeserve.cli.common import add_command
+from edgeserve.cli.exits import UsageError
 from edgeserve.errors import EdgeserveError
 
 MODEL_NAME = "demo-mlp"
@@ -56,7 +57,7 @@ def register(commands: Any) -> None:
         default=Path(".edgeserve-demo"),
         help="where the demo keeps its store and sockets",
     )
-    sub.add_argument("--requests", type=int, default=200, help="requests to time")
+    sub.add_argument("--requests", type=_positive, default=200, help="requests to time")
     sub.add_argument(
         "--keep-running",
         action="store_true",
@@ -64,9 +65,23 @@ def register(commands: Any) -> None:
     )
 
 
+def _positive(text: str) -> int:
+    """``--requests``: a count of at least 1 (the demo reports their median)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     state_dir, requests, keep_running = args.state_dir.resolve(), args.requests, args.keep_running
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"demo: --state-dir {state_dir}: {exc.strerror}") from None
     print(f"edgeserve demo: working in {state_dir}")
     archive, key_pub, example = _build_archive(state_dir)
     config, uds, tcp = _write_config(state_dir, key_pub)

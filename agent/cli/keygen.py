@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeserve.cli.common import add_command
-from edgeserve.cli.exits import ExitCode
+from edgeserve.cli.exits import ExitCode, UsageError
 
 
 def register(commands: Any) -> None:
@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from edgeserve.archive.signing import generate_key
 
     private, public = Path(f"{args.out}.key"), Path(f"{args.out}.pub")
-    generate_key(private, public)
+    try:
+        generate_key(private, public)
+    except OSError as exc:  # the prefix's folder is missing or not writable
+        raise UsageError(f"keygen: cannot write {exc.filename}: {exc.strerror}") from None
     print(f"wrote {private} (keep secret) and {public} (add to trust.keys)")
     return ExitCode.OK

@@ -41,7 +41,7 @@ def register(commands: Any) -> None:
     sub.add_argument("--handler", help="tensor | image_classifier | path/to/handler.py")
     sub.add_argument(
         "--handler-config",
-        type=json.loads,
+        type=_json_object,
         metavar="JSON",
         help='handler settings, e.g. \'{"topk": 3, "labels": "labels.txt"}\'',
     )
@@ -63,6 +63,17 @@ def register(commands: Any) -> None:
         metavar="FILE.mar",
         help="import a TorchServe .mar whose model is TorchScript",
     )
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """``--handler-config``: a JSON object (argparse reports the error as a usage error)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
             )
         except ClientError as err:
             if err.code.name == "UNAVAILABLE" and "connect" in err.message:
-                raise DaemonUnreachable(str(err)) from None
+                reason = f"daemon not reachable at {address}: {err.message}"
+                raise DaemonUnreachable(reason) from None
             raise EdgeserveError(str(err)) from None
     _print(args.model, served, outputs, args.json)
     return ExitCode.OK
