@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from edgeserve.api.client import ClientError, InferenceClient
+from tests.cli.support import keygen, package
 
 torch.set_num_threads(1)
 
@@ -54,12 +55,8 @@ class SlowHandler(TensorHandler):
 
 @pytest.fixture(scope="session")
 def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from edgeserve.archive.signing import generate_key
-
-    folder = tmp_path_factory.mktemp("keys")
-    private, public = folder / "test.key", folder / "test.pub"
-    generate_key(private, public)
-    return private, public
+    """``edgeserve keygen``: (test.key, test.pub)."""
+    return keygen(tmp_path_factory.mktemp("keys") / "test")
 
 
 @pytest.fixture(scope="session")
@@ -83,9 +80,10 @@ def mlp_archive_factory(
     mlp_source: Path,
     mlp_example: Path,
 ):
-    """Build (and cache) signed MLP archives: factory(version, quantize=None, **kw) -> Path."""
-    from edgeserve.packager.build import build_archive
+    """Build (and cache) signed MLP archives: factory(version, quantize=None, **kw) -> Path.
 
+    Each is built by ``edgeserve package`` (``kw`` are ``build_archive``'s options).
+    """
     folder = tmp_path_factory.mktemp("archives")
     cache: dict[tuple, Path] = {}
 
@@ -94,7 +92,7 @@ def mlp_archive_factory(
         if key not in cache:
             out = folder / f"mlp-{version}-{quantize or 'fp32'}-{len(cache)}.esar"
             kwargs.setdefault("name", "mlp")
-            build_archive(
+            package(
                 f"{mlp_source}:build",
                 version=version,
                 output=out,

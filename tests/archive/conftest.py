@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from edgeserve.archive.signing import TrustStore
+from tests.cli.support import keygen, package
 
 MODELS_SOURCE = '''
 import torch
@@ -138,20 +139,14 @@ def scripted_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from edgeserve.archive.signing import generate_key
-
-    folder = tmp_path_factory.mktemp("keys")
-    generate_key(folder / "release.key", folder / "release.pub")
-    return folder / "release.key", folder / "release.pub"
+    """``edgeserve keygen``: (release.key, release.pub)."""
+    return keygen(tmp_path_factory.mktemp("keys") / "release")
 
 
 @pytest.fixture(scope="session")
 def other_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from edgeserve.archive.signing import generate_key
-
-    folder = tmp_path_factory.mktemp("other-keys")
-    generate_key(folder / "other.key", folder / "other.pub")
-    return folder / "other.key", folder / "other.pub"
+    """A second pair from ``edgeserve keygen``, which ``trust`` does not hold."""
+    return keygen(tmp_path_factory.mktemp("other-keys") / "other")
 
 
 @pytest.fixture(scope="session")
@@ -166,19 +161,15 @@ def signed_archive(
     example_npy: Path,
     keys: tuple[Path, Path],
 ) -> Path:
-    """A signed fp32 MLP archive (name mlp, version 1)."""
-    from edgeserve.packager.build import build_archive
-
-    out = tmp_path_factory.mktemp("archives") / "mlp-1.esar"
-    build_archive(
+    """A signed fp32 MLP archive (name mlp, version 1), built by ``edgeserve package``."""
+    return package(
         f"{models_py}:build",
         name="mlp",
         version="1",
-        output=out,
+        output=tmp_path_factory.mktemp("archives") / "mlp-1.esar",
         example_inputs=[("x", example_npy)],
         sign_key=keys[0],
     )
-    return out
 
 
 @pytest.fixture
