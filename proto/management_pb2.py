@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = __import__('edgeserve.proto', fromlist=['POOL']).POOL.AddSerializedFile(b'\n\x10management.proto\x12\x0c\x65\x64geserve.v1\"\xa1\x02\n\rModelSettings\x12\x16\n\tinstances\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0emax_batch_size\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x1f\n\x12max_queue_delay_ms\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0emax_queue_size\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1d\n\x10intra_op_threads\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x13\n\x06\x64\x65vice\x18\x06 \x01(\tH\x05\x88\x01\x01\x42\x0c\n\n_instancesB\x11\n\x0f_max_batch_sizeB\x15\n\x13_max_queue_delay_msB\x11\n\x0f_max_queue_sizeB\x13\n\x11_intra_op_threadsB\t\n\x07_device\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xc9\x02\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x11\n\tinstances\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12-\n\x08settings\x18\x07 \x01(\x0b\x32\x1b.edgeserve.v1.ModelSettings\x12\x11\n\tloaded_at\x18\x08 \x01(\x01\x12\x14\n\x0cload_seconds\x18\t \x01(\x01\x12\x11\n\tin_flight\x18\n \x01(\r\x12\x14\n\x0cquantization\x18\x0b \x01(\t\x12(\n\x06inputs\x18\x0c \x03(\x0b\x32\x18.edgeserve.v1.TensorSpec\x12)\n\x07outputs\x18\r \x03(\x0b\x32\x18.edgeserve.v1.TensorSpec\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.edgeserve.v1.ModelVersion\"5\n\x14\x44\x65scribeModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"l\n\x15\x44\x65scribeModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x02 \x01(\t\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.edgeserve.v1.ModelVersion\".\n\rStoredVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xa8\x01\n\x10LoadModelRequest\x12\x16\n\x0c\x61rchive_path\x18\x01 \x01(\tH\x00\x12-\n\x06stored\x18\x02 \x01(\x0b\x32\x1b.edgeserve.v1.StoredVersionH\x00\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\x12-\n\x08settings\x18\x04 \x01(\x0b\x32\x1b.edgeserve.v1.ModelSettingsB\x08\n\x06source\">\n\x11LoadModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.edgeserve.v1.ModelVersion\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\".\n\x13UnloadModelResponse\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x01 \x01(\t\"9\n\x18SetDefaultVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"`\n\x19SetDefaultVersionResponse\x12\x18\n\x10previous_default\x18\x01 \x01(\t\x12)\n\x05model\x18\x02 \x01(\x0b\x32\x1a.edgeserve.v1.ModelVersion\"a\n\x11ScaleModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x08settings\x18\x03 \x01(\x0b\x32\x1b.edgeserve.v1.ModelSettings\"?\n\x12ScaleModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.edgeserve.v1.ModelVersion\"\x12\n\x10GetStatusRequest\"j\n\x11GetStatusResponse\x12\x13\n\x0bstatus_json\x18\x01 \x01(\t\x12\x0e\n\x06health\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x32\xec\x04\n\nManagement\x12Q\n\nListModels\x12\x1f.edgeserve.v1.ListModelsRequest\x1a .edgeserve.v1.ListModelsResponse\"\x00\x12Z\n\rDescribeModel\x12\".edgeserve.v1.DescribeModelRequest\x1a#.edgeserve.v1.DescribeModelResponse\"\x00\x12N\n\tLoadModel\x12\x1e.edgeserve.v1.LoadModelRequest\x1a\x1f.edgeserve.v1.LoadModelResponse\"\x00\x12T\n\x0bUnloadModel\x12 .edgeserve.v1.UnloadModelRequest\x1a!.edgeserve.v1.UnloadModelResponse\"\x00\x12\x66\n\x11SetDefaultVersion\x12&.edgeserve.v1.SetDefaultVersionRequest\x1a\'.edgeserve.v1.SetDefaultVersionResponse\"\x00\x12Q\n\nScaleModel\x12\x1f.edgeserve.v1.ScaleModelRequest\x1a .edgeserve.v1.ScaleModelResponse\"\x00\x12N\n\tGetStatus\x12\x1e.edgeserve.v1.GetStatusRequest\x1a\x1f.edgeserve.v1.GetStatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = __import__('edgeserve.proto', fromlist=['POOL']).POOL.AddSerializedFile(b'\n\x10management.proto\x12\x0c\x65\x64geserve.v1\"\xa1\x02\n\rModelSettings\x12\x16\n\tinstances\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0emax_batch_size\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x1f\n\x12max_queue_delay_ms\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0emax_queue_size\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1d\n\x10intra_op_threads\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x13\n\x06\x64\x65vice\x18\x06 \x01(\tH\x05\x88\x01\x01\x42\x0c\n\n_instancesB\x11\n\x0f_max_batch_sizeB\x15\n\x13_max_queue_delay_msB\x11\n\x0f_max_queue_sizeB\x13\n\x11_intra_op_threadsB\t\n\x07_device\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xc9\x02\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x11\n\tinstances\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12-\n\x08settings\x18\x07 \x01(\x0b\x32\x1b.edgeserve.v1.ModelSettings\x12\x11\n\tloaded_at\x18\x08 \x01(\x01\x12\x14\n\x0cload_seconds\x18\t \x01(\x01\x12\x11\n\tin_flight\x18\n \x01(\r\x12\x14\n\x0cquantization\x18\x0b \x01(\t\x12(\n\x06inputs\x18\x0c \x03(\x0b\x32\x18.edgeserve.v1.TensorSpec\x12)\n\x07outputs\x18\r \x03(\x0b\x32\x18.edgeserve.v1.TensorSpec\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.edgeserve.v1.ModelVersion\"5\n\x14\x44\x65scribeModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"l\n\x15\x44\x65scribeModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x02 \x01(\t\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.edgeserve.v1.ModelVersion\".\n\rStoredVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xa8\x01\n\x10LoadModelRequest\x12\x16\n\x0c\x61rchive_path\x18\x01 \x01(\tH\x00\x12-\n\x06stored\x18\x02 \x01(\x0b\x32\x1b.edgeserve.v1.StoredVersionH\x00\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\x12-\n\x08settings\x18\x04 \x01(\x0b\x32\x1b.edgeserve.v1.ModelSettingsB\x08\n\x06source\"[\n\x12UploadModelRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.edgeserve.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"s\n\x0cUploadHeader\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\x12-\n\x08settings\x18\x04 \x01(\x0b\x32\x1b.edgeserve.v1.ModelSettings\">\n\x11LoadModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.edgeserve.v1.ModelVersion\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\".\n\x13UnloadModelResponse\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x01 \x01(\t\"9\n\x18SetDefaultVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"`\n\x19SetDefaultVersionResponse\x12\x18\n\x10previous_default\x18\x01 \x01(\t\x12)\n\x05model\x18\x02 \x01(\x0b\x32\x1a.edgeserve.v1.ModelVersion\"a\n\x11ScaleModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x08settings\x18\x03 \x01(\x0b\x32\x1b.edgeserve.v1.ModelSettings\"?\n\x12ScaleModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.edgeserve.v1.ModelVersion\"\x12\n\x10GetStatusRequest\"j\n\x11GetStatusResponse\x12\x13\n\x0bstatus_json\x18\x01 \x01(\t\x12\x0e\n\x06health\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x32\xc2\x05\n\nManagement\x12Q\n\nListModels\x12\x1f.edgeserve.v1.ListModelsRequest\x1a .edgeserve.v1.ListModelsResponse\"\x00\x12Z\n\rDescribeModel\x12\".edgeserve.v1.DescribeModelRequest\x1a#.edgeserve.v1.DescribeModelResponse\"\x00\x12N\n\tLoadModel\x12\x1e.edgeserve.v1.LoadModelRequest\x1a\x1f.edgeserve.v1.LoadModelResponse\"\x00\x12T\n\x0bUploadModel\x12 .edgeserve.v1.UploadModelRequest\x1a\x1f.edgeserve.v1.LoadModelResponse\"\x00(\x01\x12T\n\x0bUnloadModel\x12 .edgeserve.v1.UnloadModelRequest\x1a!.edgeserve.v1.UnloadModelResponse\"\x00\x12\x66\n\x11SetDefaultVersion\x12&.edgeserve.v1.SetDefaultVersionRequest\x1a\'.edgeserve.v1.SetDefaultVersionResponse\"\x00\x12Q\n\nScaleModel\x12\x1f.edgeserve.v1.ScaleModelRequest\x1a .edgeserve.v1.ScaleModelResponse\"\x00\x12N\n\tGetStatus\x12\x1e.edgeserve.v1.GetStatusRequest\x1a\x1f.edgeserve.v1.GetStatusResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,24 +49,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOREDVERSION']._serialized_end=1017
   _globals['_LOADMODELREQUEST']._serialized_start=1020
   _globals['_LOADMODELREQUEST']._serialized_end=1188
-  _globals['_LOADMODELRESPONSE']._serialized_start=1190
-  _globals['_LOADMODELRESPONSE']._serialized_end=1252
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1254
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1305
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1307
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1353
-  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_start=1355
-  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_end=1412
-  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_start=1414
-  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_end=1510
-  _globals['_SCALEMODELREQUEST']._serialized_start=1512
-  _globals['_SCALEMODELREQUEST']._serialized_end=1609
-  _globals['_SCALEMODELRESPONSE']._serialized_start=1611
-  _globals['_SCALEMODELRESPONSE']._serialized_end=1674
-  _globals['_GETSTATUSREQUEST']._serialized_start=1676
-  _globals['_GETSTATUSREQUEST']._serialized_end=1694
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1696
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1802
-  _globals['_MANAGEMENT']._serialized_start=1805
-  _globals['_MANAGEMENT']._serialized_end=2425
+  _globals['_UPLOADMODELREQUEST']._serialized_start=1190
+  _globals['_UPLOADMODELREQUEST']._serialized_end=1281
+  _globals['_UPLOADHEADER']._serialized_start=1283
+  _globals['_UPLOADHEADER']._serialized_end=1398
+  _globals['_LOADMODELRESPONSE']._serialized_start=1400
+  _globals['_LOADMODELRESPONSE']._serialized_end=1462
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1464
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1515
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1517
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1563
+  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_start=1565
+  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_end=1622
+  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_start=1624
+  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_end=1720
+  _globals['_SCALEMODELREQUEST']._serialized_start=1722
+  _globals['_SCALEMODELREQUEST']._serialized_end=1819
+  _globals['_SCALEMODELRESPONSE']._serialized_start=1821
+  _globals['_SCALEMODELRESPONSE']._serialized_end=1884
+  _globals['_GETSTATUSREQUEST']._serialized_start=1886
+  _globals['_GETSTATUSREQUEST']._serialized_end=1904
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1906
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2012
+  _globals['_MANAGEMENT']._serialized_start=2015
+  _globals['_MANAGEMENT']._serialized_end=2721
 # @@protoc_insertion_point(module_scope)

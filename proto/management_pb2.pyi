@@ -110,6 +110,26 @@ class LoadModelRequest(_message.Message):
     settings: ModelSettings
     def __init__(self, archive_path: _Optional[str] = ..., stored: _Optional[_Union[StoredVersion, _Mapping]] = ..., make_default: _Optional[bool] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ...) -> None: ...
 
+class UploadModelRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("filename", "size", "make_default", "settings")
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAKE_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    filename: str
+    size: int
+    make_default: bool
+    settings: ModelSettings
+    def __init__(self, filename: _Optional[str] = ..., size: _Optional[int] = ..., make_default: _Optional[bool] = ..., settings: _Optional[_Union[ModelSettings, _Mapping]] = ...) -> None: ...
+
 class LoadModelResponse(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class ManagementStub:
                 request_serializer=management__pb2.LoadModelRequest.SerializeToString,
                 response_deserializer=management__pb2.LoadModelResponse.FromString,
                 _registered_method=True)
+        self.UploadModel = channel.stream_unary(
+                '/edgeserve.v1.Management/UploadModel',
+                request_serializer=management__pb2.UploadModelRequest.SerializeToString,
+                response_deserializer=management__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
         self.UnloadModel = channel.unary_unary(
                 '/edgeserve.v1.Management/UnloadModel',
                 request_serializer=management__pb2.UnloadModelRequest.SerializeToString,
@@ -91,6 +96,15 @@ class ManagementServicer:
     def LoadModel(self, request, context):
         """Install an archive (from the allowed directory) or take a stored version, load it
         and warm it beside what is live, then make it the default when asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadModel(self, request_iterator, context):
+        """The same for an archive the caller holds: the caller streams the file's bytes,
+        the daemon spools them into a private file in its state dir and verifies and
+        installs that file exactly as LoadModel does a file in archive_dir.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +154,11 @@ def add_ManagementServicer_to_server(servicer, server):
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
                     request_deserializer=management__pb2.LoadModelRequest.FromString,
+                    response_serializer=management__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UploadModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadModel,
+                    request_deserializer=management__pb2.UploadModelRequest.FromString,
                     response_serializer=management__pb2.LoadModelResponse.SerializeToString,
             ),
             'UnloadModel': grpc.unary_unary_rpc_method_handler(
@@ -243,6 +262,33 @@ class Management:
             target,
             '/edgeserve.v1.Management/LoadModel',
             management__pb2.LoadModelRequest.SerializeToString,
+            management__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/edgeserve.v1.Management/UploadModel',
+            management__pb2.UploadModelRequest.SerializeToString,
             management__pb2.LoadModelResponse.FromString,
             options,
             channel_credentials,

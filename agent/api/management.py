@@ -11,6 +11,12 @@ resolved, opened with O_NOFOLLOW, and the opened file's real path is checked aga
 symlink swapped in meanwhile cannot lead the daemon elsewhere; the store then installs
 it (under state_dir only). URLs are refused: this API never fetches anything.
 
+UploadModel is LoadModel for an archive the caller holds: the caller streams its bytes,
+``api/upload.py`` spools them (bounded in size, count and time) into an anonymous file
+under ``<state_dir>/uploads``, and that file goes to the same install, through an fd, as
+a file of archive_dir: the same signature, hash and zip checks before anything is
+installed. Install errors name the archive as the caller named it, on both paths.
+
 The client (``ManagementClient``, ``ClientError``) is ``api/management_client.py``.
 """
 
@@ -23,7 +29,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,10 +43,12 @@ from edgeserve.api.peercred import (
     ManagementGate,
     TokenCheck,
 )
+from edgeserve.api.upload import UploadSpool
 from edgeserve.config import is_loopback_host, parse_listen_address
 from edgeserve.errors import (
     ArchiveError,
     ConfigError,
+    EdgeserveError,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -186,12 +194,14 @@ class ManagementServicer(pb_grpc.ManagementServicer):
         status: StatusSource,
         gate: ManagementGate,
         archive_dir: Path,
+        uploads: UploadSpool,
     ) -> None:
         self._lifecycle = lifecycle
         self._registry = registry
         self._status = status
         self.gate = gate
         self._archive_dir = archive_dir
+        self._uploads = uploads
 
     def _version(self, live: LiveModel, signature: bool = False) -> pb.ModelVersion:
         settings = self._lifecycle.settings(live.name, live.version)
@@ -222,18 +232,43 @@ class ManagementServicer(pb_grpc.ManagementServicer):
             log.info("management: %s installs %s", _CALLER.get(), request.archive_path)
             # The descriptor is closed by the install itself: the RPC may be cancelled
             # while the store still reads through it.
-            installed = await self._lifecycle.install(
-                Path(f"/proc/self/fd/{fd}"), release=partial(os.close, fd)
+            name, version = await self._install(
+                Path(f"/proc/self/fd/{fd}"), request.archive_path, partial(os.close, fd)
             )
-            name, version = installed.name, installed.version
         elif source == "stored":
             name, version = request.stored.name, request.stored.version
         else:
             raise InvalidArgument("LoadModel: give archive_path or stored name and version")
+        return await self._load(name, version, settings, request.make_default)
+
+    @_guarded
+    async def UploadModel(self, request: AsyncIterator[Any], context: Any) -> pb.LoadModelResponse:
+        header = await self._uploads.header(request)
+        settings = ModelSettings(**settings_changes(header.settings))
+        label = header.filename or "upload"
+        spooled = await self._uploads.receive(label, header.size, request)
+        log.info("management: %s installs upload %r (%d bytes)", _CALLER.get(), label, header.size)
+        # As LoadModel: the install reads the file through its fd and closes it.
+        name, version = await self._install(spooled.path, label, spooled.close)
+        return await self._load(name, version, settings, header.make_default)
+
+    async def _install(
+        self, fd_path: Path, label: str, release: Callable[[], None]
+    ) -> tuple[str, str]:
+        """Verify and store the archive open at ``fd_path``; errors name it ``label``."""
+        try:
+            installed = await self._lifecycle.install(fd_path, release=release)
+        except EdgeserveError as exc:  # say what the caller gave, not /proc/self/fd/N
+            exc.message = exc.message.replace(f"'{fd_path}'", f"'{label}'")
+            exc.args = (exc.message,)
+            raise
+        return installed.name, installed.version
+
+    async def _load(
+        self, name: str, version: str, settings: ModelSettings, make_default: bool
+    ) -> pb.LoadModelResponse:
         log.info("management: %s loads %s/%s", _CALLER.get(), name, version)
-        live = await self._lifecycle.load(
-            name, version, settings, make_default=request.make_default
-        )
+        live = await self._lifecycle.load(name, version, settings, make_default=make_default)
         return pb.LoadModelResponse(model=self._version(live))
 
     @_guarded
@@ -316,18 +351,21 @@ class ManagementServer:
         self._state_dir = state_dir
         self._socket_gid = policy.socket_gid()
         self.gate = ManagementGate(policy, self._relays, self._token)
+        self._uploads = UploadSpool(state_dir / "uploads")
         self.servicer = ManagementServicer(
             lifecycle=lifecycle,
             registry=registry,
             status=status,
             gate=self.gate,
             archive_dir=archive_dir,
+            uploads=self._uploads,
         )
         self._server: grpc.aio.Server | None = None
         self.addresses: list[str] = []
 
     async def start(self) -> list[str]:
         self._prepare_archive_dir()
+        self._uploads.prepare()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_ManagementServicer_to_server(self.servicer, server)
         try:

@@ -4,16 +4,27 @@ Synchronous (the CLI has no event loop) and light: it imports ``grpc`` and the g
 stubs only, not the servicer, its access checks or ``lifecycle``. Replies become plain
 data (``version_dict``) for the table and ``--json`` renderers; a failed call raises
 ``ClientError`` with the gRPC code, which ``cli/management`` maps to the CLI's exit codes.
+
+``upload`` streams a local archive (UploadModel) in ``CHUNK_BYTES`` messages; a file the
+daemon would refuse for its size (over ``MAX_UPLOAD_BYTES``), or that cannot be read,
+is an ``ArchiveError`` before anything is sent.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from edgeserve.api.client import ClientError
+from edgeserve.api.upload import CHUNK_BYTES, too_large
+from edgeserve.errors import ArchiveError
 from edgeserve.proto import management_pb2 as pb
 from edgeserve.proto import management_pb2_grpc as pb_grpc
 
@@ -76,6 +87,29 @@ class ManagementClient:
         request.settings.CopyFrom(_settings_message(settings or {}))
         return version_dict(self._call("LoadModel", request).model)
 
+    def upload(
+        self,
+        path: str | Path,
+        *,
+        make_default: bool = False,
+        settings: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Stream the local archive ``path`` to the daemon, which installs and loads it."""
+        label = str(path)
+        source = _ArchiveSource(label)
+        try:
+            if refusal := too_large(label, source.size):
+                raise ArchiveError(refusal)
+            header = pb.UploadHeader(
+                filename=label,
+                size=source.size,
+                make_default=make_default,
+                settings=_settings_message(settings or {}),
+            )
+            return version_dict(self._call("UploadModel", source.messages(header)).model)
+        finally:
+            source.close()
+
     def unload(self, name: str, version: str) -> dict[str, Any]:
         reply = self._call("UnloadModel", pb.UnloadModelRequest(name=name, version=version))
         return {"name": name, "unloaded": version, "default_version": reply.default_version or None}
@@ -96,6 +130,46 @@ class ManagementClient:
             self._call("GetStatus", pb.GetStatusRequest()).status_json
         )
         return document
+
+
+class _ArchiveSource:
+    """A local archive, open; ArchiveError says why it cannot be. gRPC reads the messages
+    in a thread of its own that may still run when the call has ended, so reading and
+    closing take turns under a lock."""
+
+    def __init__(self, label: str) -> None:
+        try:  # O_NONBLOCK: a FIFO must not hang the open
+            fd = os.open(label, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ArchiveError(f"archive '{label}' cannot be read: {exc.strerror}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise ArchiveError(f"archive '{label}' is not a regular file")
+        self._fd: int | None = fd
+        self._lock = threading.Lock()
+        self.size = info.st_size
+
+    def messages(self, header: pb.UploadHeader) -> Iterator[pb.UploadModelRequest]:
+        """The header, then ``header.size`` bytes in CHUNK_BYTES pieces (fewer if the file
+        shrank meanwhile: the daemon then refuses the short upload)."""
+        yield pb.UploadModelRequest(header=header)
+        offset = 0
+        while offset < header.size:
+            with self._lock:
+                if self._fd is None:
+                    return
+                chunk = os.pread(self._fd, min(CHUNK_BYTES, header.size - offset), offset)
+            if not chunk:
+                return
+            offset += len(chunk)
+            yield pb.UploadModelRequest(chunk=chunk)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def _settings_message(settings: dict[str, Any]) -> pb.ModelSettings:
