@@ -36,6 +36,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "cli": BASE | {"api", "cli", "archive.signing", "packager", "store", "telemetry", "daemon"},
     "daemon": BASE
     | {"api", "archive", "store", "serving", "lifecycle", "telemetry", "sdnotify", "fleet"},
+    "fleet": BASE | {"lifecycle", "store", "archive", "telemetry.recorders", "fleet"},
     "sdnotify": set(),
     "__main__": {"cli"},
     "__init__": set(),
