@@ -99,7 +99,7 @@ class Daemon:
         return f"not ready on {address} within {READY_TIMEOUT_S:.0f}s"
 
     def stop(self) -> int:
-        """SIGTERM, as systemd and Ctrl-C's neighbour do; the README promises exit 0."""
+        """SIGTERM, as systemd sends it; the README promises a drain and exit 0."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -120,13 +120,14 @@ class Walk:
         self.daemons: list[tuple[rb.Block, Daemon]] = []
         self.synopses: set[str] = set()
 
-    def substitute(self, block: rb.Block, text: str | None = None) -> str:
+    def substitute(self, block: rb.Block, text: str | None = None, address: str = "") -> str:
+        """The block's text with ``ADDRESS`` replaced (by ``address``, else the walk's)."""
         text = block.text if text is None else text
         code = " ".join(line.split(" #", 1)[0] for line in text.splitlines())  # not comments
         stray = {w for w in code.split() if "127.0.0.1:" in w and ADDRESS not in w}
         if stray:
             _fail(block, f"uses a loopback address other than {ADDRESS}: {sorted(stray)}")
-        return text.replace(ADDRESS, self.address)
+        return text.replace(ADDRESS, address or self.address)
 
     def shell(self, block: rb.Block, script: str) -> subprocess.CompletedProcess[str]:
         return self.run(block, ["bash", "-e", "-o", "pipefail", "-c", script])
@@ -226,14 +227,14 @@ def _output_block(walk: Walk, block: rb.Block) -> None:
 
 
 def _config_reference_block(walk: Walk, block: rb.Block) -> None:
+    """Served as written, by a second daemon with its own folders and port, then stopped."""
     text = block.text
     for system_path, local in REFERENCE_PATHS.items():
         if system_path not in text:
             _fail(block, f"no longer contains {system_path!r}; update REFERENCE_PATHS")
         text = text.replace(system_path, str(walk.cwd / local))
-    saved = walk.address
-    walk.address = f"127.0.0.1:{_free_port()}"
-    text = walk.substitute(block, text)
+    address = f"127.0.0.1:{_free_port()}"
+    text = walk.substitute(block, text, address)
     config = yaml.safe_load(text)
     for entry in config.get("models", []):  # the archives it names, from this folder
         archive = Path(entry["archive"])
@@ -243,9 +244,8 @@ def _config_reference_block(walk: Walk, block: rb.Block) -> None:
         shutil.copy(walk.cwd / archive.name, archive)
     path = walk.cwd / "reference" / "config.yaml"
     path.write_text(text)
-    daemon = walk.start_daemon(block, f"edgeserve serve --config {path}", walk.address)
+    daemon = walk.start_daemon(block, f"edgeserve serve --config {path}", address)
     listed = json.loads(walk.shell(block, f"edgeserve models list --json --config {path}").stdout)
-    walk.address = saved
     problems = _settings_problems(config, listed) + walk.stop_daemons(only=daemon)
     if problems:
         _fail(block, "the daemon did not apply it:\n  " + "\n  ".join(problems), json.dumps(listed))
@@ -253,10 +253,11 @@ def _config_reference_block(walk: Walk, block: rb.Block) -> None:
 
 def _settings_problems(config: dict[str, Any], listed: list[dict[str, Any]]) -> list[str]:
     """Each configured model is live with its batching, over the global batching defaults."""
-    if len(listed) != len(config.get("models", [])):
-        return [f"{len(listed)} model(s) live, the configuration names {len(config['models'])}"]
+    entries = config.get("models") or []
+    if len(listed) != len(entries):
+        return [f"{len(listed)} model(s) live, the configuration names {len(entries)}"]
     problems = []
-    for entry, model in zip(config["models"], listed, strict=True):
+    for entry, model in zip(entries, listed, strict=True):
         want = {**config.get("batching", {}), **entry.get("batching", {})}
         got = {k: model["settings"].get(k) for k in want}
         if got != want:
@@ -300,7 +301,9 @@ def test_readme_runs_in_order(walk: Walk) -> None:
     blocks = rb.parse_blocks(README.read_text())
     assert set(HANDLERS) == set(rb.KINDS)
     for block in blocks:
+        started = time.monotonic()
         HANDLERS[block.kind](walk, block)
+        print(f"{time.monotonic() - started:6.1f}s  {block.where()}")  # shown with -rP
     problems = walk.stop_daemons()
     assert not problems, "\n".join(problems)
     top = subprocess.run(
