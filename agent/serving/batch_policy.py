@@ -144,17 +144,17 @@ def decide(
     preferred_batch_sizes: Sequence[int],
     arrival_rate: float,
     fit: ServiceTimeFit,
-    instance_idle: bool,
 ) -> Decision:
-    """What an instance should do with ``queued`` rows whose oldest arrived at ``oldest``.
+    """What an idle instance should do with ``queued`` rows, the oldest enqueued at
+    ``oldest_enqueued_at`` (the batcher asks only when an instance is idle).
 
-    1. Busy instance or empty queue: ``Wait(inf)`` (the batcher asks again on a change).
+    1. Empty queue: ``Wait(inf)`` (the batcher asks again on a change).
     2. A full batch (``queued >= max_batch_size``) goes at once.
     3. Before ``oldest + max_queue_delay``, wait only if the fit is ready and waiting for
        the rows expected by then lowers instance time per row (module docstring).
     4. Otherwise dispatch: the largest preferred size ``<= queued``, else all of it.
     """
-    if not instance_idle or queued <= 0:
+    if queued <= 0:
         return Wait(math.inf)
     if queued >= max_batch_size:
         return Dispatch(max_batch_size)

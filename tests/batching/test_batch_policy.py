@@ -31,9 +31,8 @@ def ask(
     delay: float = 0.005,
     preferred: tuple[int, ...] = (),
     rate: float = 0.0,
-    idle: bool = True,
 ):
-    return decide(now, oldest, queued, max_batch, delay, preferred, rate, fit, idle)
+    return decide(now, oldest, queued, max_batch, delay, preferred, rate, fit)
 
 
 # -- the estimates ----------------------------------------------------------------------
@@ -104,8 +103,7 @@ def test_idle_instance_with_no_history_dispatches_at_once():
     assert ask(ServiceTimeFit(), queued=5, rate=1e6) == Dispatch(5)
 
 
-def test_busy_instance_or_empty_queue_waits_for_a_change():
-    assert ask(fitted(), queued=3, idle=False) == Wait(math.inf)
+def test_empty_queue_waits_for_a_change():
     assert ask(fitted(), queued=0, rate=1e6) == Wait(math.inf)
 
 
@@ -203,9 +201,7 @@ def simulate(
     idle_since = 0.0
     while i < count or queue:
         if now >= busy_until and queue:
-            decision = decide(
-                now, queue[0], len(queue), max_batch, delay, (), rates.rate(now), fit, True
-            )
+            decision = decide(now, queue[0], len(queue), max_batch, delay, (), rates.rate(now), fit)
             if isinstance(decision, Dispatch):
                 batch = [queue.popleft() for _ in range(min(decision.size, len(queue)))]
                 run.idle_waits.append(now - max(batch[0], idle_since))
