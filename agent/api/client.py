@@ -7,7 +7,6 @@ exists so that ``edgeserve predict`` needs nothing beyond edgeserve itself.
 from __future__ import annotations
 
 import struct
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,20 +73,6 @@ class InferenceClient:
 
     def server_ready(self, timeout: float | None = 5.0) -> bool:
         return bool(self._call(self._stub.ServerReady, pb.ServerReadyRequest(), timeout).ready)
-
-    def wait_ready(self, timeout: float) -> None:
-        """Poll ServerReady until true or ``timeout`` seconds pass."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.server_ready(timeout=1.0):
-                    return
-            except ClientError as err:
-                if err.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise
-            if time.monotonic() > deadline:
-                raise ClientError(grpc.StatusCode.UNAVAILABLE, "server did not become ready")
-            time.sleep(0.05)
 
     def model_metadata(self, name: str, version: str = "", timeout: float = 10.0) -> ModelInfo:
         reply = self._call(
