@@ -33,7 +33,6 @@ from edgeserve.telemetry.prometheus import MetricsServer, start_metrics_server
 from edgeserve.telemetry.recorders import Recorders
 from edgeserve.telemetry.sampler import SystemSampler
 from edgeserve.telemetry.status import LiveStatus, RecentErrors
-from edgeserve.types import ModelSettings
 
 log = logging.getLogger("edgeserve.daemon")
 
@@ -181,9 +180,11 @@ class Daemon:
             name, version = model.name, model.version or await self._newest_stored(model.name)
         else:  # config validation guarantees one of the two; keep mypy honest
             raise EdgeserveError("models[]: needs 'archive' or 'name'")
-        settings = ModelSettings.from_dict(model.settings_dict(self.config.batching))
+        settings = model.batching.over(self.config.batching)  # the archive's fills the rest
         if self.registry.find(name, version) is None:
-            await self.lifecycle.load(name, version, settings, make_default=model.default)
+            await self.lifecycle.load(
+                name, version, settings, device=model.device, make_default=model.default
+            )
         elif model.default:
             await self.lifecycle.set_default(name, version)
 
@@ -282,8 +283,3 @@ class Daemon:
                 loop.remove_signal_handler(sig)
 
         return restore
-
-    def request_stop(self) -> None:
-        """Stop as SIGTERM would (for embedding and tests)."""
-        self._flags.should_exit = True
-        self._flags.wake.set()

@@ -2,9 +2,11 @@
 
 Every change runs under one lock and follows load-new, flip, drain-old:
 a version is loaded, warmed and self-checked *beside* what is live, and only then added
-to the registry; a failure on the way leaves the registry exactly as it was. An unload
-takes the version out of the index first (new requests go elsewhere or get NOT_FOUND),
-waits until the requests it admitted have finished, then frees its memory.
+to the registry; a failure on the way leaves the registry exactly as it was. Building
+the serving stack itself is ``serving.build``. An unload takes the version out of the
+index first (it is DRAINING: new requests go elsewhere or get NOT_FOUND), waits until
+the requests it admitted have finished, then frees its memory (UNLOADED). A persisted
+version that fails to restore is FAILED (``failed``) until it is loaded or unloaded.
 After each change the live set is persisted atomically through the store, so a restart
 (also after kill -9) comes back to the same set.
 """
@@ -21,22 +23,14 @@ from typing import Any, TypeVar
 
 import psutil
 
-from edgeserve.archive.manifest import BatchingDefaults
 from edgeserve.errors import ManagementError, NotFound, WarmupFailed
-from edgeserve.serving.batching import AdaptiveBatcher, BatchSettings
+from edgeserve.serving.batching import AdaptiveBatcher
+from edgeserve.serving.build import build
 from edgeserve.serving.registry import LiveModel, ModelRegistry, ModelState
 from edgeserve.serving.runtime import LoadedModel, RuntimeOptions, load_model
-from edgeserve.serving.thread_budget import choose_intra_op_threads, first_row, full_batch_of
-from edgeserve.serving.warmup import representative_inputs
-from edgeserve.serving.worker import (
-    INLINE_MAX_BATCH_S,
-    InlineExecutor,
-    InstanceWorker,
-    default_intra_op_threads,
-)
 from edgeserve.store.model_store import InstalledModel, LiveEntry, ModelStore
 from edgeserve.telemetry.recorders import Recorders
-from edgeserve.types import ModelSettings
+from edgeserve.types import BatchingSettings
 
 log = logging.getLogger("edgeserve.lifecycle")
 
@@ -53,7 +47,10 @@ class _Serving:
     live: LiveModel
     loaded: LoadedModel
     batcher: AdaptiveBatcher
-    settings: ModelSettings
+    settings: BatchingSettings
+    """What was asked for (persisted as is); ``live.settings`` is what it resolved to."""
+    device: str | None
+    """The device asked for; None: the daemon's ``runtime.device``."""
 
 
 class Lifecycle:
@@ -67,7 +64,6 @@ class Lifecycle:
         runtime_options: RuntimeOptions,
         memory_budget_mb: int = 0,
         drain_timeout_s: float = 30.0,
-        on_change: Callable[[], None] | None = None,
         recorders: Recorders | None = None,
     ) -> None:
         self._store = store
@@ -75,7 +71,6 @@ class Lifecycle:
         self._runtime_options = runtime_options
         self._memory_budget = memory_budget_mb * 1024 * 1024
         self._drain_timeout = drain_timeout_s
-        self._on_change = on_change
         self._recorders = recorders or Recorders()
         self._serving: dict[tuple[str, str], _Serving] = {}
         # Persisted entries that failed to restore: kept in the live set until unloaded.
@@ -85,11 +80,16 @@ class Lifecycle:
 
     # -- queries --------------------------------------------------------------------------
 
-    def settings(self, name: str, version: str) -> ModelSettings:
+    def entry(self, name: str, version: str) -> LiveEntry:
+        """What was asked for a live version (settings, device), as persisted."""
         serving = self._serving.get((name, version))
         if serving is None:
             raise NotFound.model(name, version)
-        return serving.settings
+        return self._entry(serving)
+
+    def failed(self) -> list[LiveEntry]:
+        """Persisted versions that failed to restore (FAILED until loaded or unloaded)."""
+        return list(self._unrestored.values())
 
     def live_entries(self) -> list[LiveEntry]:
         """What is live (and what should be, but failed to restore), as persisted."""
@@ -97,15 +97,17 @@ class Lifecycle:
             replace(e, default=e.default and self._registry.default_version(e.name) is None)
             for e in self._unrestored.values()
         ]
-        return pending + [
-            LiveEntry(
-                name=s.live.name,
-                version=s.live.version,
-                default=self._registry.default_version(s.live.name) == s.live.version,
-                settings=s.settings.to_dict(),
-            )
-            for s in self._serving.values()
-        ]
+        return pending + [self._entry(s) for s in self._serving.values()]
+
+    def _entry(self, serving: _Serving) -> LiveEntry:
+        live = serving.live
+        return LiveEntry(
+            name=live.name,
+            version=live.version,
+            default=self._registry.default_version(live.name) == live.version,
+            settings=serving.settings,
+            device=serving.device,
+        )
 
     # -- changes --------------------------------------------------------------------------
 
@@ -131,14 +133,19 @@ class Lifecycle:
         self,
         name: str,
         version: str,
-        settings: ModelSettings | None = None,
+        settings: BatchingSettings | None = None,
         *,
+        device: str | None = None,
         make_default: bool = False,
     ) -> LiveModel:
-        """Load a stored version beside what is live; flip the default when asked."""
+        """Load a stored version beside what is live; flip the default when asked.
+
+        ``settings``: the batching asked for (the archive's fills what is unset);
+        ``device``: None runs it on the daemon's ``runtime.device``.
+        """
 
         async def change() -> LiveModel:
-            live = await self._load_locked(name, version, settings or ModelSettings())
+            live = await self._load_locked(name, version, settings or BatchingSettings(), device)
             if make_default:
                 self._registry.set_default(name, version)
             await self._persist()
@@ -170,20 +177,27 @@ class Lifecycle:
 
         await self._change(change)
 
-    async def scale(self, name: str, version: str, **changes: Any) -> ModelSettings:
+    async def scale(
+        self,
+        name: str,
+        version: str,
+        changes: BatchingSettings,
+        device: str | None = None,
+    ) -> BatchingSettings:
         """Apply new serving settings by loading a fresh instance set, then swapping.
 
-        The version keeps serving throughout: the new batcher and workers are built and
-        warmed first, the registry entry is replaced, and the old set drains.
+        The fields set in ``changes`` (and ``device``, when given) replace what was asked
+        for before. The version keeps serving throughout: the new batcher and workers are
+        built and warmed first, the registry entry is replaced, and the old set drains.
         """
 
-        async def change() -> ModelSettings:
+        async def change() -> BatchingSettings:
             serving = self._serving.get((name, version))
             if serving is None:
                 raise NotFound.model(name, version)
-            settings = replace(serving.settings, **changes)
+            settings = changes.over(serving.settings)
             was_default = self._registry.default_version(name) == version
-            fresh = await self._build(name, version, settings)
+            fresh = await self._build(name, version, settings, device or serving.device)
             self._registry.remove(name, version)
             self._registry.add(fresh.live, make_default=was_default)
             self._serving[(name, version)] = fresh
@@ -226,9 +240,7 @@ class Lifecycle:
                 if should_stop():  # SIGTERM during startup: stop between models
                     break
                 try:
-                    await self._load_locked(
-                        entry.name, entry.version, ModelSettings.from_dict(entry.settings)
-                    )
+                    await self._load_locked(entry.name, entry.version, entry.settings, entry.device)
                     if entry.default:
                         self._registry.set_default(entry.name, entry.version)
                 except Exception as exc:  # one bad entry must not keep the others down
@@ -247,31 +259,33 @@ class Lifecycle:
 
     # -- internals ------------------------------------------------------------------------
 
-    async def _load_locked(self, name: str, version: str, settings: ModelSettings) -> LiveModel:
+    async def _load_locked(
+        self, name: str, version: str, settings: BatchingSettings, device: str | None
+    ) -> LiveModel:
         if (name, version) in self._serving:
             raise ManagementError(f"model '{name}' version '{version}' is already live")
-        serving = await self._build(name, version, settings)
+        serving = await self._build(name, version, settings, device)
         self._registry.add(serving.live)
         self._serving[(name, version)] = serving
         self._unrestored.pop((name, version), None)
         return serving.live
 
-    async def _build(self, name: str, version: str, settings: ModelSettings) -> _Serving:
+    async def _build(
+        self, name: str, version: str, settings: BatchingSettings, device: str | None
+    ) -> _Serving:
         started = time.monotonic()
         installed = await asyncio.to_thread(self._store.get, name, version)
         self._check_memory(installed)
         options = self._runtime_options
-        if settings.device:
-            options = replace(options, device=settings.device)
+        if device:
+            options = replace(options, device=device)
         loaded = await asyncio.to_thread(load_model, installed.path, installed.manifest, options)
         try:
             if options.warmup:
                 await asyncio.to_thread(loaded.warm_up)
-            batch = resolve_batch_settings(installed.manifest.batching, settings)
-            threads, inline = await asyncio.to_thread(self._execution, loaded, settings, batch)
-            return self._assemble(
-                installed, loaded, settings, batch, threads, inline, time.monotonic() - started
-            )
+            recorder = self._recorders.for_model(name, version)
+            stack = await build(loaded, settings, recorder, started=started)
+            return _Serving(stack.live, loaded, stack.batcher, settings, device)
         except WarmupFailed:
             self._recorders.for_model(name, version).observe_warmup_failure()
             await asyncio.to_thread(loaded.close)
@@ -279,99 +293,6 @@ class Lifecycle:
         except BaseException:
             await asyncio.to_thread(loaded.close)
             raise
-
-    def _execution(
-        self, loaded: LoadedModel, settings: ModelSettings, batch: BatchSettings
-    ) -> tuple[int, bool]:
-        """(intra-op threads, run inline on the loop): configured, else measured here.
-
-        A model whose full batch takes under ``INLINE_MAX_BATCH_S`` on one thread runs on
-        the event loop itself (one instance, no thread hop); see ``thread_budget``.
-        """
-        if settings.intra_op_threads:
-            return settings.intra_op_threads, False
-        if loaded.device.type != "cpu":
-            return 1, False  # the GPU does the work; one CPU thread feeds it
-        share = default_intra_op_threads(batch.instances)
-        sample = representative_inputs(loaded)
-        if sample is None:
-            log.info("%s: nothing to time the thread budget with: 1 thread", loaded.manifest.name)
-            return 1, False
-        batches = all(spec.shape[:1] == (-1,) for spec in loaded.inputs)
-        one = first_row(sample) if batches else sample
-        full = full_batch_of(sample, batch.max_batch_size) if batches else None
-        choice = choose_intra_op_threads(loaded.run, one, full, share)
-        slowest = choice.one_thread_s
-        inline = (
-            # Only the built-in tensor handler: a custom or image handler may cost far more
-            # per real request than on the sample, and inline work holds the event loop.
-            loaded.manifest.handler == "tensor"
-            and batch.instances == 1
-            and choice.threads == 1
-            and slowest is not None
-            and slowest < INLINE_MAX_BATCH_S
-        )
-        timings = ", ".join(f"{k} {v * 1e6:.0f}us" for k, v in choice.timings_s.items())
-        log.info(
-            "%s: %d intra-op thread(s)%s (%s)",
-            loaded.manifest.name,
-            choice.threads,
-            ", inline on the event loop" if inline else "",
-            timings,
-        )
-        return choice.threads, inline
-
-    def _assemble(
-        self,
-        installed: InstalledModel,
-        loaded: LoadedModel,
-        settings: ModelSettings,
-        batch: BatchSettings,
-        threads: int,
-        inline: bool,
-        took: float,
-    ) -> _Serving:
-        manifest = installed.manifest
-        instances = batch.instances
-        label = f"{manifest.name}/{manifest.version}"
-        workers: list[InstanceWorker | InlineExecutor] = (
-            [InlineExecutor(loaded.run, label)]
-            if inline
-            else [
-                InstanceWorker(loaded.run, threads, loaded.device, f"{label}#{i}")
-                for i in range(instances)
-            ]
-        )
-        recorder = self._recorders.for_model(manifest.name, manifest.version)
-        batcher = AdaptiveBatcher(
-            manifest.name, manifest.version, batch, workers, on_batch=recorder.observe_batch
-        )
-        recorder.set_queue_depth_source(lambda: batcher.queue_depth)
-        recorder.observe_load(took)
-        live = LiveModel(
-            name=manifest.name,
-            version=manifest.version,
-            inputs=loaded.inputs,
-            outputs=loaded.outputs,
-            max_batch_size=batch.max_batch_size,
-            submit=batcher.submit,
-            recorder=recorder,
-            device=str(loaded.device),
-            state=ModelState.READY,
-            info={
-                "instances": instances,
-                "intra_op_threads": threads,
-                "execution": "inline" if inline else "threads",
-                "max_batch_size": batch.max_batch_size,
-                "max_queue_delay_ms": batch.max_queue_delay_s * 1000.0,
-                "max_queue_size": batch.max_queue_size,
-                "loaded_at": time.time(),
-                "load_seconds": round(took, 3),
-                "quantization": manifest.quantization,
-            },
-        )
-        log.info("loaded %s on %s in %.2fs (%d instance(s))", label, loaded.device, took, instances)
-        return _Serving(live, loaded, batcher, settings)
 
     async def _unload_locked(self, name: str, version: str) -> None:
         serving = self._serving.pop((name, version), None)
@@ -391,6 +312,7 @@ class Lifecycle:
         # No gc.collect() here: a full collection holds the GIL for 0.2-0.8 s under load
         # (measured in the hot-swap test) and the module is freed by reference counting.
         await asyncio.to_thread(serving.loaded.close)
+        live.state = ModelState.UNLOADED
         log.info("unloaded %s/%s", live.name, live.version)
 
     def _check_memory(self, installed: InstalledModel) -> None:
@@ -409,26 +331,3 @@ class Lifecycle:
     async def _persist(self) -> None:
         # write + fsync + rename + dir fsync: tens of ms on flash, so off the event loop.
         await asyncio.to_thread(self._store.write_live_state, self.live_entries())
-        if self._on_change is not None:
-            self._on_change()
-
-
-def resolve_batch_settings(defaults: BatchingDefaults, settings: ModelSettings) -> BatchSettings:
-    """Serving settings (config, already layered) over the archive's batching defaults."""
-    delay_ms = (
-        settings.max_queue_delay_ms
-        if settings.max_queue_delay_ms is not None
-        else defaults.max_queue_delay_ms
-    )
-    preferred = (
-        settings.preferred_batch_sizes
-        if settings.preferred_batch_sizes is not None
-        else defaults.preferred_batch_sizes
-    )
-    return BatchSettings(
-        max_batch_size=settings.max_batch_size or defaults.max_batch_size,
-        max_queue_delay_s=delay_ms / 1000.0,
-        max_queue_size=settings.max_queue_size,
-        preferred_batch_sizes=preferred,
-        instances=max(1, settings.instances),
-    )

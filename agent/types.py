@@ -8,8 +8,11 @@ shape whose product is the element count.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Union
+
+from edgeserve.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -107,29 +110,102 @@ class InferResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+# The one table of batching limits: config, manifests, management and the live set.
+BATCHING_LIMITS: dict[str, tuple[int, int]] = {
+    "max_batch_size": (1, 65536),
+    "max_queue_delay_ms": (0, 60000),
+    "max_queue_size": (1, 1_000_000),
+    "instances": (1, 64),
+    "intra_op_threads": (1, 1024),
+}
+
+# Makes an error that names ``key`` (``ConfigError`` by default; an archive or an RPC
+# passes its own kind).
+ErrorFactory = Callable[[str, str], Exception]
+
+
 @dataclass(frozen=True)
-class ModelSettings:
-    """How one live version is served. None means: take the archive's default."""
+class BatchingSettings:
+    """How one model version batches; a field left null comes from the layer below.
+
+    Layers, highest first (each applied with ``over``): per-model config, the global
+    config fields that are set, the archive's manifest, then ``BUILT_IN_BATCHING``.
+    ``validate(prefix)`` checks the set fields against ``BATCHING_LIMITS`` once for all.
+    """
 
     max_batch_size: int | None = None
+    """Largest batch in rows (dim 0 summed over requests); null: the archive's, else 1."""
     max_queue_delay_ms: float | None = None
-    max_queue_size: int = 256
+    """Upper bound on the wait added for a batch to fill; 0 never waits; null: archive's, 2.0."""
+    max_queue_size: int | None = None
+    """Requests queued per model version before RESOURCE_EXHAUSTED; null: 256."""
     preferred_batch_sizes: tuple[int, ...] | None = None
-    instances: int = 1
-    # Intra-op threads per instance; None splits the cores across instances.
+    """Batch sizes worth waiting for (ascending, each <= max_batch_size); null: archive's."""
+    instances: int | None = None
+    """Execution threads per model version; null: 1."""
     intra_op_threads: int | None = None
-    # auto | cpu | cuda | cuda:N; None = the daemon's runtime.device.
-    device: str | None = None
+    """Torch intra-op threads per instance; null splits the allowed CPUs across instances."""
+
+    def validate(self, prefix: str = "", error: ErrorFactory | None = None) -> BatchingSettings:
+        """Return self if every set field is in range; else raise ``error(key, problem)``
+        (a ``ConfigError`` unless given) for the first one, ``key`` under ``prefix``."""
+
+        def bad(key: str, problem: str) -> Exception:
+            where = f"{prefix}.{key}" if prefix else key
+            return (error or ConfigError)(where, problem)
+
+        for key, (low, high) in BATCHING_LIMITS.items():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            number = (int, float) if key == "max_queue_delay_ms" else (int,)
+            if isinstance(value, bool) or not isinstance(value, number):
+                raise bad(key, f"must be a number, got {value!r}")
+            if not low <= value <= high:  # also refuses NaN
+                raise bad(key, f"must be {low}..{high}, got {value!r}")
+        sizes = self.preferred_batch_sizes
+        if sizes is not None:
+            ints = all(isinstance(x, int) and not isinstance(x, bool) for x in sizes)
+            if not ints or not all(x >= 1 for x in sizes) or list(sizes) != sorted(set(sizes)):
+                raise bad(
+                    "preferred_batch_sizes",
+                    f"must be ascending distinct sizes >= 1, got {list(sizes)!r}",
+                )
+            if sizes and self.max_batch_size is not None and sizes[-1] > self.max_batch_size:
+                raise bad(
+                    "preferred_batch_sizes",
+                    f"{sizes[-1]} is larger than max_batch_size {self.max_batch_size}",
+                )
+        return self
+
+    def over(self, defaults: BatchingSettings) -> BatchingSettings:
+        """These settings layered over ``defaults``: the fields set here win."""
+        return replace(defaults, **{k: v for k, v in self._set_fields()})
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        if self.preferred_batch_sizes is not None:
-            data["preferred_batch_sizes"] = list(self.preferred_batch_sizes)
-        return data
+        """The set fields, JSON-able (the live set and status documents)."""
+        return {k: list(v) if k == "preferred_batch_sizes" else v for k, v in self._set_fields()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSettings:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        if known.get("preferred_batch_sizes") is not None:
+    def from_dict(cls, data: Mapping[str, Any]) -> BatchingSettings:
+        """Read ``to_dict``'s form; unknown keys and nulls are skipped (unchecked: call
+        ``validate``)."""
+        known = {k: v for k, v in data.items() if k in _BATCHING_FIELDS and v is not None}
+        if isinstance(known.get("preferred_batch_sizes"), list):
             known["preferred_batch_sizes"] = tuple(known["preferred_batch_sizes"])
         return cls(**known)
+
+    def _set_fields(self) -> list[tuple[str, Any]]:
+        return [(k, v) for k in _BATCHING_FIELDS if (v := getattr(self, k)) is not None]
+
+
+_BATCHING_FIELDS = tuple(f.name for f in fields(BatchingSettings))
+
+BUILT_IN_BATCHING = BatchingSettings(
+    max_batch_size=1,
+    max_queue_delay_ms=2.0,
+    max_queue_size=256,
+    preferred_batch_sizes=(),
+    instances=1,
+)
+"""The bottom layer; ``intra_op_threads`` stays null (the CPUs are split at load)."""

@@ -22,9 +22,10 @@ AGENT = ROOT / "agent"
 BASE = {"errors", "types", "dtypes", "config", "logs", "handlers", "proto", "__init__"}
 MAY_IMPORT: dict[str, set[str]] = {
     "errors": set(),
-    "types": set(),
+    "types": {"errors"},
     "dtypes": set(),
-    "config": {"errors"},
+    # config's dataclasses hold types.BatchingSettings, the one type for batching settings.
+    "config": {"errors", "types"},
     "logs": {"errors", "config"},
     "archive": BASE,
     "store": BASE | {"archive"},

@@ -44,7 +44,7 @@ from edgeserve.api.peercred import (
     TokenCheck,
 )
 from edgeserve.api.upload import UploadSpool
-from edgeserve.config import is_loopback_host, parse_listen_address
+from edgeserve.config import DEVICE_RE, is_loopback_host, parse_listen_address
 from edgeserve.errors import (
     ArchiveError,
     ConfigError,
@@ -56,7 +56,7 @@ from edgeserve.errors import (
 )
 from edgeserve.proto import management_pb2 as pb
 from edgeserve.proto import management_pb2_grpc as pb_grpc
-from edgeserve.types import ModelSettings
+from edgeserve.types import BatchingSettings
 
 if TYPE_CHECKING:  # the CLI's client side must not import torch
     from edgeserve.lifecycle import Lifecycle
@@ -69,60 +69,53 @@ _CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("management_caller
 _S = TypeVar("_S", bound="ManagementServicer")
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
-_LIMITS = {
-    "instances": (1, 64),
-    "max_batch_size": (1, 65536),
-    "max_queue_delay_ms": (0, 60000),
-    "max_queue_size": (1, 1_000_000),
-    "intra_op_threads": (1, 1024),
-}
-_DEVICES = ("auto", "cpu", "cuda")
+_BATCHING_KEYS = (
+    "instances",
+    "max_batch_size",
+    "max_queue_delay_ms",
+    "max_queue_size",
+    "intra_op_threads",
+)
 
 
 # -- codec ----------------------------------------------------------------------------------
 
 
-def settings_changes(message: pb.ModelSettings) -> dict[str, Any]:
-    """The fields set in ``message``, checked; InvalidArgument names the one at fault."""
-    changes: dict[str, Any] = {}
-    for key, (low, high) in _LIMITS.items():
-        if message.HasField(key):
-            value = getattr(message, key)
-            if not low <= value <= high:
-                raise InvalidArgument(f"settings.{key}: must be {low}..{high}, got {value}")
-            changes[key] = value
-    if message.HasField("device"):
-        device = message.device
-        if device not in _DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
-            raise InvalidArgument(
-                f"settings.device: must be auto, cpu, cuda or cuda:N, got {device!r}"
-            )
-        changes["device"] = device
-    return changes
+def decode_settings(message: pb.ModelSettings) -> tuple[BatchingSettings, str | None]:
+    """The batching and the device set in ``message``, checked (``InvalidArgument``
+    names the field at fault); what is not set is None."""
+    batching = BatchingSettings(
+        **{k: getattr(message, k) for k in _BATCHING_KEYS if message.HasField(k)}
+    ).validate("settings", lambda key, problem: InvalidArgument(f"{key}: {problem}"))
+    device = message.device if message.HasField("device") else None
+    if device is not None and not DEVICE_RE.match(device):
+        raise InvalidArgument(f"settings.device: must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return batching, device
 
 
 def version_message(
-    live: LiveModel, registry: ModelRegistry, settings: ModelSettings, *, signature: bool = False
+    live: LiveModel, registry: ModelRegistry, device: str | None, *, signature: bool = False
 ) -> pb.ModelVersion:
-    info = live.info
+    """``device``: the one asked for; None shows the one it runs on."""
+    settings = live.settings  # as resolved at load
     message = pb.ModelVersion(
         name=live.name,
         version=live.version,
         state=live.state.value,
         is_default=registry.default_version(live.name) == live.version,
-        instances=int(info.get("instances", 1)),
+        instances=settings.instances,
         device=live.device,
-        loaded_at=float(info.get("loaded_at", 0.0)),
-        load_seconds=float(info.get("load_seconds", 0.0)),
+        loaded_at=live.loaded_at,
+        load_seconds=live.load_seconds,
         in_flight=live.in_flight,
-        quantization=str(info.get("quantization") or ""),
+        quantization=str(live.quantization or ""),
         settings=pb.ModelSettings(
-            instances=int(info.get("instances", settings.instances)),
-            max_batch_size=int(info.get("max_batch_size", live.max_batch_size)),
-            max_queue_delay_ms=float(info.get("max_queue_delay_ms", 0.0)),
-            max_queue_size=int(info.get("max_queue_size", settings.max_queue_size)),
-            intra_op_threads=int(info.get("intra_op_threads", 1)),
-            device=settings.device or live.device,
+            instances=settings.instances,
+            max_batch_size=live.max_batch_size,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            max_queue_size=settings.max_queue_size,
+            intra_op_threads=settings.intra_op_threads or 1,
+            device=device or live.device,
         ),
     )
     if signature:
@@ -204,8 +197,8 @@ class ManagementServicer(pb_grpc.ManagementServicer):
         self._uploads = uploads
 
     def _version(self, live: LiveModel, signature: bool = False) -> pb.ModelVersion:
-        settings = self._lifecycle.settings(live.name, live.version)
-        return version_message(live, self._registry, settings, signature=signature)
+        device = self._lifecycle.entry(live.name, live.version).device
+        return version_message(live, self._registry, device, signature=signature)
 
     @_guarded
     async def ListModels(self, request: Any, context: Any) -> pb.ListModelsResponse:
@@ -225,7 +218,7 @@ class ManagementServicer(pb_grpc.ManagementServicer):
 
     @_guarded
     async def LoadModel(self, request: Any, context: Any) -> pb.LoadModelResponse:
-        settings = ModelSettings(**settings_changes(request.settings))
+        settings, device = decode_settings(request.settings)
         source = request.WhichOneof("source")
         if source == "archive_path":
             fd = open_archive(request.archive_path, self._archive_dir)
@@ -239,18 +232,18 @@ class ManagementServicer(pb_grpc.ManagementServicer):
             name, version = request.stored.name, request.stored.version
         else:
             raise InvalidArgument("LoadModel: give archive_path or stored name and version")
-        return await self._load(name, version, settings, request.make_default)
+        return await self._load(name, version, settings, device, request.make_default)
 
     @_guarded
     async def UploadModel(self, request: AsyncIterator[Any], context: Any) -> pb.LoadModelResponse:
         header = await self._uploads.header(request)
-        settings = ModelSettings(**settings_changes(header.settings))
+        settings, device = decode_settings(header.settings)
         label = header.filename or "upload"
         spooled = await self._uploads.receive(label, header.size, request)
         log.info("management: %s installs upload %r (%d bytes)", _CALLER.get(), label, header.size)
         # As LoadModel: the install reads the file through its fd and closes it.
         name, version = await self._install(spooled.path, label, spooled.close)
-        return await self._load(name, version, settings, header.make_default)
+        return await self._load(name, version, settings, device, header.make_default)
 
     async def _install(
         self, fd_path: Path, label: str, release: Callable[[], None]
@@ -265,10 +258,17 @@ class ManagementServicer(pb_grpc.ManagementServicer):
         return installed.name, installed.version
 
     async def _load(
-        self, name: str, version: str, settings: ModelSettings, make_default: bool
+        self,
+        name: str,
+        version: str,
+        settings: BatchingSettings,
+        device: str | None,
+        make_default: bool,
     ) -> pb.LoadModelResponse:
         log.info("management: %s loads %s/%s", _CALLER.get(), name, version)
-        live = await self._lifecycle.load(name, version, settings, make_default=make_default)
+        live = await self._lifecycle.load(
+            name, version, settings, device=device, make_default=make_default
+        )
         return pb.LoadModelResponse(model=self._version(live))
 
     @_guarded
@@ -294,11 +294,12 @@ class ManagementServicer(pb_grpc.ManagementServicer):
     @_guarded
     async def ScaleModel(self, request: Any, context: Any) -> pb.ScaleModelResponse:
         version = self._registry.get(request.name, request.version or None).version
-        changes = settings_changes(request.settings)
-        if not changes:
+        changes, device = decode_settings(request.settings)
+        asked = {**changes.to_dict(), **({"device": device} if device else {})}
+        if not asked:
             raise InvalidArgument("ScaleModel: no setting to change")
-        log.info("management: %s scales %s/%s: %s", _CALLER.get(), request.name, version, changes)
-        await self._lifecycle.scale(request.name, version, **changes)
+        log.info("management: %s scales %s/%s: %s", _CALLER.get(), request.name, version, asked)
+        await self._lifecycle.scale(request.name, version, changes, device)
         return pb.ScaleModelResponse(model=self._version(self._registry.get(request.name, version)))
 
     @_guarded

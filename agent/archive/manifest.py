@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeserve.errors import ArchiveError
-from edgeserve.types import DATATYPE_SIZES, TensorSpec
+from edgeserve.types import BUILT_IN_BATCHING, DATATYPE_SIZES, BatchingSettings, TensorSpec
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -37,13 +37,12 @@ FORMATS = ("torchscript",)
 QUANTIZATION_MODES = ("dynamic", "static")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class BatchingDefaults:
-    max_batch_size: int = 1
-    max_queue_delay_ms: float = 2.0
-    preferred_batch_sizes: tuple[int, ...] = ()
+ARCHIVE_BATCHING = BatchingSettings(
+    max_batch_size=BUILT_IN_BATCHING.max_batch_size,
+    max_queue_delay_ms=BUILT_IN_BATCHING.max_queue_delay_ms,
+    preferred_batch_sizes=(),
+)
+"""What a manifest without ``batching`` (or without one of its fields) says."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,9 @@ class Manifest:
     format: str = "torchscript"
     handler: str = "tensor"
     handler_config: dict[str, Any] = field(default_factory=dict)
-    batching: BatchingDefaults = BatchingDefaults()
+    # The archive's layer of batching: these three fields, always set (1, 2.0, () when
+    # the manifest leaves them out).
+    batching: BatchingSettings = ARCHIVE_BATCHING
     quantization: dict[str, str] | None = None
     samples: tuple[Sample, ...] = ()
     rtol: float = 1e-5
@@ -85,7 +86,7 @@ class Manifest:
             "batching": {
                 "max_batch_size": self.batching.max_batch_size,
                 "max_queue_delay_ms": self.batching.max_queue_delay_ms,
-                "preferred_batch_sizes": list(self.batching.preferred_batch_sizes),
+                "preferred_batch_sizes": list(self.batching.preferred_batch_sizes or ()),
             },
             "quantization": self.quantization,
             "samples": [{"inputs": s.inputs, "outputs": s.outputs} for s in self.samples],
@@ -198,19 +199,24 @@ def _specs(data: dict[str, Any], key: str) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
-def _batching(raw: Any) -> BatchingDefaults:
+def _batching(raw: Any) -> BatchingSettings:
+    """The archive's batching: the three fields a manifest carries; others are ignored."""
     if not isinstance(raw, dict):
         raise _bad("batching", "must be an object")
-    mbs = raw.get("max_batch_size", 1)
-    if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1:
-        raise _bad("batching.max_batch_size", f"must be an integer >= 1, got {mbs!r}")
-    delay = _number(raw.get("max_queue_delay_ms", 2.0), "batching.max_queue_delay_ms")
     pref = raw.get("preferred_batch_sizes", [])
-    if not isinstance(pref, list) or not all(
-        isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= mbs for p in pref
-    ):
-        raise _bad("batching.preferred_batch_sizes", f"must be integers in 1..{mbs}")
-    return BatchingDefaults(mbs, delay, tuple(sorted(set(pref))))
+    if not isinstance(pref, list):
+        raise _bad("batching.preferred_batch_sizes", f"must be a list, got {pref!r}")
+    if all(isinstance(p, int) for p in pref):
+        pref = sorted(set(pref))  # written in any order by older packagers
+    delay = raw.get("max_queue_delay_ms", ARCHIVE_BATCHING.max_queue_delay_ms)
+    if isinstance(delay, int) and not isinstance(delay, bool):
+        delay = float(delay)
+    settings = BatchingSettings(
+        max_batch_size=raw.get("max_batch_size", ARCHIVE_BATCHING.max_batch_size),
+        max_queue_delay_ms=delay,
+        preferred_batch_sizes=tuple(pref),
+    )
+    return settings.validate("batching", _bad)
 
 
 def _samples(raw: Any, files: dict[str, str]) -> tuple[Sample, ...]:

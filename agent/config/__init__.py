@@ -8,15 +8,15 @@ value came from) is the second phase and lives in ``config.load``; ``load_config
 ``ENV_VARS`` are re-exported here, so ``from edgeserve.config import load_config`` works.
 Nothing here exits.
 
-Batching for one model (``ModelConfig.settings_dict``, resolved against the archive by
-``lifecycle.resolve_batch_settings``): per-model ``batching`` > global ``batching`` fields
-that are set > the archive's defaults > built-ins. The global fields an archive also
-carries default to null, so they beat the archive only when the operator wrote them.
+Batching for one model is one ``types.BatchingSettings`` per layer, stacked with ``over``
+(the daemon: ``model.batching.over(config.batching)``; ``serving.build.resolve_batching``
+adds the archive's and the built-ins): per-model ``batching`` > global ``batching`` fields
+that are set > the archive's defaults > built-ins. Every field defaults to null, so a
+layer beats the ones below only where the operator wrote it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import re
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from edgeserve.errors import ConfigError
+from edgeserve.types import BatchingSettings
 
 if TYPE_CHECKING:
     from edgeserve.config.load import ENV_VARS as ENV_VARS
@@ -115,44 +116,6 @@ class TrustConfig:
 
 
 @dataclass(frozen=True)
-class BatchingConfig:
-    max_batch_size: int | None = None
-    """Largest batch; null takes the archive's value (1 when it has none)."""
-    max_queue_delay_ms: float | None = None
-    """Upper bound on the wait added for a batch to fill; 0 never waits; null: archive's, 2.0."""
-    max_queue_size: int = 256
-    """Requests queued per model version before RESOURCE_EXHAUSTED."""
-    preferred_batch_sizes: tuple[int, ...] | None = None
-    """Batch sizes worth waiting for (ascending, each <= max_batch_size); null: archive's."""
-    instances: int = 1
-    """Execution threads per model version."""
-    intra_op_threads: int | None = None
-    """Torch intra-op threads per instance; null splits the allowed CPUs across instances."""
-
-    def __post_init__(self) -> None:
-        _check_batching(self)
-
-
-@dataclass(frozen=True)
-class ModelBatching:
-    max_batch_size: int | None = None
-    """Overrides the global and the archive's max_batch_size."""
-    max_queue_delay_ms: float | None = None
-    """Overrides the global and the archive's max_queue_delay_ms."""
-    max_queue_size: int | None = None
-    """Overrides the global max_queue_size."""
-    preferred_batch_sizes: tuple[int, ...] | None = None
-    """Overrides the global and the archive's preferred_batch_sizes."""
-    instances: int | None = None
-    """Overrides the global instances."""
-    intra_op_threads: int | None = None
-    """Overrides the global intra_op_threads."""
-
-    def __post_init__(self) -> None:
-        _check_batching(self)
-
-
-@dataclass(frozen=True)
 class ModelConfig:
     archive: Path | None = None
     """Archive to install into the store and serve; null serves name/version from the store."""
@@ -164,7 +127,7 @@ class ModelConfig:
     """Make this version the model's default version."""
     device: str | None = None
     """Overrides runtime.device for this model."""
-    batching: ModelBatching = field(default_factory=ModelBatching)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
     """Per-model batching: wins over global batching, which wins over the archive's defaults."""
 
     def __post_init__(self) -> None:
@@ -176,15 +139,7 @@ class ModelConfig:
                 raise _bad(key, "must be 1-128 of letters, digits, '_', '.', '-'", value)
         if self.device is not None:
             _check_device(self.device, "device")
-
-    def settings_dict(self, defaults: BatchingConfig | None = None) -> dict[str, Any]:
-        """Keyword arguments for ``types.ModelSettings``: this model's batching over the
-        global ``defaults``, plus ``device``; unset fields are left out, so the archive's
-        defaults (applied by ``lifecycle``) fill them."""
-        out = dataclasses.asdict(defaults or BatchingConfig())
-        out.update((k, v) for k, v in dataclasses.asdict(self.batching).items() if v is not None)
-        out["device"] = self.device
-        return {k: v for k, v in out.items() if v is not None}
+        self.batching.validate("batching")
 
 
 @dataclass(frozen=True)
@@ -215,8 +170,8 @@ class Config:
     """Device, precision and memory budget."""
     trust: TrustConfig = field(default_factory=TrustConfig)
     """Signature keys."""
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
-    """Batching defaults for every model."""
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    """Batching defaults for every model; the fields set here win over the archive's."""
     models: tuple[ModelConfig, ...] = ()
     """Models to serve at start, beside what the store says was live."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -228,6 +183,7 @@ class Config:
         for key in ("state_dir", "run_dir"):
             if not getattr(self, key).is_absolute():
                 raise _bad(key, "must be an absolute path", str(getattr(self, key)))
+        self.batching.validate("batching")
         if self.metrics.prometheus_listen is not None:
             _check_addresses(
                 (self.metrics.prometheus_listen,),
@@ -308,26 +264,6 @@ def _check_device(device: str, key: str) -> None:
         raise _bad(key, "must be auto, cpu, cuda or cuda:N", device)
 
 
-def _check_batching(b: Any) -> None:
-    for key, low, high in (
-        ("max_batch_size", 1, 65536),
-        ("max_queue_delay_ms", 0, 60000),
-        ("max_queue_size", 1, 1_000_000),
-        ("instances", 1, 64),
-        ("intra_op_threads", 1, 1024),
-    ):
-        value = getattr(b, key)
-        if value is not None and not low <= value <= high:
-            raise _bad(key, f"must be {low}..{high}", value)
-    sizes = b.preferred_batch_sizes or ()
-    if not all(x >= 1 for x in sizes) or list(sizes) != sorted(set(sizes)):
-        raise _bad("preferred_batch_sizes", "must be ascending distinct sizes >= 1", list(sizes))
-    if sizes and b.max_batch_size is not None and sizes[-1] > b.max_batch_size:
-        raise ConfigError(
-            "preferred_batch_sizes", f"{sizes[-1]} is larger than max_batch_size {b.max_batch_size}"
-        )
-
-
 def _check_addresses(
     addrs: tuple[str, ...],
     key: str,
@@ -355,10 +291,6 @@ def _is_ip(host: str, version: int) -> bool:
         return ipaddress.ip_address(host).version == version
     except ValueError:
         return False
-
-
-def _first(value: Any, fallback: Any) -> Any:
-    return fallback if value is None else value
 
 
 def problem_of(exc: ConfigError) -> str:

@@ -58,7 +58,7 @@ import torch
 
 from edgeserve import __version__
 from edgeserve.archive.format import RESERVED_NAMES, write_archive
-from edgeserve.archive.manifest import BatchingDefaults, Manifest
+from edgeserve.archive.manifest import Manifest
 from edgeserve.archive.mar import mar_handler, read_mar
 from edgeserve.errors import ArchiveError
 from edgeserve.handlers import get_handler_class
@@ -71,7 +71,7 @@ from edgeserve.packager.scripting import (
     use_engine,
 )
 from edgeserve.serving.torch_dtypes import DATATYPE_OF_TORCH
-from edgeserve.types import TensorSpec
+from edgeserve.types import BatchingSettings, TensorSpec
 
 log = logging.getLogger("edgeserve.packager")
 
@@ -206,7 +206,9 @@ def _manifest(
         files={},
         handler=build.handler,
         handler_config=build.handler_config,
-        batching=BatchingDefaults(batch, delay),
+        batching=BatchingSettings(
+            max_batch_size=batch, max_queue_delay_ms=delay, preferred_batch_sizes=()
+        ),
         quantization=build.quantization,
         rtol=tolerance[0] if rtol is None else rtol,
         atol=tolerance[1] if atol is None else atol,

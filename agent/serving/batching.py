@@ -12,7 +12,7 @@ bounded by ``max_queue_size``; the caller awaits a future that is resolved exact
 - ``HandlerFailed`` (the original exception as ``__cause__``, logged with the same
   correlation id) or the ``EdgeserveError`` itself when its batch raised: a failing
   batch fails only its own requests;
-- ``NotReady`` when the batcher is drained or closed before the request ran.
+- ``NotReady`` when the batcher is closed before the request ran.
 A caller that goes away (its task cancelled) leaves the queue at once; its entry is
 compacted away later, so memory stays bounded.
 
@@ -40,10 +40,9 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from edgeserve.errors import (
-    ConfigError,
     EdgeserveError,
     Expired,
     HandlerFailed,
@@ -52,9 +51,16 @@ from edgeserve.errors import (
 )
 from edgeserve.serving.batch_policy import ArrivalRate, ServiceTimeFit, Wait, decide
 from edgeserve.serving.batch_queue import FINISHED, QUEUED, BatchQueue, Entry, Tensors
-from edgeserve.types import InferRequest, InferResult, TensorValue
+from edgeserve.types import (
+    BUILT_IN_BATCHING,
+    BatchingSettings,
+    InferRequest,
+    InferResult,
+    TensorValue,
+)
 
 log = logging.getLogger("edgeserve.serving")
+_V = TypeVar("_V")
 
 
 class BatchExecutor(Protocol):
@@ -65,64 +71,10 @@ class BatchExecutor(Protocol):
         parts: Sequence[Mapping[str, TensorValue]],
         sizes: Sequence[int],
         loop: asyncio.AbstractEventLoop,
-        done: Callable[[list[Tensors] | None, BaseException | None], None],
+        done: Callable[[list[Tensors | BaseException] | None, BaseException | None], None],
     ) -> None: ...
 
     def close(self, timeout: float | None = None) -> bool: ...
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """Batching for one model version; errors name the ``batching.*`` key."""
-
-    max_batch_size: int
-    """Most rows (dim 0, summed over requests) in one batch."""
-    max_queue_delay_s: float
-    """Upper bound on the wait added for the oldest queued request, in seconds."""
-    max_queue_size: int
-    """Most requests queued (not yet running) across all shapes; more are refused."""
-    preferred_batch_sizes: tuple[int, ...] = ()
-    """Sizes to cut a batch at when not waiting (e.g. kernels tuned for 8 and 16)."""
-    instances: int = 1
-    """Execution threads (one executor each)."""
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ConfigError("batching.max_batch_size", f"must be >= 1, got {self.max_batch_size}")
-        if not (self.max_queue_delay_s >= 0.0 and math.isfinite(self.max_queue_delay_s)):
-            raise ConfigError(
-                "batching.max_queue_delay", f"must be >= 0 s, got {self.max_queue_delay_s}"
-            )
-        if self.max_queue_size < 1:
-            raise ConfigError("batching.max_queue_size", f"must be >= 1, got {self.max_queue_size}")
-        if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
-            raise ConfigError(
-                "batching.preferred_batch_sizes",
-                f"must be in 1..{self.max_batch_size}, got {list(self.preferred_batch_sizes)}",
-            )
-        if self.instances < 1:
-            raise ConfigError("batching.instances", f"must be >= 1, got {self.instances}")
-
-
-@dataclass(frozen=True)
-class BatcherStats:
-    """A snapshot for recorders and ``status``."""
-
-    queue_depth: int
-    running: int
-    batches: int
-    completed: int
-    failed: int
-    expired: int
-    cancelled: int
-    rejected: int
-    batch_sizes: dict[int, int]
-    """Batch size in rows -> number of batches of that size."""
-
-    @property
-    def mean_batch_size(self) -> float:
-        total = sum(self.batch_sizes.values())
-        return sum(s * n for s, n in self.batch_sizes.items()) / total if total else 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -148,7 +100,7 @@ class AdaptiveBatcher:
         self,
         model: str,
         version: str,
-        settings: BatchSettings,
+        settings: BatchingSettings,
         executors: Sequence[BatchExecutor],
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -156,6 +108,7 @@ class AdaptiveBatcher:
         arrivals: ArrivalRate | None = None,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
+        settings = settings.over(BUILT_IN_BATCHING).validate("batching")
         if len(executors) != settings.instances:
             raise ValueError(
                 f"model '{model}' version '{version}': {len(executors)} executors "
@@ -163,7 +116,12 @@ class AdaptiveBatcher:
             )
         self.model = model
         self.version = version
-        self.settings = settings
+        self._max_queue_size = _required(settings.max_queue_size)
+        self._limits = (
+            _required(settings.max_batch_size),
+            _required(settings.max_queue_delay_ms) / 1000.0,
+            _required(settings.preferred_batch_sizes),
+        )
         self._executors = tuple(executors)
         self._idle = list(executors)
         self._clock = clock
@@ -178,9 +136,6 @@ class AdaptiveBatcher:
         self._quiet: asyncio.Event | None = None
         self._state = "ready"
         self._running = 0
-        self._batches = self._completed = self._failed = 0
-        self._expired = self._cancelled = self._rejected = 0
-        self._sizes: dict[int, int] = {}
 
     # -- reads --------------------------------------------------------------------------
 
@@ -189,42 +144,14 @@ class AdaptiveBatcher:
         """Requests queued and not yet running."""
         return self._queue.depth
 
-    @property
-    def running(self) -> int:
-        """Requests in batches that are running now."""
-        return self._running
-
-    @property
-    def admitting(self) -> bool:
-        """False once ``drain`` or ``close`` started."""
-        return self._state == "ready"
-
-    @property
-    def fit(self) -> ServiceTimeFit:
-        return self._fit
-
-    def stats(self) -> BatcherStats:
-        return BatcherStats(
-            queue_depth=self._queue.depth,
-            running=self._running,
-            batches=self._batches,
-            completed=self._completed,
-            failed=self._failed,
-            expired=self._expired,
-            cancelled=self._cancelled,
-            rejected=self._rejected,
-            batch_sizes=dict(self._sizes),
-        )
-
     # -- the hot path -------------------------------------------------------------------
 
     async def submit(self, request: InferRequest) -> InferResult:
         """Queue ``request``, wait for its batch, return its own outputs."""
         if self._state != "ready":
             raise NotReady.model(self.model, self.version, self._state)
-        if self._queue.depth >= self.settings.max_queue_size:
-            self._rejected += 1
-            raise Overloaded.queue_full(self.model, self.version, self.settings.max_queue_size)
+        if self._queue.depth >= self._max_queue_size:
+            raise Overloaded.queue_full(self.model, self.version, self._max_queue_size)
         loop = self._loop = asyncio.get_running_loop()
         entry = self._enqueue(request, self._clock(), loop)
         self._kick()
@@ -233,7 +160,6 @@ class AdaptiveBatcher:
         except asyncio.CancelledError:
             if entry.state == QUEUED:
                 self._queue.remove(entry)
-                self._cancelled += 1
                 self._check_quiet()
             raise
         wanted = request.requested_outputs
@@ -257,17 +183,16 @@ class AdaptiveBatcher:
 
     def _kick(self) -> None:
         """Give work to idle instances, or arm the policy's timer."""
-        s = self.settings
-        limits = (s.max_batch_size, s.max_queue_delay_s, s.preferred_batch_sizes)
+        limits = self._limits
         queue = self._queue
         while self._idle and queue.depth:
             now = self._clock()
             q = queue.oldest()
             if q is None:
                 return
-            rate = self._arrivals.rate(now) if self._state == "ready" else 0.0
+            rate = self._arrivals.rate(now)
             oldest = q.entries[0].enqueued_at
-            decision = decide(now, oldest, q.rows, *limits, rate, self._fit, True)
+            decision = decide(now, oldest, q.rows, *limits, rate, self._fit)
             if isinstance(decision, Wait):
                 self._arm_timer(now, decision.until)
                 return
@@ -299,8 +224,6 @@ class AdaptiveBatcher:
         self._active.discard(batch)
         entries = batch.entries
         self._running -= len(entries)
-        self._batches += 1
-        self._sizes[batch.rows] = self._sizes.get(batch.rows, 0) + 1
         if results is not None and len(results) != len(entries):
             error = RuntimeError(f"executor returned {len(results)} results for {len(entries)}")
             results = None
@@ -317,7 +240,6 @@ class AdaptiveBatcher:
                 entry.ran = ran
                 if not entry.future.done():
                     entry.future.set_result(outputs)
-                self._completed += 1
         else:
             self._fail_batch(entries, error or RuntimeError("executor returned nothing"))
         self._idle.append(batch.executor)
@@ -333,7 +255,6 @@ class AdaptiveBatcher:
             )
 
     def _fail_batch(self, entries: list[Entry], error: BaseException) -> None:
-        self._failed += len(entries)
         if isinstance(error, EdgeserveError):
             for entry in entries:
                 entry.fail(error)
@@ -356,14 +277,12 @@ class AdaptiveBatcher:
 
     def _expired_in_take(self, entry: Entry) -> None:
         """``BatchQueue.take`` found ``entry`` past its deadline (it left the queue)."""
-        self._expired += 1
         entry.fail(Expired.while_queued(self.model, self.version))
 
     def _expire(self, entry: Entry) -> None:
         entry.timer = None
         if entry.state == QUEUED:
             self._queue.remove(entry)
-            self._expired += 1
             entry.fail(Expired.while_queued(self.model, self.version))
             self._check_quiet()
 
@@ -383,20 +302,6 @@ class AdaptiveBatcher:
         self._kick()
 
     # -- shutdown -----------------------------------------------------------------------
-
-    async def drain(self, timeout: float) -> bool:
-        """Stop admitting; wait up to ``timeout`` s for queued and running requests.
-
-        Queued requests are dispatched at once (no waiting for more). What is still
-        queued or running at the timeout gets ``NotReady``. True if everything finished.
-        """
-        if self._state == "ready":
-            self._state = "draining"
-        self._kick()
-        finished = await self._wait_quiet(timeout)
-        if not finished:
-            self._fail_all("drained")
-        return finished
 
     async def close(self, timeout: float = 5.0) -> None:
         """Fail whatever is queued or running with ``NotReady``, then stop the executors.
@@ -442,3 +347,9 @@ class AdaptiveBatcher:
     def _check_quiet(self) -> None:
         if self._quiet is not None and self._queue.depth == 0 and self._running == 0:
             self._quiet.set()
+
+
+def _required(value: _V | None) -> _V:
+    if value is None:  # BUILT_IN_BATCHING sets every field the batcher reads
+        raise ValueError("batching settings are incomplete")
+    return value

@@ -13,11 +13,16 @@ import enum
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from edgeserve.errors import NotFound, NotReady
 from edgeserve.telemetry.recorders import ModelRecorder
-from edgeserve.types import InferRequest, InferResult, TensorSpec
+from edgeserve.types import (
+    BUILT_IN_BATCHING,
+    BatchingSettings,
+    InferRequest,
+    InferResult,
+    TensorSpec,
+)
 
 log = logging.getLogger("edgeserve.serving")
 
@@ -25,7 +30,10 @@ PLATFORM = "pytorch_torchscript"
 
 
 class ModelState(enum.Enum):
-    LOADING = "LOADING"
+    """A version is added READY (loaded, warmed); ``remove`` makes it DRAINING while the
+    requests it admitted finish, then it is UNLOADED. FAILED: a persisted version that
+    could not be restored (``lifecycle``; it is never in the registry)."""
+
     READY = "READY"
     DRAINING = "DRAINING"
     UNLOADED = "UNLOADED"
@@ -50,9 +58,13 @@ class LiveModel:
     recorder: ModelRecorder | None = None
     device: str = "cpu"
     platform: str = PLATFORM
-    state: ModelState = ModelState.LOADING
-    # Free-form facts for status/describe (instances, batching settings, load time...).
-    info: dict[str, Any] = field(default_factory=dict)
+    state: ModelState = ModelState.READY
+    # The batching it serves with, every layer resolved (``serving.build``).
+    settings: BatchingSettings = BUILT_IN_BATCHING
+    # Facts for status and describe.
+    loaded_at: float = 0.0
+    load_seconds: float = 0.0
+    quantization: dict[str, str] | None = None
     _in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -161,12 +173,8 @@ class ModelRegistry:
         self._defaults[name] = version
         self._notify(live)
 
-    def set_state(self, live: LiveModel, state: ModelState) -> None:
-        live.state = state
-        self._notify(live)
-
     def remove(self, name: str, version: str) -> LiveModel:
-        """Take a version out of the index; the caller drains and closes it."""
+        """Take a version out of the index, DRAINING; the caller drains and closes it."""
         live = self.get(name, version)
         del self._models[name][version]
         if not self._models[name]:
@@ -175,7 +183,7 @@ class ModelRegistry:
         elif self._defaults.get(name) == version:
             # The newest remaining version becomes the default.
             self._defaults[name] = self.versions(name)[-1]
-        live.state = ModelState.UNLOADED
+        live.state = ModelState.DRAINING
         self._notify(live)
         return live
 

@@ -6,7 +6,9 @@ asyncio loop never runs torch. The thread, once at start:
 - sets its own intra-op thread budget (``torch.set_num_threads`` sets the OpenMP
   thread count of the calling thread only, so each instance has its own budget);
 - on a CUDA device, makes the device current and enters its own ``torch.cuda.Stream``;
-- enters ``torch.inference_mode()`` for its whole life (one guard, not one per call).
+- enters ``torch.inference_mode()`` for its whole life, so stacking and splitting run
+  under it too (``LoadedModel.run`` enters it again for each batch, for its callers on
+  other threads: warm-up and the thread probe; nested, it costs little).
 
 Jobs reach the thread through a ``queue.SimpleQueue`` (C-implemented, the cheapest hop
 measured here; a ``ThreadPoolExecutor`` adds a Python work item and two futures per
@@ -29,7 +31,7 @@ import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -40,13 +42,14 @@ log = logging.getLogger("edgeserve.serving")
 
 Tensors = dict[str, TensorValue]
 RunFn = Callable[[Tensors], Mapping[str, TensorValue]]
-# Called on the loop: (per-request outputs, None) or (None, the exception).
-# A model whose full batch runs faster than this is run inline on the event loop.
+# ``serving.build`` runs a model inline on the event loop (an ``InlineExecutor``) when its
+# slowest one-thread time in the thread probe (its full batch, when that was timed) is
+# under this, and it also has one instance, one intra-op thread and the tensor handler.
 INLINE_MAX_BATCH_S = 100e-6
 
-# Per request: its outputs, or its own error when the batch had to be run apart.
+# Called on the loop: (per-request outputs, None) or (None, the batch's exception); an
+# entry of the list is a request's own error when the batch had to be run apart.
 PartsDone = Callable[[list[Tensors | BaseException] | None, BaseException | None], None]
-_T = TypeVar("_T")
 
 
 def default_intra_op_threads(instances: int) -> int:
@@ -152,17 +155,6 @@ class InstanceWorker:
         """Stack ``parts``, run them, split the outputs by ``sizes``; ``done`` on ``loop``."""
         self._put(partial(self._execute_parts, parts, sizes, loop, done))
 
-    async def run_batch(self, inputs: Mapping[str, TensorValue]) -> Tensors:
-        """Run one already-formed batch on the instance thread."""
-        return await self._call(partial(self._run_once, inputs))
-
-    async def run_parts(
-        self, parts: Sequence[Mapping[str, TensorValue]]
-    ) -> list[Tensors | BaseException]:
-        """Stack, run and split, awaiting the per-request outputs."""
-        sizes = [_rows(part) for part in parts]
-        return await self._call(partial(self._stack_run_split, parts, sizes))
-
     def close(self, timeout: float | None = None) -> bool:
         """Stop the thread after the jobs already queued; True once it has exited."""
         if not self._closed:
@@ -177,12 +169,6 @@ class InstanceWorker:
         if self._closed:
             raise RuntimeError(f"instance worker '{self.name}' is closed")
         self._jobs.put(job)
-
-    async def _call(self, fn: Callable[[], _T]) -> _T:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[_T] = loop.create_future()
-        self._put(partial(self._execute, fn, loop, future))
-        return await future
 
     # -- instance thread ----------------------------------------------------------------
 
@@ -238,22 +224,6 @@ class InstanceWorker:
         else:
             _post(loop, done, results, None)
 
-    def _execute(
-        self, fn: Callable[[], _T], loop: asyncio.AbstractEventLoop, future: asyncio.Future[_T]
-    ) -> None:
-        try:
-            result = fn()
-        except BaseException as exc:  # handed to the awaiting caller
-            _post(loop, _resolve, future, None, exc)
-        else:
-            _post(loop, _resolve, future, result, None)
-
-
-def _rows(inputs: Mapping[str, TensorValue]) -> int:
-    for value in inputs.values():
-        return int(value.shape[0]) if len(value.shape) else 1
-    return 0
-
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
     try:
@@ -262,22 +232,13 @@ def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) 
         log.warning("event loop closed before a batch result could be delivered")
 
 
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
 class InlineExecutor:
     """Runs batches on the event loop's own thread: for models so small that the hop to
     an instance thread and back (~60 us here) costs more than the model itself.
 
-    The lifecycle picks it only when the model's measured batch time, at its largest
-    batch, is below ``INLINE_MAX_BATCH_S``, so the loop is never held for longer than
-    that. ``done`` is still called on a later loop iteration, as a thread would.
+    ``serving.build`` picks it only under the conditions beside ``INLINE_MAX_BATCH_S``,
+    so the loop is held about that long per batch. ``done`` is still called on a later
+    loop iteration, as a thread would.
     """
 
     def __init__(self, run: RunFn, name: str = "edgeserve-inline") -> None:

@@ -39,6 +39,7 @@ from edgeserve.archive.format import extract_archive, fsync_dir, verify_tree
 from edgeserve.archive.manifest import MANIFEST_NAME, Manifest
 from edgeserve.archive.signing import TrustStore
 from edgeserve.errors import ArchiveError, NotFound, StoreError
+from edgeserve.types import BatchingSettings
 
 log = logging.getLogger("edgeserve.store")
 
@@ -63,7 +64,10 @@ class LiveEntry:
     name: str
     version: str
     default: bool
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: BatchingSettings = field(default_factory=BatchingSettings)
+    """The batching asked for (unchecked when read: restoring checks it)."""
+    device: str | None = None
+    """The device asked for; None: the daemon's ``runtime.device``."""
 
 
 class ModelStore:
@@ -164,15 +168,7 @@ class ModelStore:
             data = json.loads(raw)
             if data.get("schema") != _LIVE_SCHEMA:
                 raise ValueError(f"unsupported schema {data.get('schema')!r}")
-            entries = [
-                LiveEntry(
-                    str(e["name"]),
-                    str(e["version"]),
-                    bool(e["default"]),
-                    dict(e.get("settings", {})),
-                )
-                for e in data["models"]
-            ]
+            entries = [_live_entry(e) for e in data["models"]]
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(f"live state '{path}' is malformed: {exc}") from None
         _check_live(entries, str(path))
@@ -185,7 +181,16 @@ class ModelStore:
         document = {
             "schema": _LIVE_SCHEMA,
             "models": [
-                {"name": e.name, "version": e.version, "default": e.default, "settings": e.settings}
+                {
+                    "name": e.name,
+                    "version": e.version,
+                    "default": e.default,
+                    # One flat object, as since the first version of live.json.
+                    "settings": {
+                        **e.settings.to_dict(),
+                        **({"device": e.device} if e.device else {}),
+                    },
+                }
                 for e in entries
             ],
         }
@@ -295,6 +300,18 @@ def _ensure_dir(path: Path) -> bool:
             raise NotADirectoryError(20, "exists and is not a directory", str(path)) from None
         return False
     return True
+
+
+def _live_entry(raw: Any) -> LiveEntry:
+    settings = dict(raw.get("settings", {}))
+    device = settings.get("device")
+    return LiveEntry(
+        str(raw["name"]),
+        str(raw["version"]),
+        bool(raw["default"]),
+        BatchingSettings.from_dict(settings),
+        None if device is None else str(device),
+    )
 
 
 def _check_live(entries: Sequence[LiveEntry], source: str) -> None:

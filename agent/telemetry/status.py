@@ -4,8 +4,8 @@
 Its inputs come from one of two places:
 
 * the running daemon: ``LiveStatus.document()`` reads the registry, the lifecycle's
-  settings, the recorders and the system sampler, and the ``RecentErrors`` ring; the
-  management API's GetStatus returns that document;
+  failed restores (state FAILED), the recorders and the system sampler, and the
+  ``RecentErrors`` ring; the management API's GetStatus returns that document;
 * the state files, when the daemon is down: ``offline_models`` turns the persisted live
   set into the same model entries, and the daemon is reported down.
 
@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from edgeserve.types import BatchingSettings
+
 if TYPE_CHECKING:  # status must stay importable without torch (the CLI's offline path)
     from edgeserve.lifecycle import Lifecycle
     from edgeserve.serving.registry import ModelRegistry
@@ -37,14 +39,6 @@ EXIT_HEALTHY, EXIT_DEGRADED, EXIT_UNREACHABLE = 0, 1, 3
 ERROR_WINDOW_S = 600.0
 """Errors logged this recently make the daemon degraded."""
 _SERVER_FAULTS = ("INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNKNOWN")
-# Serving settings as the lifecycle resolved them (archive defaults filled in).
-_EFFECTIVE = (
-    "instances",
-    "max_batch_size",
-    "max_queue_delay_ms",
-    "max_queue_size",
-    "intra_op_threads",
-)
 
 
 @dataclass(frozen=True)
@@ -241,30 +235,24 @@ class LiveStatus:
         self._notes = notes
 
     def models(self) -> list[ModelFacts]:
-        facts = []
-        for live in self._registry.all():
-            info = live.info
-            try:
-                requested = self._lifecycle.settings(live.name, live.version).to_dict()
-            except Exception:  # unloaded between the two reads
-                requested = {}
-            effective = {k: info[k] for k in _EFFECTIVE if info.get(k) is not None}
-            settings = {**requested, **effective, "device": live.device}
-            facts.append(
-                ModelFacts(
-                    name=live.name,
-                    version=live.version,
-                    state=live.state.value,
-                    default=self._registry.default_version(live.name) == live.version,
-                    settings=settings,
-                    instances=info.get("instances"),
-                    device=live.device,
-                    loaded_at=info.get("loaded_at"),
-                    load_seconds=info.get("load_seconds"),
-                    in_flight=live.in_flight,
-                )
+        """The live versions (settings as resolved at load), then those that failed to
+        restore (FAILED, settings as asked for)."""
+        facts = [
+            ModelFacts(
+                name=live.name,
+                version=live.version,
+                state=live.state.value,
+                default=self._registry.default_version(live.name) == live.version,
+                settings={**live.settings.to_dict(), "device": live.device},
+                instances=live.settings.instances,
+                device=live.device,
+                loaded_at=live.loaded_at,
+                load_seconds=live.load_seconds,
+                in_flight=live.in_flight,
             )
-        return facts
+            for live in self._registry.all()
+        ]
+        return facts + [_entry_facts(e, "FAILED") for e in self._lifecycle.failed()]
 
     def document(self) -> dict[str, Any]:
         return build_status(
@@ -286,26 +274,35 @@ class LiveStatus:
 class _PersistedEntry(Protocol):
     """What ``store.LiveEntry`` carries."""
 
-    name: str
-    version: str
-    default: bool
-    settings: dict[str, Any]
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def default(self) -> bool: ...
+    @property
+    def settings(self) -> BatchingSettings: ...
+    @property
+    def device(self) -> str | None: ...
 
 
 def offline_models(entries: Iterable[_PersistedEntry]) -> list[ModelFacts]:
     """Model entries from the persisted live set, for a daemon that is down."""
-    return [
-        ModelFacts(
-            name=e.name,
-            version=e.version,
-            state="NOT_RUNNING",
-            default=e.default,
-            settings=dict(e.settings),
-            instances=e.settings.get("instances"),
-            device=e.settings.get("device"),
-        )
-        for e in entries
-    ]
+    return [_entry_facts(e, "NOT_RUNNING") for e in entries]
+
+
+def _entry_facts(entry: _PersistedEntry, state: str) -> ModelFacts:
+    """A persisted entry (what was asked for) as a model that is not running."""
+    device = {"device": entry.device} if entry.device else {}
+    return ModelFacts(
+        name=entry.name,
+        version=entry.version,
+        state=state,
+        default=entry.default,
+        settings={**entry.settings.to_dict(), **device},
+        instances=entry.settings.instances,
+        device=entry.device,
+    )
 
 
 # -- renderers ------------------------------------------------------------------------------

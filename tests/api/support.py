@@ -272,8 +272,11 @@ class Api:
         return pb_grpc.GRPCInferenceServiceStub(channel)
 
     def set_state(self, name: str, version: str, state: ModelState) -> None:
+        """Put a registered version in ``state`` (lifecycle never leaves one registered
+        but not READY; a request that found it before its removal sees the same)."""
         live = self.registry.get(name, version)
-        self.loop.call(self.registry.set_state, live, state)
+        self.loop.call(setattr, live, "state", state)
+        self.loop.run(self.server.refresh_health())
 
 
 def start_api(

@@ -89,7 +89,7 @@ def test_health_overall_and_per_model(api: Api) -> None:
 
 def test_health_follows_model_readiness(api: Api) -> None:
     with api.channel() as channel:
-        api.set_state("flaky", "1", ModelState.LOADING)
+        api.set_state("flaky", "1", ModelState.DRAINING)
         try:
             wait_for(lambda: health_status(channel, "flaky") == NOT_SERVING, "flaky NOT_SERVING")
             assert health_status(channel, "flaky/1") == NOT_SERVING
@@ -107,7 +107,8 @@ def test_health_watch_sees_a_removed_model_stop_serving(api: Api) -> None:
         wait_for(lambda: health_status(channel, "passing") == SERVING, "passing SERVING")
         watch = stub.Watch(health_pb2.HealthCheckRequest(service="passing"), timeout=WAIT_S)
         assert next(watch).status == SERVING
-        api.loop.call(api.registry.remove, "passing", "1")
+        removed = api.loop.call(api.registry.remove, "passing", "1")
+        assert removed.state is ModelState.DRAINING  # until lifecycle has closed it
         assert next(watch).status == NOT_SERVING
         watch.cancel()
         assert health_status(channel, "passing/1") == NOT_SERVING

@@ -13,6 +13,7 @@ from archive_helpers import rewrite, tree_snapshot
 from edgeserve.archive.signing import SIGNATURE_NAME, TrustStore
 from edgeserve.errors import ArchiveError, NotFound, StoreError, VerificationError
 from edgeserve.store.model_store import STAGING, LiveEntry, ModelStore
+from edgeserve.types import BatchingSettings
 
 
 @pytest.fixture
@@ -159,34 +160,56 @@ def test_list_skips_a_broken_directory(store: ModelStore, signed_archive: Path) 
 def test_live_state_round_trip(store: ModelStore) -> None:
     assert store.read_live_state() == []
     entries = [
-        LiveEntry("mlp", "1", False, {"instances": 1}),
-        LiveEntry("mlp", "2", True, {"instances": 2, "max_batch_size": 16}),
-        LiveEntry("resnet", "7", True, {}),
+        LiveEntry("mlp", "1", False, BatchingSettings(instances=1)),
+        LiveEntry("mlp", "2", True, BatchingSettings(instances=2, max_batch_size=16), "cuda:0"),
+        LiveEntry("resnet", "7", True),
     ]
     store.write_live_state(entries)
     assert store.read_live_state() == entries
     assert json.loads(store.live_state_path.read_text())["schema"] == 1
 
 
+def test_live_state_written_by_earlier_versions_still_loads(store: ModelStore) -> None:
+    # Before BatchingSettings, every field was written, unset ones as null, device inside.
+    settings = {
+        "max_batch_size": None,
+        "max_queue_delay_ms": None,
+        "max_queue_size": 256,
+        "preferred_batch_sizes": [4, 8],
+        "instances": 2,
+        "intra_op_threads": None,
+        "device": "cpu",
+    }
+    document = {
+        "schema": 1,
+        "models": [{"name": "mlp", "version": "1", "default": True, "settings": settings}],
+    }
+    store.live_state_path.parent.mkdir(parents=True, exist_ok=True)
+    store.live_state_path.write_text(json.dumps(document))
+    asked = BatchingSettings(max_queue_size=256, preferred_batch_sizes=(4, 8), instances=2)
+    assert store.read_live_state() == [LiveEntry("mlp", "1", True, asked, "cpu")]
+
+
 def test_live_state_replace_is_atomic(store: ModelStore) -> None:
-    store.write_live_state([LiveEntry("mlp", "1", True, {})])
+    store.write_live_state([LiveEntry("mlp", "1", True)])
     first_inode = store.live_state_path.stat().st_ino
-    store.write_live_state([LiveEntry("mlp", "2", True, {})])
+    store.write_live_state([LiveEntry("mlp", "2", True)])
     # a new file renamed over the old one, never the old one rewritten in place
     assert store.live_state_path.stat().st_ino != first_inode
-    assert store.read_live_state() == [LiveEntry("mlp", "2", True, {})]
+    assert store.read_live_state() == [LiveEntry("mlp", "2", True)]
     assert os.listdir(store.live_state_path.parent) == ["live.json"]
 
 
 def test_live_state_failed_write_keeps_the_old_file(store: ModelStore) -> None:
-    store.write_live_state([LiveEntry("mlp", "1", True, {})])
+    store.write_live_state([LiveEntry("mlp", "1", True)])
     with pytest.raises(StoreError, match="not JSON"):
-        store.write_live_state([LiveEntry("mlp", "2", True, {"bad": object()})])
+        not_json = BatchingSettings(instances=object())  # type: ignore[arg-type]
+        store.write_live_state([LiveEntry("mlp", "2", True, not_json)])
     with pytest.raises(StoreError, match="more than one default"):
-        store.write_live_state([LiveEntry("mlp", "1", True, {}), LiveEntry("mlp", "2", True, {})])
+        store.write_live_state([LiveEntry("mlp", "1", True), LiveEntry("mlp", "2", True)])
     with pytest.raises(StoreError, match="listed twice"):
-        store.write_live_state([LiveEntry("a", "1", True, {}), LiveEntry("a", "1", False, {})])
-    assert store.read_live_state() == [LiveEntry("mlp", "1", True, {})]
+        store.write_live_state([LiveEntry("a", "1", True), LiveEntry("a", "1", False)])
+    assert store.read_live_state() == [LiveEntry("mlp", "1", True)]
     assert os.listdir(store.live_state_path.parent) == ["live.json"]
 
 

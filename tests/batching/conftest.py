@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from edgeserve.serving.batching import AdaptiveBatcher, BatchSettings
+from edgeserve.serving.batching import AdaptiveBatcher
 from edgeserve.serving.worker import InstanceWorker
-from edgeserve.types import InferRequest, TensorValue
+from edgeserve.types import BatchingSettings, InferRequest, TensorValue
 
 T = TypeVar("T")
 GATE_TIMEOUT_S = 10.0
@@ -96,9 +96,9 @@ async def serving(
     on_batch: Callable[[int, float], None] | None = None,
 ) -> AsyncIterator[AdaptiveBatcher]:
     """A batcher over ``instances`` real instance threads, closed (gates opened) after."""
-    settings = BatchSettings(
+    settings = BatchingSettings(
         max_batch_size=max_batch_size,
-        max_queue_delay_s=max_queue_delay_s,
+        max_queue_delay_ms=max_queue_delay_s * 1000.0,
         max_queue_size=max_queue_size,
         preferred_batch_sizes=preferred_batch_sizes,
         instances=instances,

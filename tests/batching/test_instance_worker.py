@@ -20,6 +20,28 @@ from edgeserve.types import BytesTensor
 from .conftest import run
 
 
+async def submit(worker: InstanceWorker, parts: list[dict]) -> list:
+    """The batcher's path to the thread: ``submit_parts``, ``done`` called on the loop."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def done(results, error):
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(results)
+
+    sizes = [int(next(iter(part.values())).shape[0]) if part else 1 for part in parts]
+    worker.submit_parts(parts, sizes, loop, done)
+    return await future
+
+
+async def batch(worker: InstanceWorker, inputs: dict) -> dict:
+    """One request's inputs as a batch of its own; its outputs."""
+    (outputs,) = await submit(worker, [inputs])
+    return outputs
+
+
 def thread_facts(inputs):
     return {
         "threads": torch.tensor([torch.get_num_threads()]),
@@ -33,7 +55,7 @@ def test_the_thread_has_its_own_torch_budget_and_inference_mode():
     other = 2 if main_threads != 2 else 1
     worker = InstanceWorker(thread_facts, intra_op_threads=other, name="budget-instance")
     try:
-        out = run(worker.run_batch({}))
+        out = run(batch(worker, {}))
     finally:
         assert worker.close(timeout=5.0)
     assert int(out["threads"]) == other
@@ -51,7 +73,7 @@ def test_a_torchscript_model_runs_on_the_thread():
     model = torch.jit.script(Affine())
     worker = InstanceWorker(lambda inputs: {"y": model(inputs["x"])}, intra_op_threads=1)
     try:
-        out = run(worker.run_parts([{"x": torch.ones(2, 3)}, {"x": torch.zeros(1, 3)}]))
+        out = run(submit(worker, [{"x": torch.ones(2, 3)}, {"x": torch.zeros(1, 3)}]))
     finally:
         worker.close()
     assert torch.equal(out[0]["y"], torch.full((2, 3), 4.0))
@@ -62,7 +84,7 @@ def test_a_single_request_passes_through_without_any_copy():
     worker = InstanceWorker(lambda inputs: {"y": inputs["x"]}, intra_op_threads=1)
     x = torch.arange(8.0).reshape(2, 4)
     try:
-        (out,) = run(worker.run_parts([{"x": x}]))
+        (out,) = run(submit(worker, [{"x": x}]))
     finally:
         worker.close()
     assert out["y"].data_ptr() == x.data_ptr()
@@ -103,8 +125,8 @@ def test_errors_come_back_to_the_caller_and_the_thread_keeps_serving():
         worker = InstanceWorker(picky, intra_op_threads=1)
         try:
             with pytest.raises(ValueError, match="negative"):
-                await worker.run_batch({"x": -torch.ones(1)})
-            return await worker.run_batch({"x": torch.ones(1)})
+                await batch(worker, {"x": -torch.ones(1)})
+            return await batch(worker, {"x": torch.ones(1)})
         finally:
             worker.close()
 
@@ -118,7 +140,7 @@ def test_close_joins_the_thread_and_refuses_more_work():
     assert not any(t.name == "to-close" for t in threading.enumerate())
     assert worker.close() is True  # idempotent
     with pytest.raises(RuntimeError, match="'to-close' is closed"):
-        run(worker.run_batch({}))
+        run(batch(worker, {}))
 
 
 def test_default_threads_split_the_cores_across_instances():
@@ -141,7 +163,7 @@ def test_a_cuda_instance_runs_on_its_own_stream():
 
     worker = InstanceWorker(on_stream, intra_op_threads=1, device=device)
     try:
-        out = run(worker.run_batch({"x": torch.ones(4, 2)}))
+        out = run(batch(worker, {"x": torch.ones(4, 2)}))
     finally:
         worker.close()
     assert bool(out["own"])
@@ -153,7 +175,7 @@ def test_many_hops_in_a_row_keep_order_and_values():
 
     async def main():
         outs = await asyncio.gather(
-            *(worker.run_batch({"x": torch.tensor([float(i)])}) for i in range(200))
+            *(batch(worker, {"x": torch.tensor([float(i)])}) for i in range(200))
         )
         return [float(o["y"]) for o in outs]
 
@@ -180,7 +202,7 @@ def test_a_later_instance_cannot_change_an_earlier_ones_thread_budget():
         two = InstanceWorker(probe, 2, None, "two")
         one = InstanceWorker(probe, 1, None, "one")  # created after, before `two` ever ran
         try:
-            return (await two.run_batch({}))["n"].item(), (await one.run_batch({}))["n"].item()
+            return (await batch(two, {}))["n"].item(), (await batch(one, {}))["n"].item()
         finally:
             two.close()
             one.close()
@@ -189,9 +211,9 @@ def test_a_later_instance_cannot_change_an_earlier_ones_thread_budget():
 
 
 def test_inline_executor_serves_a_batcher_on_the_loop_thread():
-    from edgeserve.serving.batching import AdaptiveBatcher, BatchSettings
+    from edgeserve.serving.batching import AdaptiveBatcher
     from edgeserve.serving.worker import InlineExecutor
-    from edgeserve.types import InferRequest
+    from edgeserve.types import BatchingSettings, InferRequest
 
     seen_threads = []
 
@@ -202,7 +224,7 @@ def test_inline_executor_serves_a_batcher_on_the_loop_thread():
         return {"y": inputs["x"] * 2}
 
     async def scenario():
-        settings = BatchSettings(max_batch_size=8, max_queue_delay_s=0.001, max_queue_size=16)
+        settings = BatchingSettings(max_batch_size=8, max_queue_delay_ms=1.0, max_queue_size=16)
         batcher = AdaptiveBatcher("m", "1", settings, [InlineExecutor(double)])
         requests = [InferRequest("m", "1", {"x": torch.full((1, 2), float(i))}) for i in range(5)]
         bad = InferRequest("m", "1", {"x": torch.full((1, 2), -1.0)})
@@ -219,8 +241,8 @@ def test_inline_executor_serves_a_batcher_on_the_loop_thread():
 
 def test_a_refused_request_fails_alone_in_a_shared_batch():
     from edgeserve.errors import InvalidArgument
-    from edgeserve.serving.batching import AdaptiveBatcher, BatchSettings
-    from edgeserve.types import InferRequest
+    from edgeserve.serving.batching import AdaptiveBatcher
+    from edgeserve.types import BatchingSettings, InferRequest
 
     gate = threading.Event()
     batch_rows = []
@@ -233,7 +255,7 @@ def test_a_refused_request_fails_alone_in_a_shared_batch():
         return {"y": inputs["x"] + 1}
 
     async def scenario():
-        settings = BatchSettings(max_batch_size=8, max_queue_delay_s=0.001, max_queue_size=16)
+        settings = BatchingSettings(max_batch_size=8, max_queue_delay_ms=1.0, max_queue_size=16)
         batcher = AdaptiveBatcher("m", "1", settings, [InstanceWorker(model, 1, None, "w")])
         first = asyncio.ensure_future(
             batcher.submit(InferRequest("m", "1", {"x": torch.ones(1, 2)}))

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from edgeserve.api.management import open_archive, settings_changes
+from edgeserve.api.management import decode_settings, open_archive
 from edgeserve.api.peercred import (
     AccessPolicy,
     CredentialRelay,
@@ -27,6 +27,7 @@ from edgeserve.api.peercred import (
 )
 from edgeserve.errors import ConfigError, InvalidArgument, NotFound, PermissionDenied
 from edgeserve.proto import management_pb2 as pb
+from edgeserve.types import BatchingSettings
 
 TOKEN = secrets.token_hex(16)
 
@@ -174,12 +175,12 @@ def test_open_archive_stays_inside_the_directory(tmp_path: Path) -> None:
 
 
 def test_settings_are_checked_and_name_the_field() -> None:
-    assert settings_changes(pb.ModelSettings()) == {}
-    assert settings_changes(pb.ModelSettings(instances=2, max_queue_delay_ms=0.0)) == {
-        "instances": 2,
-        "max_queue_delay_ms": 0.0,
-    }
-    assert settings_changes(pb.ModelSettings(device="cuda:1")) == {"device": "cuda:1"}
+    assert decode_settings(pb.ModelSettings()) == (BatchingSettings(), None)
+    assert decode_settings(pb.ModelSettings(instances=2, max_queue_delay_ms=0.0)) == (
+        BatchingSettings(instances=2, max_queue_delay_ms=0.0),
+        None,
+    )
+    assert decode_settings(pb.ModelSettings(device="cuda:1")) == (BatchingSettings(), "cuda:1")
     for bad, field in (
         (pb.ModelSettings(instances=0), "settings.instances"),
         (pb.ModelSettings(max_batch_size=100000), "settings.max_batch_size"),
@@ -187,4 +188,4 @@ def test_settings_are_checked_and_name_the_field() -> None:
         (pb.ModelSettings(device="tpu"), "settings.device"),
     ):
         with pytest.raises(InvalidArgument, match=field):
-            settings_changes(bad)
+            decode_settings(bad)

@@ -62,9 +62,14 @@ def test_status_is_degraded_after_a_failed_restore(mdaemons, mlp_archive_factory
     doc = json.loads(done.stdout)
     assert doc["health"] == "degraded"
     assert any("could not restore mlp/7" in e["message"] for e in doc["recent_errors"])
+    states = [(m["name"], m["version"], m["state"]) for m in doc["models"]]
+    assert states == [("mlp", "1", "READY"), ("mlp", "7", "FAILED")]
+    assert "model mlp version 7 is FAILED" in doc["problems"]
     table = _status(again)
     assert table.returncode == 1 and "health: DEGRADED" in table.stdout
     assert "could not restore mlp/7" in table.stdout
+    rows = [line.split() for line in table.stdout.splitlines()]
+    assert ["mlp", "7", "FAILED"] in [row[:3] for row in rows]
 
 
 def test_status_of_a_stopped_daemon_reads_the_state_files(mdaemons, mlp_archive_factory):

@@ -16,6 +16,7 @@ from edgeserve.telemetry.status import (
     render_json,
     render_table,
 )
+from edgeserve.types import BatchingSettings
 
 NOW = 1_800_000_000.0
 UP = DaemonFacts(up=True, ready=True, pid=42, version="0.1.0", started_at=NOW - 3700)
@@ -92,7 +93,10 @@ def test_client_faults_and_old_errors_do_not_degrade() -> None:
 
 
 def test_down_document_from_the_state_files() -> None:
-    entries = [LiveEntry("mlp", "1", True, {"instances": 2}), LiveEntry("mlp", "2", False, {})]
+    entries = [
+        LiveEntry("mlp", "1", True, BatchingSettings(instances=2), device="cpu"),
+        LiveEntry("mlp", "2", False),
+    ]
     doc = build_status(
         daemon=DaemonFacts(up=False, address="unix:///run/x.sock"),
         models=offline_models(entries),
@@ -104,6 +108,8 @@ def test_down_document_from_the_state_files() -> None:
         ("1", "NOT_RUNNING", 2),
         ("2", "NOT_RUNNING", None),
     ]
+    assert doc["models"][0]["settings"] == {"instances": 2, "device": "cpu"}
+    assert doc["models"][0]["device"] == "cpu"
     table = render_table(doc)
     assert "DOWN" in table and "unix:///run/x.sock" in table and "NOT_RUNNING" in table
 
