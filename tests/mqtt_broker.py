@@ -22,10 +22,12 @@ import hashlib
 import ipaddress
 import os
 import pwd
+import queue
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,3 +330,45 @@ def probe(host: str, port: int, timeout_s: float) -> bool:
         c.disconnect()
         c.loop(timeout=0.01)
         del c
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Observer:
+    """A plain paho client (not the code under test) that records what reaches a filter."""
+
+    def __init__(self, broker: Mosquitto, topic_filter: str, **auth: str) -> None:
+        self.messages: queue.Queue[Received] = queue.Queue()
+        subscribed = threading.Event()
+        self._client = broker.client(**auth)
+        self._client.on_message = lambda _c, _u, m: self.messages.put(
+            Received(m.topic, bytes(m.payload), bool(m.retain))
+        )
+        self._client.on_subscribe = lambda *_args: subscribed.set()
+        self._client.loop_start()
+        self._client.subscribe(topic_filter, qos=1)
+        if not subscribed.wait(5.0):
+            self.close()
+            raise RuntimeError(f"observer: no SUBACK for {topic_filter}")
+
+    def get(self, timeout_s: float = 5.0) -> Received:
+        try:
+            return self.messages.get(timeout=timeout_s)
+        except queue.Empty:
+            raise AssertionError(f"observer: nothing arrived within {timeout_s} s") from None
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """QoS 1, returns once the broker acknowledged it."""
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(5.0)
+        if not info.is_published():
+            raise AssertionError(f"observer: no PUBACK for {topic} within 5 s")
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()

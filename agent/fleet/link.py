@@ -443,7 +443,7 @@ class FleetLink:
         if connected == self._connected:
             return
         self._connected = connected
-        if not connected:
+        if not connected and not self._closed:
             log.warning("fleet link: disconnected from %s: %s", self._where, reason)
         if self._on_connection_change is not None:
             try:
