@@ -392,8 +392,11 @@ class FleetLink:
             else:
                 if self._stopping.is_set():  # close() raced the connect
                     self._client.disconnect(ReasonCode(PacketTypes.DISCONNECT, identifier=0))
-                while self._client.loop(timeout=1.0) == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    pass
+                try:
+                    while self._client.loop(timeout=1.0) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        pass
+                except Exception:  # paho bug or a socket oddity: keep the thread alive
+                    log.exception("fleet link: network loop failed; reconnecting")
             if self._generation != generation:  # an int written on the loop, read here
                 attempt = 0  # a CONNACK came in since: start the back-off afresh
             delay = backoff_delay(attempt, *self._backoff, rand)
