@@ -59,6 +59,7 @@ def test_a_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
         (("--device", "tpu"), "runtime.device"),
         (("--log-level", "loud"), "logging.level"),
         (("--management", "http://127.0.0.1:1"), "management.listen"),
+        (("--model", "/nonexistent/mlp-1.esar"), "models[0].archive: file not found"),
     ],
     ids=lambda v: v[0] if isinstance(v, tuple) else None,
 )

@@ -14,6 +14,7 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 
+from tests.cli.support import package
 from tests.conftest import SLOW_HANDLER_SOURCE
 
 
@@ -125,10 +126,8 @@ def test_restart_comes_back_with_the_same_models(daemons, mlp_archive_factory):
 
 
 def test_unsigned_archive_is_refused(daemons, mlp_source, mlp_example, tmp_path):
-    from edgeserve.packager.build import build_archive
-
     unsigned = tmp_path / "unsigned.esar"
-    build_archive(
+    package(  # `edgeserve package` without --sign-key
         f"{mlp_source}:build",
         name="mlp",
         version="1",
