@@ -22,7 +22,7 @@ from edgeserve.api.management import ManagementServer
 from edgeserve.api.server import InferenceServer
 from edgeserve.archive.signing import TrustStore
 from edgeserve.config import Config, ModelConfig, parse_listen_address
-from edgeserve.errors import EdgeserveError, NotFound
+from edgeserve.errors import ConfigError, EdgeserveError, NotFound
 from edgeserve.lifecycle import Lifecycle
 from edgeserve.logs import PayloadGuard
 from edgeserve.sdnotify import Notifier
@@ -162,7 +162,12 @@ class Daemon:
         listen = self.config.metrics.prometheus_listen
         if not listen:
             return
-        _, host, port = parse_listen_address(listen, "metrics.prometheus_listen")
+        address = parse_listen_address(listen, "metrics.prometheus_listen")
+        if address[0] != "tcp":  # Config refuses a Unix address here; this narrows the type
+            raise ConfigError(
+                "metrics.prometheus_listen", f"must be a TCP host:port, got {listen!r}"
+            )
+        _, host, port = address
         self.metrics = start_metrics_server(
             host,
             port,

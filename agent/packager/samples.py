@@ -110,6 +110,14 @@ def as_tensor(file: InputFile, what: str) -> torch.Tensor:
 # -- grouping -----------------------------------------------------------------------------
 
 
+def _numeric(value: TensorValue, name: str, index: int) -> torch.Tensor:
+    if isinstance(value, BytesTensor):  # a TorchScript model takes tensors, never bytes
+        raise ArchiveError(
+            f"sample {index}: input '{name}' is BYTES; the tensor handler needs .npy"
+        )
+    return value
+
+
 def _group(files: list[InputFile], specs: tuple[TensorSpec, ...]) -> list[dict[str, TensorValue]]:
     """Files in order, one per input, make one sample per group."""
     names = [spec.name for spec in specs]
@@ -175,7 +183,7 @@ def record_samples(
         groups = _group(read_inputs(sample_inputs or example_inputs), manifest.inputs)
         samples = []
         for index, inputs in enumerate(groups):
-            tensors = [inputs[s.name] for s in manifest.inputs]
+            tensors = [_numeric(inputs[s.name], s.name, index) for s in manifest.inputs]
             result = run_module(module, tensors, f"sample {index}")
             try:
                 outputs = name_outputs(result, manifest.outputs)

@@ -109,8 +109,8 @@ def split_outputs(outputs: Mapping[str, TensorValue], sizes: Sequence[int]) -> l
             pieces = value.split(size_list)
         else:
             pieces = torch.split(value, size_list)
-        for result, piece in zip(per_request, pieces, strict=True):
-            result[name] = piece
+        for index, result in enumerate(per_request):
+            result[name] = pieces[index]
     return per_request
 
 
