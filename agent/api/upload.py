@@ -94,14 +94,18 @@ class SpooledArchive:
     def close(self) -> None:
         """Close the file (its space is freed with it); again is a no-op. A write still in
         its thread finishes first: the descriptor's number must not be reused under it."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is not None and not pending.done():
-            pending.add_done_callback(lambda done: (_consume(done), self.close()))
+            pending.add_done_callback(self._close_after)
             return
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
             self._on_close()
+
+    def _close_after(self, write: asyncio.Future[None]) -> None:
+        _consume(write)
+        self.close()
 
 
 class UploadSpool:

@@ -3,6 +3,11 @@
 Each action is a function in ``ACTIONS`` (chosen by ``args.action``); each is one call of
 the management API (``management``). Exit codes: 0 success, 1 the daemon refused or
 failed the operation, 2 usage or archive error, 3 the daemon is not reachable.
+
+``models load ARCHIVE``: an ARCHIVE with a ``/`` in it (``./mlp-2.esar``,
+``/tmp/mlp-2.esar``) is a file here, which the CLI reads and streams to the daemon
+(UploadModel); a bare name (``mlp-2.esar``) is a file in the daemon's
+``management.archive_dir`` (LoadModel). The daemon verifies both the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 from edgeserve.cli.common import add_command
 from edgeserve.cli.exits import UsageError
 from edgeserve.cli.management import call, client_options
+from edgeserve.errors import NotFound
 
 _NAME: tuple[str, dict[str, Any]] = ("name", {})
 _VERSION: tuple[str, dict[str, Any]] = ("model_version", {"metavar": "VERSION"})
@@ -30,7 +36,7 @@ def register(commands: Any) -> None:
         commands,
         "models",
         "List and change the live models of a running daemon (management API).",
-        "edgeserve models load /var/lib/edgeserve/incoming/mlp-2.esar --default",
+        "edgeserve models load ./mlp-2.esar --default",
     )
     actions = group.add_subparsers(
         title="model commands", metavar="ACTION", dest="action", required=True
@@ -52,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("archive", nargs="?", help="archive path inside management.archive_dir")
+    parser.add_argument(
+        "archive",
+        nargs="?",
+        help="a path with a / (./mlp-2.esar, /tmp/mlp-2.esar): this file, uploaded to the "
+        "daemon; a bare name (mlp-2.esar): that file in the daemon's management.archive_dir",
+    )
     parser.add_argument(
         "--stored",
         nargs=2,
@@ -102,19 +113,28 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
+def is_local_path(archive: str) -> bool:
+    """Whether ``models load ARCHIVE`` uploads a file here (a path: it has a ``/``) or
+    names one in the daemon's archive_dir (a bare name). A URL is neither: the daemon
+    refuses it, and says why."""
+    return "/" in archive and "://" not in archive
+
+
 def _load(args: argparse.Namespace) -> int:
     if bool(args.archive) == bool(args.stored):
         raise UsageError("models load: give ARCHIVE or --stored NAME VERSION")
     archive: str | None = args.archive
-    if archive and Path(archive).exists():  # else: a name inside the daemon's archive_dir
-        archive = str(Path(archive).absolute())
-    stored = tuple(args.stored) if args.stored else None
-    model = call(
-        args,
-        lambda c: c.load(
-            archive=archive, stored=stored, make_default=args.default, settings=_settings(args)
-        ),
-    )
+    options: dict[str, Any] = {"make_default": args.default, "settings": _settings(args)}
+    if archive and is_local_path(archive):
+        model = call(args, lambda c: c.upload(archive, **options))
+    else:
+        stored = tuple(args.stored) if args.stored else None
+        try:
+            model = call(args, lambda c: c.load(archive=archive, stored=stored, **options))
+        except NotFound as exc:
+            if archive and Path(archive).is_file():
+                raise NotFound(f"{exc}; to upload the file here, give ./{archive}") from None
+            raise
     flag = " (default)" if model["default"] else ""
     text = f"loaded {model['name']} version {model['version']} on {model['device']}{flag}"
     return _print(args, model, text)
@@ -190,8 +210,8 @@ ACTIONS: dict[
     "list": (_list, "List every live model version.", "models list --json", ()),
     "describe": (_describe, "Show a model's versions, settings and signature.",
         "models describe mlp 2", (_NAME, _maybe_version("default: every live version"))),
-    "load": (_load, "Install an archive (from the daemon's archive_dir) and load it.",
-        "models load /var/lib/edgeserve/incoming/mlp-2.esar --default", ()),
+    "load": (_load, "Install an archive (a file here, uploaded, or one in the daemon's "
+        "archive_dir) and load it.", "models load ./mlp-2.esar --default", ()),
     "unload": (_unload, "Unload a version (its admitted requests finish first).",
         "models unload mlp 1", (_NAME, _VERSION)),
     "default": (_default, "Make a live version the model's default.",
