@@ -8,7 +8,7 @@ shape whose product is the element count.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Union
 
@@ -43,6 +43,15 @@ class TensorSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def batches_along_dim0(inputs: Sequence[TensorSpec]) -> bool:
+    """Whether a signature batches along dim 0: dim 0 of every input is -1.
+
+    A manifest has no field of its own for it; the packager records it this way (it
+    probes the model with stacked examples and writes -1 exactly when dim 0 is the batch).
+    """
+    return all(spec.shape[:1] == (-1,) for spec in inputs)
 
 
 @dataclass

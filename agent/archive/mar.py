@@ -11,7 +11,7 @@ the class labels. edgeserve takes only what it can serve:
 
 Every entry passes the same checks as an edgeserve archive (``safezip``: names, types,
 sizes, zip bombs); errors are ``ArchiveError`` naming the ``.mar``.
-``packager.import_mar`` turns the result into an edgeserve archive.
+``packager.build.plan_archive(from_mar=...)`` turns the result into an edgeserve archive.
 """
 
 from __future__ import annotations

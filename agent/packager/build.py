@@ -2,7 +2,6 @@
 
     build_archive(model, name=..., version=..., output=...) -> Manifest
     plan_archive(...)   the same without writing: (manifest, members)
-    import_mar(path)    a TorchServe ``.mar`` as (manifest, members)
 
 MODEL is a TorchScript file, or ``path/to/module.py:factory`` whose ``factory()`` returns
 an eager ``nn.Module``; that one is (optionally) dynamically quantized, then scripted, or
@@ -20,7 +19,7 @@ Rules this module decides (documented here, reported in the manifest):
   stacked twice (every output's dim 0 must double with them). That alone decides the
   shapes: a model that batches gets ``-1`` as dim 0 of every input and output, one that
   does not keeps the examples' shapes. The manifest has no field of its own for it; dim 0
-  of the inputs being ``-1`` is the record (``model_batches``).
+  of the inputs being ``-1`` is the record (``types.batches_along_dim0``).
 - ``max_batch_size`` is a serving bound, not a shape: the most rows one request may carry
   and the most rows the batcher combines into one model call (1: requests are never
   combined). It defaults to 8 for a model that batches; one that does not gets 1, and
@@ -132,19 +131,6 @@ def build_archive(
         atol=atol,
     )
     return write_archive(output, manifest, members, sign_key=sign_key)
-
-
-def import_mar(
-    mar_path: Path,
-    *,
-    name: str | None = None,
-    version: str | None = None,
-    example_inputs: Sequence[InputArg] = (),
-) -> tuple[Manifest, dict[str, bytes | Path]]:
-    """A TorchServe ``.mar`` as our (manifest, members), ready for ``write_archive``."""
-    return plan_archive(
-        "", name=name, version=version, from_mar=mar_path, example_inputs=example_inputs
-    )
 
 
 def plan_archive(
@@ -310,14 +296,6 @@ def _output_items(result: Any) -> list[tuple[str, torch.Tensor]]:
                 f"model output '{key}' is {type(value).__name__}, not a tensor of a KServe datatype"
             )
     return items
-
-
-def model_batches(manifest: Manifest) -> bool:
-    """Whether the packaged model batches along dim 0: dim 0 of every model input is -1.
-
-    The manifest has no field of its own for it; the packager records it this way.
-    """
-    return all(spec.shape[:1] == (-1,) for spec in manifest.inputs)
 
 
 def _probe_batching(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from edgeserve.serving.batching import AdaptiveBatcher
@@ -24,10 +25,12 @@ from edgeserve.serving.worker import (
     INLINE_MAX_BATCH_S,
     InlineExecutor,
     InstanceWorker,
+    RunFn,
+    Tensors,
     default_intra_op_threads,
 )
 from edgeserve.telemetry.recorders import ModelRecorder
-from edgeserve.types import BUILT_IN_BATCHING, BatchingSettings
+from edgeserve.types import BUILT_IN_BATCHING, BatchingSettings, TensorValue, batches_along_dim0
 
 log = logging.getLogger("edgeserve.serving")
 
@@ -79,7 +82,7 @@ def _execution(loaded: LoadedModel, settings: BatchingSettings) -> tuple[int, bo
     if sample is None:
         log.info("%s: nothing to time the thread budget with: 1 thread", loaded.manifest.name)
         return 1, False
-    batches = all(spec.shape[:1] == (-1,) for spec in loaded.inputs)
+    batches = batches_along_dim0(loaded.inputs)
     one = first_row(sample) if batches else sample
     full = full_batch_of(sample, settings.max_batch_size or 1) if batches else None
     choice = choose_intra_op_threads(loaded.run, one, full, share)
@@ -104,6 +107,19 @@ def _execution(loaded: LoadedModel, settings: BatchingSettings) -> tuple[int, bo
     return choice.threads, inline
 
 
+def _sketching(run: RunFn, recorder: ModelRecorder) -> RunFn:
+    """``run`` that also feeds each batch it ran (batch tensors in and out) to the drift
+    sketch; only served batches, as warm-up and the thread probe call ``loaded.run``."""
+    observe = recorder.drift.observe_batch  # never raises
+
+    def run_and_sketch(inputs: Tensors) -> Mapping[str, TensorValue]:
+        outputs = run(inputs)
+        observe(inputs, outputs)
+        return outputs
+
+    return run_and_sketch
+
+
 def _assemble(
     loaded: LoadedModel,
     settings: BatchingSettings,
@@ -114,11 +130,12 @@ def _assemble(
     manifest = loaded.manifest
     instances = settings.instances or 1
     label = f"{manifest.name}/{manifest.version}"
+    run = _sketching(loaded.run, recorder)
     workers: list[InstanceWorker | InlineExecutor] = (
-        [InlineExecutor(loaded.run, label)]
+        [InlineExecutor(run, label)]
         if inline
         else [
-            InstanceWorker(loaded.run, settings.intra_op_threads, loaded.device, f"{label}#{i}")
+            InstanceWorker(run, settings.intra_op_threads, loaded.device, f"{label}#{i}")
             for i in range(instances)
         ]
     )

@@ -22,6 +22,7 @@ from edgeserve.types import (
     InferRequest,
     InferResult,
     TensorSpec,
+    batches_along_dim0,
 )
 
 log = logging.getLogger("edgeserve.serving")
@@ -72,8 +73,7 @@ class LiveModel:
         self._idle.set()
         self._input_index = {spec.name: spec for spec in self.inputs}
         self._output_index = {spec.name: spec for spec in self.outputs}
-        # Whether dim 0 is the batch: the packager writes -1 there exactly when it is.
-        self.batches = self.max_batch_size > 1 or all(s.shape[:1] == (-1,) for s in self.inputs)
+        self.batches = self.max_batch_size > 1 or batches_along_dim0(self.inputs)
 
     def input_spec(self, name: str) -> TensorSpec | None:
         return self._input_index.get(name)

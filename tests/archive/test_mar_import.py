@@ -15,7 +15,7 @@ from edgeserve.archive.format import extract_archive
 from edgeserve.archive.mar import mar_handler, read_mar
 from edgeserve.archive.signing import TrustStore
 from edgeserve.errors import ArchiveError
-from edgeserve.packager.build import build_archive, import_mar
+from edgeserve.packager.build import build_archive, plan_archive
 from edgeserve.store.model_store import STAGING, ModelStore
 from edgeserve.types import BytesTensor, TensorSpec
 
@@ -82,7 +82,7 @@ LABELS = {str(i): [f"n0{i}", f"thing-{i}"] for i in range(5)}
 
 def test_image_classifier_mar(classifier_pt: bytes, tmp_path: Path) -> None:
     mar = make_mar(tmp_path / "tiny.mar", classifier_pt, handler="image_classifier", labels=LABELS)
-    manifest, members = import_mar(mar)
+    manifest, members = plan_archive("", name=None, version=None, from_mar=mar)
     assert (manifest.name, manifest.version, manifest.handler) == (
         "tiny",
         "2.0",
@@ -128,10 +128,10 @@ def _bytes_tensor(data: bytes) -> BytesTensor:
 def test_tensor_mar_needs_an_example_input(mlp_pt: bytes, tmp_path: Path, handler: str) -> None:
     mar = make_mar(tmp_path / "mlp.mar", mlp_pt, handler=handler)
     with pytest.raises(ArchiveError, match="cannot be inferred without --example-input"):
-        import_mar(mar)
+        plan_archive("", name=None, version=None, from_mar=mar)
     x = tmp_path / "x.npy"
     np.save(x, np.ones((2, 16), dtype=np.float32))
-    manifest, members = import_mar(mar, name="mlp", version="5", example_inputs=[x])
+    manifest, members = plan_archive("", name="mlp", version="5", from_mar=mar, example_inputs=[x])
     assert (manifest.name, manifest.version, manifest.handler) == ("mlp", "5", "tensor")
     assert manifest.inputs == (TensorSpec("input__0", "FP32", (-1, 16)),)
     assert manifest.outputs == (TensorSpec("output__0", "FP32", (-1, 4)),)
@@ -150,7 +150,7 @@ def test_handlers_without_an_equivalent(mlp_pt: bytes, tmp_path: Path, handler: 
         f"TorchServe handler '{handler}' has no edgeserve equivalent; repackage with --handler"
     )
     with pytest.raises(ArchiveError, match=message.replace(".", r"\.")) as exc:
-        import_mar(mar)
+        plan_archive("", name=None, version=None, from_mar=mar)
     assert str(mar) in str(exc.value)
     # --handler overrides the mapping, as the message says
     x = tmp_path / "x.npy"
@@ -183,7 +183,7 @@ def test_whole_pickled_eager_module_is_refused(tmp_path: Path) -> None:
     torch.save(torch.nn.Linear(4, 2), buffer)
     mar = make_mar(tmp_path / "eager.mar", buffer.getvalue(), handler="image_classifier")
     with pytest.raises(ArchiveError, match="is not TorchScript.*script or trace it"):
-        import_mar(mar)
+        plan_archive("", name=None, version=None, from_mar=mar)
 
 
 @pytest.mark.parametrize(

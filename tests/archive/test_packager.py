@@ -15,8 +15,8 @@ from edgeserve.archive.format import extract_archive, read_manifest, verify_tree
 from edgeserve.archive.manifest import Manifest
 from edgeserve.archive.signing import TrustStore
 from edgeserve.errors import ArchiveError
-from edgeserve.packager.build import build_archive, model_batches
-from edgeserve.types import TensorSpec
+from edgeserve.packager.build import build_archive
+from edgeserve.types import TensorSpec, batches_along_dim0
 
 CUSTOM_HANDLER = """
 from edgeserve.handlers.tensor import TensorHandler
@@ -215,13 +215,13 @@ def test_batching_detection(models_py: Path, example_npy: Path, tmp_path: Path) 
         example_inputs=[example_npy],
     )  # fmt: skip
     assert fixed.batching.max_batch_size == 1 and fixed.inputs[0].shape == (2, 16)
-    assert not model_batches(mix) and not model_batches(fixed)
+    assert not batches_along_dim0(mix.inputs) and not batches_along_dim0(fixed.inputs)
     wide = build_archive(
         f"{models_py}:build", name="m", version="1", output=tmp_path / "w.esar",
         example_inputs=[example_npy], max_batch_size=32, rtol=0.5, atol=0.25,
     )  # fmt: skip
     assert wide.batching.max_batch_size == 32 and (wide.rtol, wide.atol) == (0.5, 0.25)
-    assert model_batches(wide) and wide.inputs[0].shape == (-1, 16)
+    assert batches_along_dim0(wide.inputs) and wide.inputs[0].shape == (-1, 16)
     with pytest.raises(ArchiveError, match="--max-batch-size: must be >= 1, got 0"):
         build_archive(
             f"{models_py}:build", name="m", version="1", output=tmp_path / "z.esar",
@@ -250,7 +250,7 @@ def test_max_batch_size_1_on_a_batching_model_keeps_dim_0_open(
     assert single.inputs == (TensorSpec("x", "FP32", (-1, 16)),)
     assert single.outputs == (TensorSpec("output__0", "FP32", (-1, 4)),)
     assert single.batching.max_batch_size == 1 and single.batching.max_queue_delay_ms == 5.0
-    assert model_batches(single)
+    assert batches_along_dim0(single.inputs)
     # the example had 2 rows; a request of 1 row (or any other count) fits the signature
     assert _fits(single.inputs[0], (1, 16)) and _fits(single.inputs[0], (3, 16))
     manifest, dest = _unpack(out, tmp_path)
@@ -273,7 +273,7 @@ def test_max_batch_size_1_on_a_model_that_does_not_batch_keeps_the_example_shape
             example_inputs=[example_npy], max_batch_size=1,
         )  # fmt: skip
         assert manifest.inputs[0].shape == (2, 16), factory
-        assert manifest.batching.max_batch_size == 1 and not model_batches(manifest)
+        assert manifest.batching.max_batch_size == 1 and not batches_along_dim0(manifest.inputs)
         assert not _fits(manifest.inputs[0], (1, 16))
     assert manifest.outputs[0].shape == (2, 16)  # fixed_two: [2, 16] -> [2, 16]
 
