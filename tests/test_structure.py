@@ -51,8 +51,17 @@ THIRD_PARTY_HOMES = {
     "sqlite3": ("telemetry/buffer.py",),
     "cryptography": ("archive/signing.py", "fleet/verifier.py"),
     "prometheus_client": ("telemetry/prometheus.py",),
-    # types.py: under TYPE_CHECKING only; archive/mar.py: lazily, to check a .mar's model.
-    "torch": ("serving/", "packager/", "api/codec.py", "types.py", "archive/mar.py"),
+    # types.py: under TYPE_CHECKING only; archive/mar.py: lazily, to check a .mar's model;
+    # telemetry/drift.py: lazily, inside observe_batch (the recorders import it, and the
+    # CLI imports the recorders without torch).
+    "torch": (
+        "serving/",
+        "packager/",
+        "api/codec.py",
+        "types.py",
+        "archive/mar.py",
+        "telemetry/drift.py",
+    ),
 }
 
 

@@ -12,6 +12,7 @@ Who calls what::
     rec.observe_load(3.2)                        # lifecycle, after load + warm-up
     rec.observe_request("OK", total_s, queue_s, compute_s)   # api edge, once per request
     rec.observe_batch(8, compute_s)              # worker thread, once per batch
+    rec.drift.observe_batch(inputs, outputs)     # instance thread, the batch tensors
     recorders.forget("resnet", "1")              # lifecycle, after the old version drained
 
 Status codes are gRPC status code names (``grpc.StatusCode.X.name``: "OK",
@@ -39,6 +40,8 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from edgeserve.telemetry.drift import DriftSketch
 
 log = logging.getLogger("edgeserve.telemetry")
 
@@ -137,6 +140,8 @@ class ModelRecorder:
         self._load_s: float | None = None
         self._last_load_at: float | None = None
         self._warmup_failures = 0
+        self.drift = DriftSketch()
+        """The drift sketch of this version's inputs and outputs (``telemetry.drift``)."""
         n = len(LATENCY_BOUNDS_S) + 1
         self._slot_keys = [-1] * WINDOW_SLOTS
         self._slot_latency = [[0] * n for _ in range(WINDOW_SLOTS)]
@@ -292,6 +297,11 @@ class Recorders:
         """
         with self._lock:
             self._models.pop((name, version), None)
+
+    def models(self) -> list[ModelRecorder]:
+        """The recorders of the live model versions, sorted by (name, version)."""
+        with self._lock:
+            return [recorder for _, recorder in sorted(self._models.items())]
 
     def snapshot(self) -> dict[str, Any]:
         """Plain data: ``taken_at`` (epoch s), ``window_s`` and one entry per model version."""
