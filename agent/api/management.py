@@ -108,7 +108,7 @@ def version_message(
         loaded_at=live.loaded_at,
         load_seconds=live.load_seconds,
         in_flight=live.in_flight,
-        quantization=str(live.quantization or ""),
+        quantization=json.dumps(live.quantization, sort_keys=True) if live.quantization else "",
         settings=pb.ModelSettings(
             instances=settings.instances,
             max_batch_size=live.max_batch_size,

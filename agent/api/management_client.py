@@ -189,7 +189,7 @@ def version_dict(message: pb.ModelVersion) -> dict[str, Any]:
         "loaded_at": message.loaded_at,
         "load_seconds": message.load_seconds,
         "in_flight": message.in_flight,
-        "quantization": message.quantization or None,
+        "quantization": json.loads(message.quantization) if message.quantization else None,
         "settings": {k: getattr(s, k) if s.HasField(k) else None for k in _SETTINGS_FIELDS},
     }
     if message.inputs or message.outputs:

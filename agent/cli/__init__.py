@@ -9,12 +9,13 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 from edgeserve import __version__
-from edgeserve.cli import demo, keygen, models, package, predict, serve, status
+from edgeserve.cli import demo, fleet, keygen, models, package, predict, serve, status
 from edgeserve.cli.exits import EPILOG, ExitCode, describe, exit_code_for
 
 COMMANDS: dict[str, ModuleType] = {
@@ -25,11 +26,23 @@ COMMANDS: dict[str, ModuleType] = {
     "demo": demo,
     "models": models,
     "status": status,
+    "fleet": fleet,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code (argparse's own exits included)."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # here, not at interpreter exit, where it could not be caught
+        return code
+    except BrokenPipeError:  # the reader went away (`edgeserve models list | head -1`)
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -37,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     try:
         return int(COMMANDS[args.command].run(args))
+    except BrokenPipeError:
+        raise
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI's one boundary
         code = exit_code_for(exc)
         if code is not ExitCode.INTERRUPTED:

@@ -6,6 +6,7 @@
     2    usage, configuration, archive or input-file error
     3    the daemon is not reachable
     130  interrupted (Ctrl-C)
+    141  stdout closed by its reader (``edgeserve models list | head -1``), quietly
 
 Library errors reach ``main`` as exceptions; ``exit_code_for`` maps each to its code and
 ``main`` prints one line, never a traceback.
@@ -24,6 +25,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     UNREACHABLE = 3
     INTERRUPTED = 130
+    BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a reader that went away
 
 
 EPILOG = """exit codes: 0 success, 1 operation failed, 2 usage/config/archive error,

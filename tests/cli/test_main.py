@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from edgeserve import __version__
@@ -67,3 +69,20 @@ def test_models_without_an_action_is_a_usage_error(capsys: pytest.CaptureFixture
 def test_an_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", "--colour"]) == 2
     assert_usage_error(capsys.readouterr().err, "", "unrecognized arguments: --colour")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    # `edgeserve keygen ... | head -0`: the pipe is closed before anything is written.
+    import subprocess
+    import sys
+
+    with subprocess.Popen(
+        [sys.executable, "-m", "edgeserve", "keygen", "--out", str(tmp_path / "k")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as child:
+        assert child.stdout is not None and child.stderr is not None
+        child.stdout.close()
+        stderr = child.stderr.read().decode()
+        assert child.wait(timeout=60) == 141, stderr
+    assert stderr == ""

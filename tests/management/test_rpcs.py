@@ -115,11 +115,16 @@ def test_every_command_through_the_cli(mdaemons, mlp_archive_factory):
     described = _cli_json("models", "describe", "mlp", "1", *at)
     assert described["versions"][0]["inputs"][0]["shape"] == [-1, 16]
 
-    archive = drop_in(daemon, mlp_archive_factory("2"))
+    assert described["versions"][0]["quantization"] is None  # fp32
+    archive = drop_in(daemon, mlp_archive_factory("2", quantize="dynamic"))
     # A bare name is looked up in the daemon's archive_dir.
     loaded = _cli_json("models", "load", archive.name, "--default", "--max-batch-size", "4", *at)
     assert (loaded["version"], loaded["default"]) == ("2", True)
     assert _served_version(daemon) == "2"
+    # The archive's quantization is a JSON object, not a Python repr.
+    assert (
+        loaded["quantization"]["mode"] == "dynamic" and loaded["quantization"]["dtype"] == "qint8"
+    )
 
     back = _cli_json("models", "default", "mlp", "1", *at)
     assert back["previous_default"] == "2" and back["version"] == "1"
