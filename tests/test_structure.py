@@ -34,7 +34,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "telemetry": BASE | {"serving", "lifecycle", "telemetry"},
     "api": BASE | {"serving.registry", "serving.torch_dtypes", "lifecycle", "telemetry", "api"},
     "packager": BASE | {"archive", "serving", "packager"},
-    "cli": BASE | {"api", "cli", "archive.signing", "packager", "store", "telemetry", "daemon"},
+    # cli/fleet.py wires fleet/link into the controller commands (DESIGN §6: they ship in the CLI).
+    "cli": BASE
+    | {"api", "cli", "archive.signing", "packager", "store", "telemetry", "daemon", "fleet"},
     "daemon": BASE
     | {"api", "archive", "store", "serving", "lifecycle", "telemetry", "sdnotify", "fleet"},
     "fleet": BASE | {"lifecycle", "store", "archive", "telemetry.recorders", "fleet"},
@@ -47,8 +49,9 @@ PURE = {"serving/batch_policy.py": set()}
 THIRD_PARTY_HOMES = {
     "grpc": ("api/",),
     "paho": ("fleet/link.py",),
-    "sqlite_utils": ("telemetry/buffer.py",),
-    "sqlite3": ("telemetry/buffer.py",),
+    # One owner per database file: the device's buffer, the controller's collected records.
+    "sqlite_utils": ("telemetry/buffer.py", "telemetry/collection.py"),
+    "sqlite3": ("telemetry/buffer.py", "telemetry/collection.py"),
     "cryptography": ("archive/signing.py", "fleet/verifier.py"),
     "prometheus_client": ("telemetry/prometheus.py",),
     # types.py: under TYPE_CHECKING only; archive/mar.py: lazily, to check a .mar's model;
