@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from edgeserve import __version__
-from edgeserve.cli import demo, keygen, models, package, predict, serve, status
+from edgeserve.cli import demo, fleet, keygen, models, package, predict, serve, status
 from edgeserve.cli.exits import EPILOG, ExitCode, describe, exit_code_for
 
 COMMANDS: dict[str, ModuleType] = {
@@ -26,6 +26,7 @@ COMMANDS: dict[str, ModuleType] = {
     "demo": demo,
     "models": models,
     "status": status,
+    "fleet": fleet,
 }
 
 
