@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["json", "text"]
+BrokerScheme = Literal["mqtt", "mqtts"]
 UnixAddress = tuple[Literal["unix"], str]
 TcpAddress = tuple[Literal["tcp"], str, int]
 
@@ -42,10 +44,21 @@ DEFAULT_RUN_DIR = Path("/run/edgeserve")
 DEFAULT_INFERENCE_TCP = "127.0.0.1:8001"
 MIB = 1 << 20
 MAX_UNIX_PATH_BYTES = 107  # sun_path is 108 bytes with the terminating NUL
+TELEMETRY_DB_NAME = "telemetry.db"
+MIN_TELEMETRY_BYTES = 64 * 1024  # the buffer's smallest budget (telemetry/buffer.py)
+MIN_INTERVAL_S = 0.5  # telemetry.interval_s: one SQLite transaction per interval at most this often
+MIN_SAMPLE_EVERY_S = 0.1
+BROKER_PORTS: dict[str, int] = {"mqtt": 1883, "mqtts": 8883}
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 _GROUP_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+_DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_BROKER_RE = re.compile(
+    r"^(?P<scheme>[A-Za-z]+)://(?P<host>\[[^\]/]*\]|[^:/\[\]@?#]*)(:(?P<port>[^/]*))?$"
+)
+_ID_PROBLEM = "must be 1-64 of letters, digits, '.', '_', '-'"
+_TOPIC_LEVEL_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _REMOTE_HINT = "; set server.allow_non_loopback: true to listen beyond this machine"
 
 
@@ -157,6 +170,99 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    enabled: bool = True
+    """Record rollups, samples and events into the buffer; false: none of it, and no upload."""
+    db: Path | None = None
+    """The SQLite buffer file; null = <state_dir>/telemetry.db."""
+    interval_s: float = 10.0
+    """Seconds between rollups (and upload of live data); 0.5..3600."""
+    max_bytes: int = 64 * MIB
+    """Byte budget of the buffer; near it samples thin out, then the oldest lowest-class rows go."""
+    batch_bytes: int = 65536
+    """Largest upload message, in bytes of records (JSON); 1024..16777216."""
+    upload_bytes_per_s: int = 65536
+    """Upload rate cap in bytes per second, so a backlog never saturates the link."""
+    sample_every_s: float = 1.0
+    """Seconds between system samples (CPU, memory, disk, GPU); 0.1..3600."""
+
+    def __post_init__(self) -> None:
+        if not MIN_INTERVAL_S <= self.interval_s <= 3600:
+            raise _bad("interval_s", f"must be {MIN_INTERVAL_S}..3600 seconds", self.interval_s)
+        if not MIN_SAMPLE_EVERY_S <= self.sample_every_s <= 3600:
+            problem = f"must be {MIN_SAMPLE_EVERY_S}..3600 seconds"
+            raise _bad("sample_every_s", problem, self.sample_every_s)
+        if not MIN_TELEMETRY_BYTES <= self.max_bytes <= 1 << 40:
+            problem = f"must be {MIN_TELEMETRY_BYTES} (64 KiB)..1 TiB"
+            raise _bad("max_bytes", problem, self.max_bytes)
+        if not 1024 <= self.batch_bytes <= 16 * MIB:
+            raise _bad("batch_bytes", "must be 1024..16777216", self.batch_bytes)
+        if not 1024 <= self.upload_bytes_per_s <= 1 << 30:
+            raise _bad("upload_bytes_per_s", "must be 1024..1073741824", self.upload_bytes_per_s)
+
+
+@dataclass(frozen=True)
+class FleetTlsConfig:
+    ca_file: Path | None = None
+    """CA certificates (PEM) the broker's certificate must chain to; null = the system CAs."""
+    cert_file: Path | None = None
+    """Client certificate (PEM) for brokers that require one; may hold the key itself."""
+    key_file: Path | None = None
+    """Private key of cert_file (PEM); must not be readable by others."""
+
+    def __post_init__(self) -> None:
+        if self.key_file is not None and self.cert_file is None:
+            raise ConfigError("key_file", "set only together with cert_file")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    broker: str | None = None
+    """mqtt://host[:1883] or mqtts://host[:8883]; null = no broker, the device runs alone."""
+    device_id: str | None = None
+    """This device's id in topics and the client id; null = the hostname; [A-Za-z0-9._-]{1,64}."""
+    groups: tuple[str, ...] = ()
+    """Group names this device follows, same alphabet as device_id."""
+    topic_prefix: str = "edgeserve/v1"
+    """Prefix P of every topic (P/devices/<id>/...); levels of [A-Za-z0-9._-] joined by /."""
+    tls: FleetTlsConfig = field(default_factory=FleetTlsConfig)
+    """TLS files for an mqtts:// broker; there is no plaintext fallback."""
+    username: str | None = None
+    """MQTT user name; null = connect without one."""
+    password_file: Path | None = None
+    """File holding the MQTT password; needs username, and mqtts:// unless on loopback."""
+
+    def __post_init__(self) -> None:
+        if self.device_id is not None and not _DEVICE_ID_RE.match(self.device_id):
+            raise _bad("device_id", _ID_PROBLEM, self.device_id)
+        for i, group in enumerate(self.groups):
+            if not _DEVICE_ID_RE.match(group):
+                raise _bad(f"groups[{i}]", _ID_PROBLEM, group)
+            if self.groups.index(group) != i:
+                raise _bad(f"groups[{i}]", "duplicate group", group)
+        levels = self.topic_prefix.split("/")
+        if len(self.topic_prefix) > 128 or not all(_TOPIC_LEVEL_RE.match(x) for x in levels):
+            problem = "must be levels of letters, digits, '.', '_', '-' joined by '/' (<= 128)"
+            raise _bad("topic_prefix", problem, self.topic_prefix)
+        if self.password_file is not None and self.username is None:
+            raise ConfigError("password_file", "set username too")
+        if self.broker is None:
+            return
+        scheme, host, _ = parse_broker_url(self.broker, "broker")
+        tls_set = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self.tls, k)]
+        if scheme == "mqtt" and tls_set:
+            problem = f"is set but broker is {self.broker!r}: use mqtts:// (TLS is never optional)"
+            raise ConfigError(f"tls.{tls_set[0]}", problem)
+        if scheme == "mqtt" and self.password_file is not None and not is_loopback_host(host):
+            problem = f"would go in clear text to {host!r}: use mqtts://"
+            raise ConfigError("password_file", problem)
+
+    def topic(self, device_id: str, leaf: str) -> str:
+        """``<prefix>/devices/<id>/<leaf>``."""
+        return f"{self.topic_prefix}/devices/{device_id}/{leaf}"
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = DEFAULT_STATE_DIR
     """Model store, persisted live set, telemetry buffer; must be an absolute path."""
@@ -178,6 +284,10 @@ class Config:
     """Prometheus endpoint."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Log level and format."""
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    """The telemetry buffer and its upload."""
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    """The fleet broker connection (telemetry upload, presence)."""
 
     def __post_init__(self) -> None:
         for key in ("state_dir", "run_dir"):
@@ -207,6 +317,42 @@ class Config:
                         f"models[{defaults[model.name]}] is already the default of '{model.name}'",
                     )
                 defaults[model.name] = i
+
+    def telemetry_db(self) -> Path:
+        """The telemetry buffer file: ``telemetry.db`` or ``<state_dir>/telemetry.db``."""
+        return self.telemetry.db or self.state_dir / TELEMETRY_DB_NAME
+
+
+def default_device_id() -> str | None:
+    """The hostname when it is a valid device id (``fleet.device_id``'s default), else None."""
+    name = socket.gethostname()
+    return name if _DEVICE_ID_RE.match(name) else None
+
+
+def parse_broker_url(url: str, key: str = "broker") -> tuple[BrokerScheme, str, int]:
+    """``mqtt://host[:port]`` / ``mqtts://host[:port]`` (``[v6]`` too) -> (scheme, host,
+    port); no user info, path or query. Errors name ``key``."""
+    if "@" in url:
+        raise ConfigError(key, "no credentials in the URL: use username and password_file")
+    match = _BROKER_RE.match(url)
+    if match is None:
+        raise _bad(key, "must be mqtt://host[:port] or mqtts://host[:port]", url)
+    scheme, host, port = match["scheme"].lower(), match["host"], match["port"]
+    if scheme not in BROKER_PORTS:
+        raise _bad(key, "scheme must be mqtt:// or mqtts://", url)
+    if host.startswith("["):
+        host = host[1:-1]
+        if not _is_ip(host, 6):
+            raise _bad(key, "not an IPv6 address", host)
+    elif not _HOST_RE.match(host):
+        raise _bad(key, "needs a host name or address", url)
+    if port is None:
+        number = BROKER_PORTS[scheme]
+    elif port.isdigit() and 1 <= int(port) <= 65535:
+        number = int(port)
+    else:
+        raise _bad(key, "port must be 1..65535", port)
+    return ("mqtts" if scheme == "mqtts" else "mqtt", host, number)
 
 
 def parse_listen_address(addr: str, key: str = "address") -> UnixAddress | TcpAddress:

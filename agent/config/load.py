@@ -28,6 +28,7 @@ import difflib
 import functools
 import os
 import re
+import socket
 import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,6 +41,7 @@ from edgeserve.config import (
     DEFAULT_RUN_DIR,
     DEFAULT_STATE_DIR,
     Config,
+    default_device_id,
     problem_of,
 )
 from edgeserve.errors import ConfigError
@@ -55,11 +57,27 @@ ENV_VARS: dict[str, str] = {
     "EDGESERVE_METRICS_LISTEN": "metrics.prometheus_listen",
     "EDGESERVE_LOG_LEVEL": "logging.level",
     "EDGESERVE_LOG_FORMAT": "logging.format",
+    "EDGESERVE_FLEET_BROKER": "fleet.broker",
+    "EDGESERVE_FLEET_DEVICE_ID": "fleet.device_id",
+    "EDGESERVE_FLEET_GROUPS": "fleet.groups",
 }
-_LIST_ENV = {"EDGESERVE_LISTEN", "EDGESERVE_MANAGEMENT"}
+_LIST_ENV = {"EDGESERVE_LISTEN", "EDGESERVE_MANAGEMENT", "EDGESERVE_FLEET_GROUPS"}
 _INT_ENV = {"EDGESERVE_MEMORY_BUDGET_MB"}
 _NO_OVERRIDES: Mapping[str, Any] = types.MappingProxyType({})
-_PATH_KEYS = ("state_dir", "run_dir", "management.token_file", "trust.keys[]", "models[].archive")
+_PATH_KEYS = (
+    "state_dir",
+    "run_dir",
+    "management.token_file",
+    "trust.keys[]",
+    "models[].archive",
+    "telemetry.db",
+    "fleet.tls.ca_file",
+    "fleet.tls.cert_file",
+    "fleet.tls.key_file",
+    "fleet.password_file",
+)
+# Secrets: refused when others may read them.
+_PRIVATE_FILES = ("management.token_file", "fleet.tls.key_file", "fleet.password_file")
 
 
 def load_config(
@@ -93,15 +111,27 @@ def load_config(
 
 
 def _check_files(config: Config) -> None:
-    token = config.management.token_file
-    files = [("management.token_file", token)]
+    fleet = config.fleet
+    files: list[tuple[str, Path | None]] = [("management.token_file", config.management.token_file)]
     files += [(f"trust.keys[{i}]", key) for i, key in enumerate(config.trust.keys)]
     files += [(f"models[{i}].archive", m.archive) for i, m in enumerate(config.models)]
+    if fleet.broker is not None:  # without a broker the fleet files are not used
+        files += [(f"fleet.tls.{k}", getattr(fleet.tls, k)) for k in ("ca_file", "cert_file")]
+        files += [("fleet.tls.key_file", fleet.tls.key_file)]
+        files += [("fleet.password_file", fleet.password_file)]
     for key, path in files:
-        if path is not None and not path.is_file():
+        if path is None:
+            continue
+        if not path.is_file():
             raise ConfigError(key, f"file not found: {path}")
-    if token is not None and token.stat().st_mode & 0o007:
-        raise ConfigError("management.token_file", f"{token} is open to others; chmod o-rwx it")
+        if key in _PRIVATE_FILES and path.stat().st_mode & 0o007:
+            raise ConfigError(key, f"{path} is open to others; chmod o-rwx it")
+    if fleet.broker is not None and fleet.device_id is None and default_device_id() is None:
+        problem = f"the hostname {socket.gethostname()!r} is not a valid device id; set one"
+        raise ConfigError("fleet.device_id", problem)
+    db = config.telemetry_db()
+    if config.telemetry.enabled and os.path.isdir(db):  # never raises (not even EACCES)
+        raise ConfigError("telemetry.db", f"{db} is a directory; name a file")
 
 
 def _read_yaml(path: Path, sources: dict[str, str]) -> dict[str, Any]:
