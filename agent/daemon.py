@@ -1,42 +1,67 @@
 """The composition root: builds the object graph from ``Config`` and owns start and stop.
 
-Start order: directories -> store -> registry -> lifecycle -> restore what was live ->
-configured archives -> gRPC server -> READY=1. Stop order (SIGTERM/SIGINT): STOPPING=1 ->
-the server stops accepting and drains in-flight RPCs within ``server.grace_period_s`` ->
-lifecycle drains and unloads every batcher -> exit 0. Signal handlers only set flags; the
-tick loop acts on them (and on SIGHUP's reload flag) and pets the systemd watchdog.
+Start order: directories -> telemetry buffer (opened off the loop; a ``restart`` event)
+-> fleet link (connects in the background) and the uploader -> store -> registry ->
+lifecycle -> restore what was live -> configured archives -> gRPC server -> READY=1. Stop
+order (SIGTERM/SIGINT): STOPPING=1 -> the server stops accepting and drains in-flight RPCs
+within ``server.grace_period_s`` -> lifecycle drains and unloads every batcher -> the
+telemetry schedule and the uploader stop -> ``offline`` is published and the link closes
+-> a final collect goes into the buffer, which closes -> exit 0. Signal handlers only set
+flags; the tick loop acts on them (and on SIGHUP's reload flag) and pets the systemd
+watchdog.
+
+Telemetry and the fleet link never stand in the way of serving: the buffer is opened and
+written in worker threads, a buffer that cannot be opened leaves telemetry off for this
+run, a broker that is down only leaves the rows in the buffer, and a link that cannot be
+built (bad TLS files) is logged and left out. Without ``fleet.broker`` the buffer still
+fills, within its byte budget, and ``edgeserve status`` shows the backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from edgeserve import __version__
 from edgeserve.api.management import ManagementServer
 from edgeserve.api.server import InferenceServer
 from edgeserve.archive.signing import TrustStore
-from edgeserve.config import Config, ModelConfig, parse_listen_address
+from edgeserve.config import (
+    Config,
+    ModelConfig,
+    default_device_id,
+    parse_broker_url,
+    parse_listen_address,
+)
 from edgeserve.errors import ConfigError, EdgeserveError, NotFound
+from edgeserve.fleet.link import FleetLink, LinkTls, Will
 from edgeserve.lifecycle import Lifecycle
 from edgeserve.logs import PayloadGuard
 from edgeserve.sdnotify import Notifier
 from edgeserve.serving.registry import ModelRegistry, version_sort_key
 from edgeserve.serving.runtime import RuntimeOptions
 from edgeserve.store.model_store import ModelStore
+from edgeserve.telemetry.events import EventLog
+from edgeserve.telemetry.pipeline import TelemetryPipeline
 from edgeserve.telemetry.prometheus import MetricsServer, start_metrics_server
 from edgeserve.telemetry.recorders import Recorders
+from edgeserve.telemetry.rollup import Rollup
 from edgeserve.telemetry.sampler import SystemSampler
-from edgeserve.telemetry.status import LiveStatus, RecentErrors
+from edgeserve.telemetry.status import LiveStatus, RecentErrors, fleet_section, telemetry_section
+from edgeserve.telemetry.uploader import Uploader
 
 log = logging.getLogger("edgeserve.daemon")
 
 TICK_SECONDS = 1.0
+OFFLINE_PUBLISH_S = 2.0  # at shutdown, how long `offline` may take to be acknowledged
 
 
 @dataclass
@@ -87,6 +112,25 @@ class Daemon:
             server_version=__version__,
             is_ready=self.is_ready,
         )
+        # -- telemetry and the fleet link (built here, started in _start_telemetry) ---------
+        self.boot_id = uuid.uuid4().hex
+        self.device_id = config.fleet.device_id or default_device_id()
+        self.events = EventLog()
+        self.telemetry: TelemetryPipeline | None = None
+        if config.telemetry.enabled:
+            rollup = Rollup(self.recorders, SystemSampler(state_dir), self.events, time.time)
+            self.telemetry = TelemetryPipeline(
+                db=config.telemetry_db(),
+                max_bytes=config.telemetry.max_bytes,
+                rollup=rollup,
+                interval_s=config.telemetry.interval_s,
+                sample_every_s=config.telemetry.sample_every_s,
+            )
+        self.link: FleetLink | None = None
+        self.uploader: Uploader | None = None
+        self._link_since: float | None = None
+        self._link_error: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         # -- management API and status (api/management.py, status.py) ---------------------
         self.recent_errors = RecentErrors()
         self.recent_errors.addFilter(PayloadGuard())
@@ -99,6 +143,8 @@ class Daemon:
             recorders=self.recorders,
             sampler=SystemSampler(state_dir),
             errors=self.recent_errors,
+            telemetry=self._telemetry_facts,
+            fleet=self._fleet_facts,
         )
         self.management = ManagementServer(
             lifecycle=self.lifecycle,
@@ -136,6 +182,7 @@ class Daemon:
         for path in (Path(self.config.state_dir), Path(self.config.run_dir)):
             path.mkdir(parents=True, exist_ok=True, mode=0o750)
         logging.getLogger("edgeserve").addHandler(self.recent_errors)  # management/status
+        await self._start_telemetry()
         await asyncio.to_thread(self.store.collect_garbage)
         # Management first, so a technician sees "starting" rather than "down" while
         # models load; changes it asks for queue behind the restore on lifecycle's lock.
@@ -157,6 +204,113 @@ class Daemon:
             log.info("serving inference on %s", address)
         self.notifier.ready()
         self.notifier.status(self._status_line(problems))
+
+    async def _start_telemetry(self) -> None:
+        """Buffer and schedule, then the link and the uploader; none of it can stop serving."""
+        pipeline = self.telemetry
+        if pipeline is not None and await pipeline.open() is not None:
+            self.events.record(
+                "restart", boot_id=self.boot_id, version=__version__, pid=os.getpid()
+            )
+            self._spawn(pipeline.run(), "telemetry schedule")
+        fleet = self.config.fleet
+        if fleet.broker is None:
+            return
+        self.link = await self._make_link()
+        if self.link is None:
+            return
+        if pipeline is not None and pipeline.buffer is not None and self.device_id:
+            self.uploader = Uploader(
+                pipeline.buffer,
+                self.link,
+                topic=fleet.topic(self.device_id, "telemetry"),
+                device_id=self.device_id,
+                boot_id=self.boot_id,
+                batch_bytes=self.config.telemetry.batch_bytes,
+                bytes_per_s=self.config.telemetry.upload_bytes_per_s,
+            )
+            pipeline.on_interval = self.uploader.live_from
+            self._spawn(self.uploader.run(), "telemetry upload")
+        self._link_since = time.time()  # not connected since now
+        await self.link.start()
+        log.info("fleet: connecting to %s as %s", fleet.broker, self.device_id)
+
+    async def _make_link(self) -> FleetLink | None:
+        """The link as ``fleet`` says, or None (logged) when it cannot be built."""
+        fleet = self.config.fleet
+        try:
+            if not self.device_id:
+                raise ConfigError("fleet.device_id", "the hostname is not a valid id; set one")
+            scheme, host, port = parse_broker_url(fleet.broker or "", "fleet.broker")
+            password = None
+            if fleet.password_file is not None:
+                text = await asyncio.to_thread(fleet.password_file.read_text, encoding="utf-8")
+                password = text.strip()
+            files = fleet.tls
+            tls = None
+            if scheme == "mqtts":
+                paths = (files.ca_file, files.cert_file, files.key_file)
+                tls = LinkTls(*(str(p) if p is not None else None for p in paths))
+            return FleetLink(
+                host=host,
+                port=port,
+                client_id=self.device_id,
+                tls=tls,
+                username=fleet.username,
+                password=password,
+                will=Will(fleet.topic(self.device_id, "online"), b"offline"),
+                on_connection_change=self._on_link_change,
+            )
+        except (EdgeserveError, OSError) as exc:
+            self._link_error = str(exc)
+            log.error("fleet: no link to %s: %s", fleet.broker, exc)
+            return None
+
+    def _on_link_change(self, connected: bool, reason: str) -> None:
+        self._link_since = time.time()
+        self.events.record("link", connected=connected, reason=reason)
+        if self.uploader is not None:
+            self.uploader.wake()
+        if connected:
+            self._spawn(self._announce(b"online"), "presence")
+
+    async def _announce(self, presence: bytes) -> None:
+        """``online`` / ``offline``, retained, on ``P/devices/<id>/online``."""
+        if self.link is None or not self.device_id:
+            return
+        topic = self.config.fleet.topic(self.device_id, "online")
+        try:
+            await self.link.publish(topic, presence, qos=1, retain=True)
+        except EdgeserveError as exc:
+            log.info("fleet: presence %s not published: %s", presence.decode(), exc)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=f"edgeserve {what}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("%s ended: %s: %s", task.get_name(), type(exc).__name__, exc)
+
+    def _telemetry_facts(self) -> dict[str, Any]:
+        stats = self.telemetry.stats() if self.telemetry is not None else None
+        enabled, db = self.config.telemetry.enabled, self.config.telemetry_db()
+        return telemetry_section(stats, enabled=enabled, db=db, now=time.time())
+
+    def _fleet_facts(self) -> dict[str, Any]:
+        link = self.link
+        connected = link is not None and link.connected
+        error = self._link_error if link is None else None if connected else link.last_failure
+        return fleet_section(
+            device_id=self.device_id,
+            broker=self.config.fleet.broker,
+            connected=connected,
+            since=self._link_since,
+            last_error=error if self.config.fleet.broker else None,
+        )
 
     def _start_metrics(self) -> None:
         listen = self.config.metrics.prometheus_listen
@@ -258,10 +412,26 @@ class Daemon:
         log.info("stopping: draining in-flight requests (up to %.0fs)", grace)
         await self.server.stop(grace)
         await self.lifecycle.close()
+        await self._stop_telemetry()
         if self.metrics is not None:
             self.metrics.close()
         log.info("stopped")
         logging.getLogger("edgeserve").removeHandler(self.recent_errors)  # management/status
+
+    async def _stop_telemetry(self) -> None:
+        """Schedule and uploader, then ``offline`` and the link, then the final collect."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.link is not None:
+            if self.link.connected:  # a clean stop sends no Will: say it ourselves
+                try:
+                    await asyncio.wait_for(self._announce(b"offline"), OFFLINE_PUBLISH_S)
+                except TimeoutError:
+                    log.info("fleet: offline not acknowledged within %.0f s", OFFLINE_PUBLISH_S)
+            await self.link.close()
+        if self.telemetry is not None:
+            await self.telemetry.close()
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         loop = asyncio.get_running_loop()

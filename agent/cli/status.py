@@ -1,7 +1,7 @@
 """``edgeserve status``: the technician's one screen, also when the daemon is down.
 
 Exit 0 healthy, 1 degraded, 3 daemon unreachable (and it still prints what the state
-files say was live).
+files say was live, and the telemetry buffer's backlog read from its file).
 """
 
 from __future__ import annotations
@@ -39,9 +39,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def offline_status(args: argparse.Namespace, address: str, reason: str) -> dict[str, Any]:
-    """The document for a daemon that is down: the persisted live set, the machine."""
+    """The document for a daemon that is down: the persisted live set, the machine, the
+    telemetry buffer (opened read-only), the fleet link (not connected)."""
+    import time
+
+    from edgeserve.config import default_device_id
     from edgeserve.store.model_store import ModelStore
     from edgeserve.telemetry import status
+    from edgeserve.telemetry.buffer import read_stats
     from edgeserve.telemetry.sampler import sample
 
     config = daemon_config(args)
@@ -55,9 +60,20 @@ def offline_status(args: argparse.Namespace, address: str, reason: str) -> dict[
         notes.append(str(exc))
     system = sample(state_dir)
     system["process"] = None  # this CLI process, not the daemon: nothing to report
+    db = config.telemetry_db()
+    now = time.time()
+    telemetry = status.telemetry_section(
+        read_stats(db), enabled=config.telemetry.enabled, db=db, now=now
+    )
+    fleet = status.fleet_section(
+        device_id=config.fleet.device_id or default_device_id(), broker=config.fleet.broker
+    )
     return status.build_status(
         daemon=status.DaemonFacts(up=False, address=address),
         models=status.offline_models(entries),
         system=system,
         notes=notes,
+        telemetry=telemetry,
+        fleet=fleet,
+        now=now,
     )

@@ -9,6 +9,14 @@ Its inputs come from one of two places:
 * the state files, when the daemon is down: ``offline_models`` turns the persisted live
   set into the same model entries, and the daemon is reported down.
 
+Two top-level objects describe the telemetry buffer and the fleet link, from either
+source: ``telemetry`` (``telemetry_section``: backlog rows and bytes, the oldest unsent
+row's age, drops by class, the last upload, write failures; the daemon passes the stats
+of its last tick, the offline path opens the file read-only with ``buffer.read_stats``)
+and ``fleet`` (``fleet_section``: device id, broker, connected and since when, the last
+link error; never connected when the daemon is down). Neither makes the daemon degraded:
+offline is the normal state of a device.
+
 Figures that a source cannot give (recorders not wired, no GPU, daemon down) are None,
 never guessed. ``render_table`` and ``render_json`` print the document;
 ``exit_code`` turns its verdict into 0 healthy, 1 degraded, 3 daemon unreachable.
@@ -27,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from edgeserve.telemetry.buffer import CLASSES, BufferStats
 from edgeserve.types import BatchingSettings
 
 if TYPE_CHECKING:  # status must stay importable without torch (the CLI's offline path)
@@ -104,10 +113,13 @@ def build_status(
     system: Mapping[str, Any] | None = None,
     recent_errors: Sequence[Mapping[str, Any]] = (),
     notes: Sequence[str] = (),
+    telemetry: Mapping[str, Any] | None = None,
+    fleet: Mapping[str, Any] | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
     """The status document. ``recorders`` is ``Recorders.snapshot()``, ``system`` a sampler
-    sample; ``notes`` are problems the source already knows (restore failures...)."""
+    sample; ``notes`` are problems the source already knows (restore failures...);
+    ``telemetry`` and ``fleet`` come from ``telemetry_section`` and ``fleet_section``."""
     now = time.time() if now is None else now
     figures = {(m.get("model"), m.get("version")): m for m in (recorders or {}).get("models", [])}
     entries = [_model_entry(m, figures.get((m.name, m.version))) for m in models]
@@ -132,7 +144,55 @@ def build_status(
         "models": entries,
         "system": dict(system) if system is not None else None,
         "recent_errors": recent,
+        "telemetry": dict(telemetry) if telemetry is not None else None,
+        "fleet": dict(fleet) if fleet is not None else None,
     }
+
+
+def telemetry_section(
+    stats: BufferStats | None, *, enabled: bool, db: str | os.PathLike[str], now: float
+) -> dict[str, Any]:
+    """The ``telemetry`` object; figures are None when the buffer could not be read."""
+    oldest = stats.oldest_unsent_time if stats is not None else None
+    return {
+        "enabled": enabled,
+        "db": os.fspath(db),
+        "backlog_rows": stats.backlog_rows if stats is not None else None,
+        "backlog_bytes": stats.backlog_bytes if stats is not None else None,
+        "oldest_unsent_time": oldest,
+        "oldest_unsent_age_s": _age(oldest, now),
+        "dropped": dict(stats.dropped) if stats is not None else dict.fromkeys(CLASSES, None),
+        "last_upload": stats.last_upload if stats is not None else None,
+        "write_failures": stats.write_failures if stats is not None else None,
+    }
+
+
+def fleet_section(
+    *,
+    device_id: str | None,
+    broker: str | None,
+    connected: bool = False,
+    since: float | None = None,
+    last_error: str | None = None,
+) -> dict[str, Any]:
+    """The ``fleet`` object; ``since`` is when ``connected`` last changed (epoch s)."""
+    return {
+        "device_id": device_id,
+        "broker": broker,
+        "connected": connected,
+        "since": since,
+        "last_error": last_error,
+    }
+
+
+def _age(iso: str | None, now: float) -> float | None:
+    if iso is None:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    return round(max(0.0, now - moment.timestamp()), 3)
 
 
 def _problems(
@@ -223,6 +283,8 @@ class LiveStatus:
         sampler: _Sampler | None = None,
         errors: RecentErrors | None = None,
         notes: Callable[[], Sequence[str]] | None = None,
+        telemetry: Callable[[], Mapping[str, Any]] | None = None,
+        fleet: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self._registry = registry
         self._lifecycle = lifecycle
@@ -233,6 +295,8 @@ class LiveStatus:
         self._sampler = sampler
         self._errors = errors
         self._notes = notes
+        self._telemetry = telemetry
+        self._fleet = fleet
 
     def models(self) -> list[ModelFacts]:
         """The live versions (settings as resolved at load), then those that failed to
@@ -268,6 +332,8 @@ class LiveStatus:
             system=self._sampler.sample() if self._sampler is not None else None,
             recent_errors=self._errors.entries() if self._errors is not None else (),
             notes=list(self._notes()) if self._notes is not None else (),
+            telemetry=self._telemetry() if self._telemetry is not None else None,
+            fleet=self._fleet() if self._fleet is not None else None,
         )
 
 
@@ -316,6 +382,7 @@ def render_table(document: Mapping[str, Any]) -> str:
     lines = [_headline(document)]
     lines += _model_table(document.get("models") or [])
     lines += _system_lines(document.get("system"))
+    lines += _telemetry_lines(document.get("telemetry"), document.get("fleet"))
     problems = document.get("problems") or []
     if problems:
         lines.append("problems:")
@@ -390,6 +457,48 @@ def _system_lines(system: Mapping[str, Any] | None) -> list[str]:
     for gpu in system.get("gpus") or []:
         parts.append(f"gpu{gpu['index']} {_mib(gpu.get('memory_allocated_bytes'))} allocated")
     return ["system: " + ", ".join(parts)]
+
+
+def _telemetry_lines(
+    telemetry: Mapping[str, Any] | None, fleet: Mapping[str, Any] | None
+) -> list[str]:
+    lines = []
+    if telemetry is not None and not telemetry.get("enabled"):
+        lines.append("telemetry: off (telemetry.enabled: false)")
+    elif telemetry is not None and telemetry.get("backlog_rows") is None:
+        lines.append(f"telemetry: no readable buffer at {telemetry.get('db')}")
+    elif telemetry is not None:
+        dropped = {c: n for c, n in (telemetry.get("dropped") or {}).items() if n}
+        drops = ", ".join(f"{c} {n}" for c, n in dropped.items()) or "none"
+        age = telemetry.get("oldest_unsent_age_s")
+        oldest = f"oldest unsent {_duration(age)} ago" if age is not None else "nothing unsent"
+        lines.append(
+            f"telemetry: backlog {telemetry['backlog_rows']} rows"
+            f" ({_kib(telemetry.get('backlog_bytes'))}), {oldest};"
+            f" last upload {telemetry.get('last_upload') or 'never'}; dropped: {drops};"
+            f" write failures {telemetry.get('write_failures')}"
+        )
+    if fleet is not None:
+        lines.append(_link_line(fleet))
+    return lines
+
+
+def _link_line(fleet: Mapping[str, Any]) -> str:
+    device = fleet.get("device_id") or "-"
+    if not fleet.get("broker"):
+        return f"mqtt: no broker configured (device {device})"
+    since = fleet.get("since")
+    when = f" since {_clock(since)}" if since is not None else ""
+    if fleet.get("connected"):
+        return f"mqtt: connected to {fleet['broker']} as {device}{when}"
+    error = f" ({fleet['last_error']})" if fleet.get("last_error") else ""
+    return f"mqtt: NOT connected to {fleet['broker']} as {device}{when}{error}"
+
+
+def _kib(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n} B" if n < 1024 else _mib(n) if n >= 10 * 2**20 else f"{n / 1024:.0f} KiB"
 
 
 def _cell(value: Any, fmt: str = "{}") -> str:
