@@ -4,7 +4,10 @@ Rows come in three classes, ``event`` > ``rollup`` > ``sample``. Nothing expires
 only the byte budget ``max_bytes`` (``PRAGMA max_page_count`` on every connection, plus
 the check below) forces rows out. When the pages in use pass 85 % of the budget, samples
 not thinned before lose every other row, then the oldest rows of the lowest class present
-go until use is back under 70 %. Events are never dropped. Each drop is written as an
+go until use is 15 % (at most 1 MiB) under that mark; one write drops at most
+``MAX_DROPS_PER_WRITE`` rows. The measure is pages in use, so thinning frees space only
+where samples fill whole pages; mixed with rollups, the oldest samples then go. Events are
+never dropped. Each drop is written as an
 ``event`` of kind ``drop`` with the body ``{class, count, first_id, last_id, first_time,
 last_time}``; it is merged into the previous drop event of its class while that one is
 unsent and not handed out by ``pending()``, never after.
@@ -37,8 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
+from sqlite_utils import Database, Migrations
 
 LOG = logging.getLogger("edgeserve.telemetry")
 
@@ -48,6 +50,8 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 MIN_MAX_BYTES = 64 * 1024
 WAL_LIMIT_BYTES = 4 * 1024 * 1024  # journal_size_limit: the file stays within budget + this
 HIGH_WATER, LOW_WATER = 0.85, 0.70  # fractions of max_bytes: start dropping, stop dropping
+MAX_DROPS_PER_WRITE = 2048  # rows one write may drop: bounds its time and its WAL
+_MAX_STEP_BYTES = 1024 * 1024  # below the high-water mark a drop aims for, at most
 HWM_BLOCK = 4096  # ids reserved in <db>.hwm at a time: one fsync per this many ids
 _ROW_OVERHEAD = 64  # bytes a row costs beyond its body: time, kind, record header, index
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
@@ -476,28 +480,33 @@ class TelemetryBuffer:
         return int(db.execute(query).fetchone()[0]) * self._page_size
 
     def _enforce(self, db: Database, incoming: int) -> list[_Drop]:
-        """Drop rows until ``incoming`` more bytes fit under the high-water mark."""
+        """Drop rows until ``incoming`` more bytes fit under the high-water mark, deleting at
+        most ``MAX_DROPS_PER_WRITE`` rows: each write's WAL stays bounded, and the next
+        write goes on where this one stopped."""
         drops: list[_Drop] = []
-        if self._used_bytes(db) + incoming <= self._max_bytes * HIGH_WATER:
+        high = self._max_bytes * HIGH_WATER
+        if self._used_bytes(db) + incoming <= high:
             return drops
-        goal = self._max_bytes * LOW_WATER - incoming
+        goal = high - incoming - min(self._max_bytes * (HIGH_WATER - LOW_WATER), _MAX_STEP_BYTES)
+        allowance = MAX_DROPS_PER_WRITE
         thinned = False
-        while (excess := self._used_bytes(db) - goal) > 0:
+        while allowance > 0 and (excess := self._used_bytes(db) - goal) > 0:
             drop = None
             if not thinned:
                 thinned = True
-                drop = self._thin_samples(db)
-            drop = drop or self._drop_oldest(db, int(excess))
+                drop = self._thin_samples(db, allowance)
+            drop = drop or self._drop_oldest(db, int(excess), allowance)
             if drop is None:
                 break  # only events left: the insert may now fail soft at max_page_count
             drops.append(drop)
+            allowance -= drop.count
         return drops
 
-    def _thin_samples(self, db: Database) -> _Drop | None:
-        """Delete every other sample not thinned before."""
+    def _thin_samples(self, db: Database, limit: int) -> _Drop | None:
+        """Delete every other sample not thinned before (at most ``limit``, oldest first)."""
         through = int(_meta_get(db, "thinned_through") or 0)
-        query = "SELECT id, time FROM records WHERE class = 'sample' AND id > ? ORDER BY id"
-        samples = db.execute(query, [through]).fetchall()
+        query = "SELECT id, time FROM records WHERE class = 'sample' AND id > ? ORDER BY id LIMIT ?"
+        samples = db.execute(query, [through, 2 * limit]).fetchall()
         victims = samples[1::2]
         if not victims:
             return None
@@ -505,13 +514,14 @@ class TelemetryBuffer:
         _meta_set(db, "thinned_through", str(samples[-1][0]))
         return _Drop.of("sample", victims)
 
-    def _drop_oldest(self, db: Database, excess: int) -> _Drop | None:
-        """Delete the oldest rows of the lowest class present, about ``excess`` bytes."""
+    def _drop_oldest(self, db: Database, excess: int, limit: int) -> _Drop | None:
+        """Delete the oldest rows of the lowest class present: about ``excess`` bytes, at
+        most ``limit`` rows."""
         for cls in ("sample", "rollup"):
-            query = "SELECT id, time, bytes FROM records WHERE class = ? ORDER BY id"
+            query = "SELECT id, time, bytes FROM records WHERE class = ? ORDER BY id LIMIT ?"
             victims: list[tuple[int, str]] = []
             freed = 0
-            cursor = db.execute(query, [cls])
+            cursor = db.execute(query, [cls, limit])
             for row_id, stamp, size in cursor:
                 victims.append((row_id, stamp))
                 freed += size + _ROW_OVERHEAD
