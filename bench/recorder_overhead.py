@@ -1,11 +1,16 @@
-"""Cost of the recorders on the hot path: observe_request + observe_batch vs an empty call.
+"""Cost of the recorders on the hot path: observe_request + observe_batch vs an empty call,
+and the drift sketch's observe_batch per batch.
 
-Run: python bench/recorder_overhead.py [--calls N] [--repeats R]
+Run: python bench/recorder_overhead.py [--calls N] [--repeats R] [--drift-calls N]
 
 Each repeat times N calls in a loop with perf_counter_ns and keeps the per-call mean;
 the report is the median over repeats, the empty-function baseline measured the same way
 (so loop overhead is in both), the difference (what recording really adds) and the ratio.
 A contended case runs the same from two threads on one recorder.
+
+The drift sketch is timed per batch on one torch thread (as an instance thread runs it):
+``drift.observe_batch({"x": (n, 64) fp32}, {"y": (n, 10) fp32})`` for n = 1 and 32, the
+median per batch and that divided by n (per request).
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import threading
 import time
 from collections.abc import Callable
 
+from edgeserve.telemetry.drift import DriftSketch
 from edgeserve.telemetry.recorders import ModelRecorder, Recorders
+
+DRIFT_BATCHES = (1, 32)
 
 
 def _empty(status: str, total_s: float, queue_s: float | None, compute_s: float | None) -> None:
@@ -67,10 +75,30 @@ def _two_threads(body: Callable[[int], None], calls: int, repeats: int) -> float
     return _per_call_ns(run, calls, repeats) / 2  # 2*n calls done per repeat
 
 
+def _drift_per_batch_us(batch: int, calls: int, repeats: int) -> float:
+    import torch
+
+    torch.set_num_threads(1)
+    sketch = DriftSketch()
+    inputs = {"x": torch.randn(batch, 64)}
+    outputs = {"y": torch.randn(batch, 10)}
+    observe = sketch.observe_batch
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            observe(inputs, outputs)
+
+    run(200)  # warm
+    per_call_ns = _per_call_ns(run, calls, repeats)
+    sketch.take()
+    return per_call_ns / 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--drift-calls", type=int, default=5_000)
     args = parser.parse_args()
     recorder = Recorders().for_model("bench", "1")
     recorder.set_queue_depth_source(lambda: 0)
@@ -89,6 +117,10 @@ def main() -> None:
         ("the OK pair from 2 threads at once, per pair", contended, "ns"),
         ("snapshot() of one model version", snapshot_ns / 1000, "us"),
     ]
+    for batch in DRIFT_BATCHES:
+        per_batch = _drift_per_batch_us(batch, args.drift_calls, args.repeats)
+        rows.append((f"drift observe_batch, batch {batch}: per batch", per_batch, "us"))
+        rows.append((f"drift observe_batch, batch {batch}: per request", per_batch / batch, "us"))
     print(f"calls per repeat: {args.calls}, repeats: {args.repeats} (median of repeats)")
     for label, value, unit in rows:
         print(f"{label:<50} {value:9.1f} {unit}")

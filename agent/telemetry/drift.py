@@ -50,6 +50,8 @@ import numpy.typing as npt
 from edgeserve.types import BytesTensor
 
 if TYPE_CHECKING:
+    import torch
+
     from edgeserve.types import TensorValue
 
 log = logging.getLogger("edgeserve.telemetry")
@@ -245,7 +247,7 @@ def _summarise(measured: Sequence[_Rows], sizes: Sequence[int] | None) -> list[_
         flat = np.concatenate(values)
         buckets = np.searchsorted(_EDGES, flat, side="left") + np.repeat(offsets, lengths)
         size = len(STATS) * _NBUCKETS
-        counts = np.bincount(buckets, minlength=len(measured) * size).astype(np.int64)
+        counts = np.bincount(buckets, minlength=len(measured) * size).astype(np.int64, copy=False)
         for index, summary in enumerate(summaries):
             summary.hist = counts[index * size : (index + 1) * size]
     return summaries
@@ -257,7 +259,7 @@ def _summary_of(rows: _Rows, sizes: Sequence[int] | None) -> tuple[_Summary, Flo
     if rows.width == 0 or rows.rows == 0:
         return summary, None
     stats = rows.stats
-    counts = np.full(rows.rows, float(rows.width))
+    counts: Float64Array | float = float(rows.width)
     if sizes and max(sizes) > 1 and min(sizes) > 0 and sum(sizes) == rows.rows:
         starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
         stats = np.stack(
@@ -269,15 +271,19 @@ def _summary_of(rows: _Rows, sizes: Sequence[int] | None) -> tuple[_Summary, Flo
             )
         )
         counts = np.asarray(sizes, dtype=np.float64) * rows.width
-    per = np.stack((stats[0] / counts, stats[1], stats[2]))
-    finite = np.isfinite(per).all(axis=0) & np.isfinite(stats[3])
-    if not finite.all():
+    if not np.isfinite(stats).all():  # rare: leave such rows (requests) out
+        finite = np.isfinite(stats).all(axis=0)
         summary.nonfinite = int((~finite).sum())
-        per, stats, counts = per[:, finite], stats[:, finite], counts[finite]
-    summary.count = int(per.shape[1])
-    summary.elements = int(counts.sum())
-    summary.sum = float(stats[0].sum())
-    summary.sum_sq = float(stats[3].sum())
+        stats = stats[:, finite]
+        counts = counts[finite] if isinstance(counts, np.ndarray) else counts
+    n = int(stats.shape[1])
+    per = stats[:3].copy()
+    per[0] /= counts
+    totals = stats.sum(axis=1)
+    summary.count = n
+    summary.elements = int(counts.sum()) if isinstance(counts, np.ndarray) else n * rows.width
+    summary.sum = float(totals[0])
+    summary.sum_sq = float(totals[3])
     return summary, per
 
 
@@ -286,9 +292,8 @@ def _tensor_rows(value: TensorValue, output: bool) -> _Rows:
         return _bytes_rows(value)
     import torch
 
-    x = value.detach()
-    rows = int(x.shape[0]) if x.dim() else 1
-    x = x.reshape(rows, -1)
+    rows = int(value.shape[0]) if value.dim() else 1
+    x = value.detach().reshape(rows, -1)
     width = int(x.shape[1])
     if width == 0 or rows == 0:
         return _Rows(rows, width, np.zeros((4, rows)))
@@ -298,9 +303,16 @@ def _tensor_rows(value: TensorValue, output: bool) -> _Rows:
     stats = torch.stack((x.sum(1), low, high, torch.linalg.vecdot(x, x)))
     argmax = None
     if output and value.dim() == 2 and value.is_floating_point() and value.shape[1] >= 2:
-        classes = value.argmax(1).clamp_(max=ARGMAX_CLASSES).cpu().numpy()
-        argmax = np.bincount(classes, minlength=ARGMAX_CLASSES + 1).astype(np.int64)
-    return _Rows(rows, width, stats.cpu().numpy().astype(np.float64), argmax)
+        classes = value.argmax(1).clamp_(max=ARGMAX_CLASSES)
+        argmax = np.bincount(_numpy(classes), minlength=ARGMAX_CLASSES + 1).astype(
+            np.int64, copy=False
+        )
+    return _Rows(rows, width, _numpy(stats).astype(np.float64, copy=False), argmax)
+
+
+def _numpy(tensor: torch.Tensor) -> npt.NDArray[Any]:
+    """A CPU tensor as a numpy view; any other copied to the CPU first (one transfer)."""
+    return (tensor if tensor.device.type == "cpu" else tensor.cpu()).numpy()
 
 
 def _bytes_rows(value: BytesTensor) -> _Rows:
