@@ -26,7 +26,8 @@ cheap: no I/O beyond the sampler's psutil calls)::
   histograms hold only the ``OK`` ones); ``drift`` is ``DriftSketch.take()``.
 - one ``rollup`` row of kind ``system``: the sampler's full sample now, plus ``interval``
   figures over the ``sample()`` calls since the previous ``collect`` (CPU mean and max,
-  RSS max, lowest disk free);
+  RSS max, lowest disk free). Read the interval's CPU from ``interval``: the sample's own
+  ``cpu_percent`` covers only the time since the previous ``sample()``, often the same tick;
 - the event rows drained from the ``EventLog`` (a ``drop`` event last, if any were lost).
 
 ``sample(now)`` returns one ``sample`` row of kind ``system``: the instantaneous gauges,
