@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeserve import config as cfg
+from edgeserve.types import BatchingSettings
 
 HEADER = """\
 ## edgeserve configuration (/etc/edgeserve/config.yaml).
@@ -68,6 +69,12 @@ def yaml_value(name: str, value: Any) -> str:
         value = str(value)
     if isinstance(value, tuple):
         return "[" + ", ".join(yaml_value(name, v) for v in value) + "]"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a nested section
+        pairs = (
+            f"{f.name}: {yaml_value(f.name, getattr(value, f.name))}"
+            for f in dataclasses.fields(value)
+        )
+        return "{" + ", ".join(pairs) + "}"
     if isinstance(value, str) and _PLAIN.match(value):
         return value
     return json.dumps(value)
@@ -99,7 +106,7 @@ def _model_docs() -> list[str]:
     lines = ["## Each entry:"]
     for name, doc in field_docs(cfg.ModelConfig).items():
         lines.append(f"##   {name}: {doc}")
-    lines.append("##   batching keys: " + ", ".join(field_docs(cfg.ModelBatching)))
+    lines.append("##   batching keys: " + ", ".join(field_docs(BatchingSettings)))
     return lines + MODEL_EXAMPLE.splitlines()
 
 
