@@ -78,7 +78,7 @@ def _check_against_numpy(summary: dict[str, Any], rows: np.ndarray) -> None:
 
 def test_figures_match_numpy_on_random_batches() -> None:
     rng = np.random.default_rng(7)
-    sketch = DriftSketch()
+    sketch = DriftSketch(budget=1.0)
     xs, ys = [], []
     for x, y in _batches(rng, [1, 32, 5, 17, 32]):
         sketch.observe_batch({"x": torch.from_numpy(x)}, {"y": torch.from_numpy(y)})
@@ -93,11 +93,17 @@ def test_figures_match_numpy_on_random_batches() -> None:
     expected = np.bincount(y_all.argmax(axis=1))
     assert taken["outputs"]["y"]["argmax"] == {str(c): int(n) for c, n in enumerate(expected) if n}
     # take() resets: the next interval starts empty.
-    assert sketch.take() == {"buckets": BUCKETS, "inputs": {}, "outputs": {}, "failures": 0}
+    assert sketch.take() == {
+        "buckets": BUCKETS,
+        "inputs": {},
+        "outputs": {},
+        "failures": 0,
+        "batches": {"sketched": 0, "skipped": 0},
+    }
 
 
 def test_per_request_figures_with_sizes() -> None:
-    sketch = DriftSketch()
+    sketch = DriftSketch(budget=1.0)
     x = torch.arange(12, dtype=torch.float32).reshape(6, 2)  # requests of 1, 3 and 2 rows
     sketch.observe_batch({"x": x}, {}, sizes=[1, 3, 2])
     summary = sketch.take()["inputs"]["x"]
@@ -112,7 +118,7 @@ def test_per_request_figures_with_sizes() -> None:
 def test_two_halves_merged_equal_the_whole() -> None:
     rng = np.random.default_rng(11)
     batches = list(_batches(rng, [3, 32, 8, 1, 20, 32]))
-    whole, first, second = DriftSketch(), DriftSketch(), DriftSketch()
+    whole, first, second = DriftSketch(budget=1.0), DriftSketch(budget=1.0), DriftSketch(budget=1.0)
     for index, (x, y) in enumerate(batches):
         inputs, outputs = {"x": torch.from_numpy(x)}, {"y": torch.from_numpy(y)}
         whole.observe_batch(inputs, outputs)
@@ -126,7 +132,7 @@ def test_two_halves_merged_equal_the_whole() -> None:
             assert got[key] == pytest.approx(want[key], rel=1e-9), key
     assert merged["outputs"]["y"]["argmax"] == expected["outputs"]["y"]["argmax"]
     # Mergeable with a sketch that saw nothing, and only with the same buckets.
-    assert merge(expected, DriftSketch().take()) == expected
+    assert merge(expected, DriftSketch(budget=1.0).take()) == expected
     with pytest.raises(ValueError, match="different buckets"):
         merge(expected, {**expected, "buckets": "linear"})
 
@@ -135,7 +141,7 @@ def test_the_json_holds_only_aggregates() -> None:
     rng = np.random.default_rng(3)
     x = rng.uniform(-5, 5, (40, 64)).astype(np.float32)
     y = rng.standard_normal((40, 3)).astype(np.float32)
-    sketch = DriftSketch()
+    sketch = DriftSketch(budget=1.0)
     sketch.observe_batch({"x": torch.from_numpy(x)}, {"y": torch.from_numpy(y)})
     taken = json.loads(json.dumps(sketch.take()))
     raw = set(x.astype(np.float64).ravel().tolist()) | set(y.astype(np.float64).ravel().tolist())
@@ -147,7 +153,7 @@ def test_the_json_holds_only_aggregates() -> None:
         else:
             yield path, node
 
-    assert set(taken) == {"buckets", "inputs", "outputs", "failures"}
+    assert set(taken) == {"buckets", "inputs", "outputs", "failures", "batches"}
     for summary in [*taken["inputs"].values(), *taken["outputs"].values()]:
         assert set(summary) <= SUMMARY_KEYS | {"argmax"}
         for stat in summary["per_request"].values():
@@ -161,7 +167,7 @@ def test_the_json_holds_only_aggregates() -> None:
 
 def test_bytes_tensors_give_only_their_lengths() -> None:
     items = [b"a", b"bbb", b"cc", b"", b"dddd", b"eeeeee"]
-    sketch = DriftSketch()
+    sketch = DriftSketch(budget=1.0)
     sketch.observe_batch({"text": BytesTensor(items, (3, 2))}, {"score": torch.ones(3, 1)})
     taken = sketch.take()
     text = taken["inputs"]["text"]
@@ -173,7 +179,7 @@ def test_bytes_tensors_give_only_their_lengths() -> None:
 
 def test_nonfinite_rows_are_counted_apart() -> None:
     x = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [float("inf"), 1.0], [3.0, 5.0]])
-    sketch = DriftSketch()
+    sketch = DriftSketch(budget=1.0)
     sketch.observe_batch({"x": x}, {})
     summary = sketch.take()["inputs"]["x"]
     assert (summary["count"], summary["nonfinite"], summary["elements"]) == (2, 2, 4)
@@ -185,7 +191,7 @@ def test_integer_inputs_and_many_classes() -> None:
     logits = torch.zeros(4, 2000)
     for row, cls in enumerate([3, 1500, 1023, 1024]):
         logits[row, cls] = 1.0
-    sketch = DriftSketch()
+    sketch = DriftSketch(budget=1.0)
     sketch.observe_batch({"tokens": tokens}, {"logits": logits})
     taken = sketch.take()
     _check_against_numpy(taken["inputs"]["tokens"], tokens.numpy())
@@ -194,7 +200,7 @@ def test_integer_inputs_and_many_classes() -> None:
 
 
 def test_a_tensor_it_cannot_read_is_a_failure_not_an_exception() -> None:
-    sketch = DriftSketch()
+    sketch = DriftSketch(budget=1.0)
     sketch.observe_batch({"x": "not a tensor"}, {})  # type: ignore[dict-item]
     sketch.observe_batch({"x": torch.ones(2, 2)}, {})
     taken = sketch.take()
@@ -219,6 +225,7 @@ def test_served_batches_reach_the_sketch_of_their_version(
 ) -> None:
     loaded, recorders, settings = served_mlp
     recorder = recorders.for_model("mlp", "1")
+    recorder.drift = DriftSketch(budget=1.0)  # every batch, however the requests batch up
     rng = np.random.default_rng(5)
     requests = [rng.standard_normal((rows, 16)).astype(np.float32) for rows in (1, 1, 3, 1, 2)]
 
@@ -248,3 +255,48 @@ def test_served_batches_reach_the_sketch_of_their_version(
     _check_against_numpy(taken["outputs"]["y"], y_all)
     expected = np.bincount(y_all.argmax(axis=1))
     assert taken["outputs"]["y"]["argmax"] == {str(c): int(n) for c, n in enumerate(expected) if n}
+
+
+class _StepClock:
+    """A clock that moves only when told: measuring costs exactly ``cost`` seconds."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_cpu_budget_bounds_the_cost_and_counts_what_it_skipped() -> None:
+    clock = _StepClock()
+    sketch = DriftSketch(budget=0.01, clock=clock)
+    x = torch.randn(4, 8)
+    sketched_before = 0
+    for _ in range(1000):  # one batch every 1 ms of wall time
+        clock.now += 0.001
+        sketch.observe_batch({"x": x}, {"y": x})
+    taken = sketch.take()
+    batches = taken["batches"]
+    assert batches["sketched"] + batches["skipped"] == 1000
+    # With a frozen clock each measurement costs 0 s: the budget is never spent.
+    assert batches["skipped"] == sketched_before
+    assert taken["inputs"]["x"]["count"] == 4 * batches["sketched"]
+
+
+def test_an_expensive_sketch_is_sampled_to_its_budget() -> None:
+    now = [0.0]
+
+    def clock() -> float:  # every call to the clock advances it by 0.5 ms
+        now[0] += 0.0005
+        return now[0]
+
+    sketch = DriftSketch(budget=0.01, clock=clock)
+    x = torch.randn(2, 8)
+    for _ in range(2000):
+        sketch.observe_batch({"x": x}, {"y": x})
+    batches = sketch.take()["batches"]
+    assert batches["sketched"] + batches["skipped"] == 2000
+    # Each sketched batch costs ~0.5 ms against ~1 ms of wall time per batch: a 1 % budget
+    # allows roughly one batch in fifty.
+    assert 0 < batches["sketched"] < 2000 * 0.05, batches
+    assert batches["skipped"] > 0
