@@ -96,6 +96,10 @@ class Daemon:
         )
         self.registry = ModelRegistry()
         self.recorders = Recorders()
+        # Events from where they happen: lifecycle (deployment, warmup_failure) and the
+        # inference servicer (error) get the log's ``record``; telemetry off: nobody does.
+        self.events = EventLog()
+        sink = self.events.record if config.telemetry.enabled else None
         self.lifecycle = Lifecycle(
             store=self.store,
             registry=self.registry,
@@ -103,6 +107,7 @@ class Daemon:
             memory_budget_mb=config.runtime.memory_budget_mb,
             drain_timeout_s=config.server.grace_period_s,
             recorders=self.recorders,
+            events=sink,
         )
         self.server = InferenceServer(
             registry=self.registry,
@@ -111,11 +116,11 @@ class Daemon:
             allow_non_loopback=config.server.allow_non_loopback,
             server_version=__version__,
             is_ready=self.is_ready,
+            events=sink,
         )
         # -- telemetry and the fleet link (built here, started in _start_telemetry) ---------
         self.boot_id = uuid.uuid4().hex
         self.device_id = config.fleet.device_id or default_device_id()
-        self.events = EventLog()
         self.telemetry: TelemetryPipeline | None = None
         if config.telemetry.enabled:
             rollup = Rollup(self.recorders, SystemSampler(state_dir), self.events, time.time)
@@ -342,10 +347,15 @@ class Daemon:
         settings = model.batching.over(self.config.batching)  # the archive's fills the rest
         if self.registry.find(name, version) is None:
             await self.lifecycle.load(
-                name, version, settings, device=model.device, make_default=model.default
+                name,
+                version,
+                settings,
+                device=model.device,
+                make_default=model.default,
+                source="config",
             )
         elif model.default:
-            await self.lifecycle.set_default(name, version)
+            await self.lifecycle.set_default(name, version, source="config")
 
     async def _newest_stored(self, name: str) -> str:
         """A configured model named without a version gets the newest one in the store."""

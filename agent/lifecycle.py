@@ -9,6 +9,15 @@ the requests it admitted have finished, then frees its memory (UNLOADED). A pers
 version that fails to restore is FAILED (``failed``) until it is loaded or unloaded.
 After each change the live set is persisted atomically through the store, so a restart
 (also after kill -9) comes back to the same set.
+
+Each change is told to the fleet through ``events`` (an ``EventSink``, injected by the
+daemon): ``deployment`` ``{action, model, version, source, ok}`` for every load
+(``default`` too; ``error``: the error's type name when it failed), restore (action
+``load``, source ``restore``), unload, default flip (``previous``) and scale; a failed
+unload or flip changes nothing and is only the caller's error. A warm-up that fails is
+also a ``warmup_failure`` ``{model, version, source, reason}`` (``reason`` never holds
+the model's own error text or an output value). The unloads of a shutdown are no event:
+the persisted set is kept, and the next start's ``restart`` and restores say the rest.
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ from edgeserve.serving.batching import AdaptiveBatcher
 from edgeserve.serving.build import build
 from edgeserve.serving.registry import LiveModel, ModelRegistry, ModelState
 from edgeserve.serving.runtime import LoadedModel, RuntimeOptions, load_model
+from edgeserve.serving.warmup import WarmupCheckFailed
 from edgeserve.store.model_store import InstalledModel, LiveEntry, ModelStore
 from edgeserve.telemetry.recorders import Recorders
-from edgeserve.types import BatchingSettings
+from edgeserve.types import BatchingSettings, DeploymentSource, EventSink
 
 log = logging.getLogger("edgeserve.lifecycle")
 
@@ -65,6 +75,7 @@ class Lifecycle:
         memory_budget_mb: int = 0,
         drain_timeout_s: float = 30.0,
         recorders: Recorders | None = None,
+        events: EventSink | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -72,6 +83,7 @@ class Lifecycle:
         self._memory_budget = memory_budget_mb * 1024 * 1024
         self._drain_timeout = drain_timeout_s
         self._recorders = recorders or Recorders()
+        self._events = events
         self._serving: dict[tuple[str, str], _Serving] = {}
         # Persisted entries that failed to restore: kept in the live set until unloaded.
         self._unrestored: dict[tuple[str, str], LiveEntry] = {}
@@ -137,28 +149,43 @@ class Lifecycle:
         *,
         device: str | None = None,
         make_default: bool = False,
+        source: DeploymentSource = "management",
     ) -> LiveModel:
         """Load a stored version beside what is live; flip the default when asked.
 
         ``settings``: the batching asked for (the archive's fills what is unset);
-        ``device``: None runs it on the daemon's ``runtime.device``.
+        ``device``: None runs it on the daemon's ``runtime.device``; ``source``: who
+        asked (the ``deployment`` events say it).
         """
 
         async def change() -> LiveModel:
-            live = await self._load_locked(name, version, settings or BatchingSettings(), device)
+            asked = settings or BatchingSettings()
+            try:
+                live = await self._load_locked(name, version, asked, device, source)
+            except Exception as exc:
+                self._deployed("load", name, version, source, exc)
+                raise
+            previous = self._registry.default_version(name)
             if make_default:
                 self._registry.set_default(name, version)
+            is_default = self._registry.default_version(name) == version
+            self._deployed("load", name, version, source, default=is_default)
+            if make_default and previous != version:
+                self._deployed("set_default", name, version, source, previous=previous)
             await self._persist()
             return live
 
         return await self._change(change)
 
-    async def unload(self, name: str, version: str) -> None:
+    async def unload(
+        self, name: str, version: str, *, source: DeploymentSource = "management"
+    ) -> None:
         """Take a version out of service; its admitted requests finish first."""
 
         async def change() -> None:
             if self._unrestored.pop((name, version), None) is not None:
                 await self._persist()
+                self._deployed("unload", name, version, source)
                 return
             serving = self._serving.pop((name, version), None)
             if serving is None:
@@ -167,12 +194,17 @@ class Lifecycle:
             await self._persist()  # before the drain: a crash meanwhile must not revive it
             await self._teardown(serving)
             self._recorders.forget(name, version)
+            self._deployed("unload", name, version, source)
 
         await self._change(change)
 
-    async def set_default(self, name: str, version: str) -> None:
+    async def set_default(
+        self, name: str, version: str, *, source: DeploymentSource = "management"
+    ) -> None:
         async def change() -> None:
+            previous = self._registry.default_version(name)
             self._registry.set_default(name, version)
+            self._deployed("set_default", name, version, source, previous=previous)
             await self._persist()
 
         await self._change(change)
@@ -183,6 +215,8 @@ class Lifecycle:
         version: str,
         changes: BatchingSettings,
         device: str | None = None,
+        *,
+        source: DeploymentSource = "management",
     ) -> BatchingSettings:
         """Apply new serving settings by loading a fresh instance set, then swapping.
 
@@ -197,7 +231,12 @@ class Lifecycle:
                 raise NotFound.model(name, version)
             settings = changes.over(serving.settings)
             was_default = self._registry.default_version(name) == version
-            fresh = await self._build(name, version, settings, device or serving.device)
+            try:
+                fresh = await self._build(name, version, settings, device or serving.device, source)
+            except Exception as exc:
+                self._deployed("scale", name, version, source, exc)
+                raise
+            self._deployed("scale", name, version, source, settings=settings.to_dict())
             self._registry.remove(name, version)
             self._registry.add(fresh.live, make_default=was_default)
             self._serving[(name, version)] = fresh
@@ -239,12 +278,16 @@ class Lifecycle:
             for entry in entries:
                 if should_stop():  # SIGTERM during startup: stop between models
                     break
+                name, version = entry.name, entry.version
                 try:
-                    await self._load_locked(entry.name, entry.version, entry.settings, entry.device)
+                    await self._load_locked(name, version, entry.settings, entry.device, "restore")
                     if entry.default:
-                        self._registry.set_default(entry.name, entry.version)
+                        self._registry.set_default(name, version)
+                    is_default = self._registry.default_version(name) == version
+                    self._deployed("load", name, version, "restore", default=is_default)
                 except Exception as exc:  # one bad entry must not keep the others down
                     log.error("could not restore %s/%s: %s", entry.name, entry.version, exc)
+                    self._deployed("load", name, version, "restore", exc)
                     problems.append(f"{entry.name}/{entry.version}: {exc}")
                     self._unrestored[(entry.name, entry.version)] = entry
         return problems
@@ -259,19 +302,53 @@ class Lifecycle:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _deployed(
+        self,
+        action: str,
+        name: str,
+        version: str,
+        source: DeploymentSource,
+        failure: BaseException | None = None,
+        **facts: object,
+    ) -> None:
+        """One ``deployment`` event (nothing without an event sink); None facts are left out."""
+        if self._events is None:
+            return
+        body: dict[str, object] = {
+            "action": action,
+            "model": name,
+            "version": version,
+            "source": source,
+            "ok": failure is None,
+        }
+        body.update((k, v) for k, v in facts.items() if v is not None)
+        if failure is not None:  # the type only: messages can quote model code
+            body["error"] = type(failure).__name__
+        self._events("deployment", **body)
+
     async def _load_locked(
-        self, name: str, version: str, settings: BatchingSettings, device: str | None
+        self,
+        name: str,
+        version: str,
+        settings: BatchingSettings,
+        device: str | None,
+        source: DeploymentSource,
     ) -> LiveModel:
         if (name, version) in self._serving:
             raise ManagementError(f"model '{name}' version '{version}' is already live")
-        serving = await self._build(name, version, settings, device)
+        serving = await self._build(name, version, settings, device, source)
         self._registry.add(serving.live)
         self._serving[(name, version)] = serving
         self._unrestored.pop((name, version), None)
         return serving.live
 
     async def _build(
-        self, name: str, version: str, settings: BatchingSettings, device: str | None
+        self,
+        name: str,
+        version: str,
+        settings: BatchingSettings,
+        device: str | None,
+        source: DeploymentSource,
     ) -> _Serving:
         started = time.monotonic()
         installed = await asyncio.to_thread(self._store.get, name, version)
@@ -286,8 +363,13 @@ class Lifecycle:
             recorder = self._recorders.for_model(name, version)
             stack = await build(loaded, settings, recorder, started=started)
             return _Serving(stack.live, loaded, stack.batcher, settings, device)
-        except WarmupFailed:
+        except WarmupFailed as exc:
             self._recorders.for_model(name, version).observe_warmup_failure()
+            if self._events is not None:
+                reason = exc.reason if isinstance(exc, WarmupCheckFailed) else "failed"
+                self._events(
+                    "warmup_failure", model=name, version=version, source=source, reason=reason
+                )
             await asyncio.to_thread(loaded.close)
             raise
         except BaseException:

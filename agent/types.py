@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
 
 from edgeserve.errors import ConfigError
 
@@ -92,6 +92,21 @@ class BytesTensor:
 
 
 TensorValue = Union["torch.Tensor", BytesTensor]
+
+
+class EventSink(Protocol):
+    """Where the core tells the fleet what happened: ``telemetry.events.EventLog.record``.
+
+    ``daemon.py`` passes it to the api servicer and to lifecycle, which never import
+    telemetry for it. A call never blocks on I/O and never raises; ``body`` is a JSON
+    object of facts (names, versions, codes, ids), never tensor data or a model's text.
+    """
+
+    def __call__(self, kind: str, **body: Any) -> None: ...
+
+
+DeploymentSource = Literal["config", "management", "restore"]
+"""Who asked for a change of what is live (the ``source`` of a ``deployment`` event)."""
 
 
 @dataclass

@@ -15,6 +15,8 @@ Choices worth knowing (each matches what Triton does, so stock clients behave):
   id) and the stream goes on. At most ``max_stream_in_flight`` requests of one stream are
   unanswered at a time (reading pauses beyond that). When the client half-closes, the
   in-flight requests finish and the stream ends; when it cancels, they are cancelled.
+* A request answered INTERNAL (model code raised, or a bug) may become a telemetry
+  ``error`` event through ``events`` (``api.errors.ErrorEvents``: the policy, the body).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from edgeserve.api.codec import (
     encode_model_metadata,
     request_uses_raw,
 )
-from edgeserve.api.errors import describe_error, map_errors, status_of
+from edgeserve.api.errors import ErrorEvents, describe_error, internal, map_errors, status_of
 from edgeserve.errors import EdgeserveError
 from edgeserve.proto import kserve_v2_pb2 as pb
 from edgeserve.proto import kserve_v2_pb2_grpc as pb_grpc
 from edgeserve.serving.registry import ModelRegistry
+from edgeserve.types import EventSink
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DEFAULT_MAX_STREAM_IN_FLIGHT = 1024
@@ -72,6 +75,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         extensions: Sequence[str] = (),
         max_stream_in_flight: int = DEFAULT_MAX_STREAM_IN_FLIGHT,
         max_request_bytes: int | None = None,
+        events: EventSink | None = None,
     ) -> None:
         if max_stream_in_flight < 1:
             raise ValueError(f"max_stream_in_flight must be >= 1, got {max_stream_in_flight}")
@@ -82,6 +86,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._is_ready = is_ready
         self._max_stream_in_flight = max_stream_in_flight
         self._max_request_bytes = max_request_bytes
+        self._errors = ErrorEvents(events) if events is not None else None
 
     # -- server and model state -------------------------------------------------------
 
@@ -123,10 +128,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: _Context
     ) -> pb.ModelInferResponse:
-        return await self._infer(request, _deadline(context))
+        return await self._infer(request, _deadline(context), "ModelInfer")
 
     async def _infer(
-        self, msg: pb.ModelInferRequest, deadline: float | None
+        self, msg: pb.ModelInferRequest, deadline: float | None, where: str
     ) -> pb.ModelInferResponse:
         model = self._registry.get(msg.model_name, msg.model_version or None)
         started = time.perf_counter()
@@ -141,11 +146,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 request_id=msg.id,
             )
         except BaseException as exc:
+            failure = exc
+            if isinstance(exc, Exception) and not isinstance(exc, EdgeserveError):
+                failure = internal(exc, where)  # logged once, here, under a correlation id
             if model.recorder is not None:
                 model.recorder.observe_request(
-                    _code_name(exc), time.perf_counter() - started, None, None
+                    _code_name(failure), time.perf_counter() - started, None, None
                 )
-            raise
+            if self._errors is not None:
+                self._errors.failed(failure, model.name, model.version)
+            if failure is exc:
+                raise
+            raise failure from exc
         if model.recorder is not None:
             timings = result.timings
             model.recorder.observe_request(
@@ -167,7 +179,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, msg: pb.ModelInferRequest, deadline: float | None
     ) -> pb.ModelStreamInferResponse:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(msg, deadline))
+            response = await self._infer(msg, deadline, "ModelStreamInfer")
+            return pb.ModelStreamInferResponse(infer_response=response)
         except Exception as exc:
             _, message = describe_error(exc, "ModelStreamInfer")
             header = pb.ModelInferResponse(

@@ -42,6 +42,7 @@ from edgeserve.errors import ConfigError
 from edgeserve.proto import kserve_v2_pb2 as pb
 from edgeserve.proto import kserve_v2_pb2_grpc as pb_grpc
 from edgeserve.serving.registry import ModelRegistry
+from edgeserve.types import EventSink
 
 log = logging.getLogger("edgeserve.api")
 
@@ -93,6 +94,7 @@ class InferenceServer:
         max_stream_in_flight: int = 1024,
         extra_services: Sequence[ServiceBinding] = (),
         options: Sequence[tuple[str, Any]] = (),
+        events: EventSink | None = None,
     ) -> None:
         if not listen:
             raise ConfigError(LISTEN_KEY, "needs at least one address")
@@ -111,6 +113,7 @@ class InferenceServer:
             max_stream_in_flight=max_stream_in_flight,
             # Typed contents decode up to 8x larger than the wire message: bound that too.
             max_request_bytes=max_message_bytes,
+            events=events,
         )
         self.health = ModelHealth(registry, is_ready)
         self._server: grpc.aio.Server | None = None

@@ -6,9 +6,11 @@
 ``warm_up`` runs each sample through ``model.run`` (the handler and the module, as a
 request would) and compares every expected output: numeric tensors by shape and
 ``torch.allclose`` under the manifest's tolerance, BYTES outputs element by element.
-The first mismatch, or a run that raises, is a ``WarmupFailed`` naming the model, the
-sample and the output. Without samples, one synthetic batch of zeros (one row where
-dim 0 is ``-1``) primes the kernels when every input is numeric; nothing is compared.
+The first mismatch, or a run that raises, is a ``WarmupCheckFailed`` (a ``WarmupFailed``)
+naming the model, the sample and the output; its ``reason`` says the same without the
+model's own error text or any output value (what a telemetry event may carry). Without
+samples, one synthetic batch of zeros (one row where dim 0 is ``-1``) primes the kernels
+when every input is numeric; nothing is compared.
 
 Under fp16 (``model.compute_dtype``) the comparison uses at least ``FP16_TOLERANCE``,
 since samples are usually recorded in fp32.
@@ -61,6 +63,15 @@ class Runnable(Protocol):
     def run(self, inputs: Mapping[str, TensorValue]) -> Tensors: ...
 
 
+class WarmupCheckFailed(WarmupFailed):
+    """A warm-up run raised or gave the wrong output; ``reason`` is safe to send away."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        """E.g. ``sample 0 output 'y' does not match``, ``sample 1 raised ValueError``."""
+
+
 @dataclass(frozen=True)
 class WarmupReport:
     samples: int
@@ -103,8 +114,9 @@ def warm_up(model: Runnable) -> WarmupReport:
             if error is not None:
                 worst[name] = max(worst.get(name, 0.0), error)
             if problem is not None:
-                raise WarmupFailed(
-                    f"{_label(manifest)} failed warm-up: sample {index} output '{name}': {problem}"
+                raise WarmupCheckFailed(
+                    f"{_label(manifest)} failed warm-up: sample {index} output '{name}': {problem}",
+                    f"sample {index} output '{name}' does not match",
                 )
     log.info(
         "%s: %d warm-up sample(s) passed in %.3fs", _label(manifest), len(durations), sum(durations)
@@ -147,9 +159,10 @@ def _run(model: Runnable, inputs: Mapping[str, TensorValue], what: str) -> Tenso
     try:
         return model.run(inputs)
     except Exception as exc:
-        raise WarmupFailed(
+        raise WarmupCheckFailed(
             f"{_label(model.manifest)} failed warm-up: {what} raised {type(exc).__name__}: "
-            f"{_last_line(exc)}"
+            f"{_last_line(exc)}",
+            f"{what} raised {type(exc).__name__}",
         ) from exc
 
 
