@@ -8,7 +8,10 @@ comment that GitHub does not render::
 Kinds (``KINDS``): ``run`` (a shell block through bash, a Python block through the venv's
 python), ``file NAME`` (written to NAME in the working folder), ``serve`` (a shell block
 with a long-running ``edgeserve serve``, started in the background and stopped at the
-end), ``synopsis COMMAND`` (usage text, checked against ``edgeserve COMMAND --help``),
+end), ``background port:N|log:TEXT`` (another long-running command, such as a local
+broker or the collector, ready once the README's port N accepts connections or its
+output shows TEXT, stopped at the end), ``synopsis COMMAND`` (usage text, checked
+against ``edgeserve COMMAND --help``),
 ``output`` (sample output: its ``$`` line is run and the result compared loosely),
 ``config-reference`` (the configuration reference, served with its paths substituted),
 ``skip (REASON)`` (not run) and ``skip-ci (REASON)`` (not run here because ``.ci/run``
@@ -27,6 +30,7 @@ KINDS: dict[str, tuple[frozenset[str], bool, bool]] = {
     "run": (frozenset({"sh", "python"}), False, False),
     "file": (frozenset({"python", "yaml", "sh", "text"}), True, False),
     "serve": (frozenset({"sh"}), False, False),
+    "background": (frozenset({"sh"}), True, False),
     "synopsis": (frozenset({"text"}), True, False),
     "output": (frozenset({"text"}), False, False),
     "config-reference": (frozenset({"yaml"}), False, False),

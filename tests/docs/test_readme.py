@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 CI_SCRIPT = ROOT / ".ci" / "run"
 ADDRESS = "127.0.0.1:8001"  # the README's inference address; each daemon here gets a free port
+# Every loopback address the README may use; each is swapped for a free port of its own.
+ADDRESSES = (ADDRESS, "127.0.0.1:8002", "127.0.0.1:1883")
 REFERENCE_PATHS = {  # configuration reference: system path -> folder below the working folder
     "/etc/edgeserve/keys/release.pub": "release.pub",
     "/var/lib/edgeserve": "reference/state",
@@ -98,6 +101,17 @@ class Daemon:
                 time.sleep(0.1)  # poll interval; the deadline bounds the wait
         return f"not ready on {address} within {READY_TIMEOUT_S:.0f}s"
 
+    def wait_until(self, what: str, check: Callable[[], bool]) -> str | None:
+        """None once ``check()`` holds, else why not (exited, or the deadline passed)."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return f"exited with {self.process.returncode} before {what}"
+            if check():
+                return None
+            time.sleep(0.1)  # poll interval; the deadline bounds the wait
+        return f"did not show {what} within {READY_TIMEOUT_S:.0f}s"
+
     def stop(self) -> int:
         """SIGTERM, as systemd sends it; the README promises a drain and exit 0."""
         if self.process.poll() is None:
@@ -116,18 +130,24 @@ class Walk:
 
     def __init__(self, cwd: Path, env: dict[str, str]) -> None:
         self.cwd, self.env = cwd, env
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.ports = {readme: f"127.0.0.1:{_free_port()}" for readme in ADDRESSES}
+        self.address = self.ports[ADDRESS]
         self.daemons: list[tuple[rb.Block, Daemon]] = []
         self.synopses: set[str] = set()
 
     def substitute(self, block: rb.Block, text: str | None = None, address: str = "") -> str:
-        """The block's text with ``ADDRESS`` replaced (by ``address``, else the walk's)."""
+        """The block's text with each of ``ADDRESSES`` replaced by its free port (``ADDRESS``
+        by ``address`` when given)."""
         text = block.text if text is None else text
         code = " ".join(line.split(" #", 1)[0] for line in text.splitlines())  # not comments
-        stray = {w for w in code.split() if "127.0.0.1:" in w and ADDRESS not in w}
+        stray = {
+            w for w in code.split() if "127.0.0.1:" in w and not any(a in w for a in ADDRESSES)
+        }
         if stray:
-            _fail(block, f"uses a loopback address other than {ADDRESS}: {sorted(stray)}")
-        return text.replace(ADDRESS, address or self.address)
+            _fail(block, f"uses a loopback address not in {ADDRESSES}: {sorted(stray)}")
+        for readme, local in self.ports.items():
+            text = text.replace(readme, address if address and readme == ADDRESS else local)
+        return text
 
     def shell(self, block: rb.Block, script: str) -> subprocess.CompletedProcess[str]:
         return self.run(block, ["bash", "-e", "-o", "pipefail", "-c", script])
@@ -155,11 +175,16 @@ class Walk:
         return result
 
     def start_daemon(self, block: rb.Block, command: str, address: str) -> Daemon:
+        return self.start_background(block, command, lambda d: d.wait_ready(address))
+
+    def start_background(
+        self, block: rb.Block, command: str, ready: Callable[[Daemon], str | None]
+    ) -> Daemon:
         daemon = Daemon(command, self.cwd, self.env, self.cwd / f".daemon-{block.line}.log")
         self.daemons.append((block, daemon))
-        problem = daemon.wait_ready(address)
+        problem = ready(daemon)
         if problem:
-            _fail(block, f"the daemon {problem}", daemon.output())
+            _fail(block, f"the command {problem}", daemon.output())
         return daemon
 
     def stop_daemons(self, only: Daemon | None = None) -> list[str]:
@@ -195,7 +220,44 @@ def _file_block(walk: Walk, block: rb.Block) -> None:
 
 
 def _serve_block(walk: Walk, block: rb.Block) -> None:
-    walk.start_daemon(block, walk.substitute(block), walk.address)
+    """Ready once it answers on its TCP address: the README's, or its config file's."""
+    command = walk.substitute(block)
+    address = walk.address
+    config = re.search(r"--config (\S+)", command)
+    if config:
+        listen = yaml.safe_load((walk.cwd / config.group(1)).read_text())["server"]["listen"]
+        address = next((a for a in listen if a.startswith("127.0.0.1:")), address)
+    walk.start_daemon(block, command, address)
+
+
+def _background_block(walk: Walk, block: rb.Block) -> None:
+    """``port:N``: ready once the README's port N (its free stand-in) accepts a connection;
+    ``log:TEXT``: once the command's output shows TEXT."""
+    how, _, what = str(block.arg).partition(":")
+    if how == "port":
+        port = int(walk.ports[f"127.0.0.1:{what}"].rsplit(":", 1)[1])
+        command = walk.substitute(block)
+        if not re.search(rf"(?<![\d.:]){what}(?!\d)", command):
+            _fail(block, f"does not name its port {what}")
+        walk.start_background(
+            block,
+            re.sub(rf"(?<![\d.:]){what}(?!\d)", str(port), command),  # `-p 1883` too
+            lambda d: d.wait_until(f"port {what}", lambda: _accepts(port)),
+        )
+    elif how == "log":
+        walk.start_background(
+            block,
+            walk.substitute(block),
+            lambda d: d.wait_until(repr(what), lambda: what in d.output()),
+        )
+    else:
+        _fail(block, f"background needs port:N or log:TEXT, got {block.arg!r}")
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _synopsis_block(walk: Walk, block: rb.Block) -> None:
@@ -278,6 +340,7 @@ HANDLERS = {
     "run": _run_block,
     "file": _file_block,
     "serve": _serve_block,
+    "background": _background_block,
     "synopsis": _synopsis_block,
     "output": _output_block,
     "config-reference": _config_reference_block,

@@ -22,7 +22,7 @@ def blocks() -> list[rb.Block]:
 def test_every_block_is_marked_and_the_daemon_examples_are_there(blocks: list[rb.Block]) -> None:
     kinds = [b.kind for b in blocks]
     # The walk needs the daemon the README starts, and runs the reference config.
-    assert kinds.count("serve") == 1 and kinds.count("config-reference") == 1
+    assert kinds.count("serve") >= 1 and kinds.count("config-reference") == 1
     run_blocks = [b for b in blocks if b.kind in ("run", "serve", "file", "output")]
     assert len(run_blocks) >= 8, [b.where() for b in run_blocks]
 
