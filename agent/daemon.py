@@ -61,13 +61,13 @@ from edgeserve.telemetry.uploader import Uploader
 log = logging.getLogger("edgeserve.daemon")
 
 TICK_SECONDS = 1.0
+STARTUP_LOAD_TIMEOUT_S = 120.0  # EXTEND_TIMEOUT_USEC before each startup load (a model)
 OFFLINE_PUBLISH_S = 2.0  # at shutdown, how long `offline` may take to be acknowledged
 
 
 @dataclass
 class _Flags:
     should_exit: bool = False
-    force_exit: bool = False
     reload: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -193,13 +193,12 @@ class Daemon:
         # models load; changes it asks for queue behind the restore on lifecycle's lock.
         for address in await self.management.start():
             log.info("serving management on %s", address)
-        stopping = lambda: self._flags.should_exit  # noqa: E731
-        problems = await self.lifecycle.restore(self.store.read_live_state(), stopping)
+        problems = await self.lifecycle.restore(self.store.read_live_state(), self._next_load)
         for model in self.config.models:
-            if stopping():
+            if self._next_load():
                 return
             await self._load_configured(model)
-        if stopping():
+        if self._flags.should_exit:
             return
         await self.server.start()
         self._ready = True
@@ -209,6 +208,15 @@ class Daemon:
             log.info("serving inference on %s", address)
         self.notifier.ready()
         self.notifier.status(self._status_line(problems))
+
+    def _next_load(self) -> bool:
+        """Between two startup loads: True when a signal asked to stop; else give the next
+        load its own start timeout (``EXTEND_TIMEOUT_USEC``), so many models or a slow
+        warm-up do not run into ``TimeoutStartSec``."""
+        if self._flags.should_exit:
+            return True
+        self.notifier.extend_timeout(STARTUP_LOAD_TIMEOUT_S)
+        return False
 
     async def _start_telemetry(self) -> None:
         """Buffer and schedule, then the link and the uploader; none of it can stop serving."""
@@ -448,7 +456,6 @@ class Daemon:
 
         def on_exit() -> None:
             if self._flags.should_exit:
-                self._flags.force_exit = True
                 log.warning("second signal: exiting without waiting for the drain")
                 raise SystemExit(1)
             self._flags.should_exit = True

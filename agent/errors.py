@@ -1,16 +1,19 @@
 """The one error family of edgeserve.
 
 Every error the core raises is an ``EdgeserveError``; its *kind* is protocol-neutral
-and exactly one table per edge (``api/status.py`` for gRPC, ``cli.py`` for exit codes)
+and exactly one table per edge (``api/errors.py`` for gRPC, ``cli/exits.py`` for exit codes)
 maps kinds to wire codes. Constructors take the facts and build the message, so a
 message always names the model, version, input or config key at fault.
 
     EdgeserveError
     ├── NotFound            unknown model or version
     ├── InvalidArgument     bad shape / dtype / size / input name
+    │   └── DocumentRefused     a fleet document refused; ``reason`` says why in one
+    │                           word (schema, threshold, unknown_key, bad_signature,
+    │                           rollback, version_skip, expired, wrong_target,
+    │                           requirements) for the reported state
     ├── Overloaded          queue full (no work done)
     ├── Expired             deadline passed while queued (model not run)
-    ├── Cancelled           the caller went away while queued
     ├── NotReady            model or server not ready
     ├── HandlerFailed       user or model code raised; message never carries input data
     ├── MessageTooLarge     request over the configured size limit
@@ -88,10 +91,6 @@ class Expired(EdgeserveError):
         return cls(f"model '{model}' version '{version}': deadline passed while queued")
 
 
-class Cancelled(EdgeserveError):
-    kind = Kind.CANCELLED
-
-
 class NotReady(EdgeserveError):
     kind = Kind.NOT_READY
 
@@ -158,3 +157,20 @@ class Unauthenticated(EdgeserveError):
     says which, and never echoes what the caller sent."""
 
     kind = Kind.UNAUTHENTICATED
+
+
+class DocumentRefused(InvalidArgument):
+    """A signed fleet document (root or deployment) that must not be acted on.
+
+    ``reason`` is one short word for the device's reported state; the message says what
+    was wrong for a human. Constructors take the facts (``fleet/verifier.py``).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{message} ({reason})")
+        self.reason = reason
+        self.detail = message
+
+    @classmethod
+    def schema(cls, where: str, problem: str) -> DocumentRefused:
+        return cls("schema", f"{where}: {problem}" if where else problem)

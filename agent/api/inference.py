@@ -41,7 +41,6 @@ from edgeserve.proto import kserve_v2_pb2_grpc as pb_grpc
 from edgeserve.serving.registry import ModelRegistry
 from edgeserve.types import EventSink
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DEFAULT_MAX_STREAM_IN_FLIGHT = 1024
 
 _Context: TypeAlias = grpc.aio.ServicerContext

@@ -47,18 +47,6 @@ log = logging.getLogger("edgeserve.telemetry")
 
 OK = "OK"
 """The status code name of a served request."""
-STATUS_CODES: tuple[str, ...] = (
-    "OK",
-    "CANCELLED",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "UNAVAILABLE",
-    "INTERNAL",
-)
-"""The codes the serving path produces; others are still counted if given."""
 
 LATENCY_BOUNDS_S: tuple[float, ...] = tuple(
     round(mantissa * 10.0**exp, 6) for exp in range(-4, 1) for mantissa in (1.0, 1.8, 3.2, 5.6)

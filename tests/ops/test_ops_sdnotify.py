@@ -82,3 +82,20 @@ def test_a_vanished_socket_is_logged_not_raised(notify_socket, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="edgeserve.sdnotify"):
         assert notifier.watchdog() is False
     assert "sd_notify to" in caplog.text
+
+
+def test_the_daemon_extends_its_start_timeout_before_each_model_load(
+    daemons, mlp_archive_factory, notify_socket, monkeypatch
+) -> None:
+    # A real daemon under a real notify socket, as systemd runs it (Type=notify): one
+    # EXTEND_TIMEOUT_USEC for the restore and one per configured model, then READY=1.
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.address)
+    daemon = daemons.start(mlp_archive_factory("1"), mlp_archive_factory("2"), wait=False)
+    messages = []
+    while not any(m.startswith("READY=1") for m in messages):
+        messages.append(notify_socket.receive(timeout=90.0))
+    extends = [m for m in messages if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert extends == ["EXTEND_TIMEOUT_USEC=120000000"] * 2, messages
+    ready_at = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
+    assert all(messages.index(m) < ready_at for m in extends)
+    assert daemon.process.poll() is None
