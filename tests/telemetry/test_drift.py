@@ -20,7 +20,7 @@ from edgeserve.serving.runtime import LoadedModel, RuntimeOptions, load_model
 from edgeserve.telemetry.drift import ARGMAX_CLASSES, BUCKETS, EDGES, DriftSketch, merge
 from edgeserve.telemetry.recorders import Recorders
 from edgeserve.types import BatchingSettings, BytesTensor, InferRequest
-from tests.runtime.conftest import MLP, MLP_IN, MLP_OUT, ModelDirFactory
+from tests.serving.runtime.conftest import MLP, MLP_IN, MLP_OUT, ModelDirFactory
 
 SUMMARY_KEYS = {
     "count",
