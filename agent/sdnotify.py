@@ -44,10 +44,6 @@ class Notifier:
             usec = None
         return cls(address, usec)
 
-    @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
     def watchdog_interval(self) -> float | None:
         """The watchdog timeout in seconds, or None when systemd set none for us."""
         return None if self._watchdog_usec is None else self._watchdog_usec / 1_000_000

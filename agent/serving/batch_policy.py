@@ -69,10 +69,6 @@ class ServiceTimeFit:
         self.b = 0.0
         self.ready = False
 
-    @property
-    def points(self) -> int:
-        return self._points
-
     def record(self, n: int, seconds: float) -> None:
         """Add one batch of ``n`` rows that took ``seconds`` from dispatch to results."""
         d = self._decay

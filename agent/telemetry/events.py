@@ -37,16 +37,6 @@ from edgeserve.telemetry.buffer import Row
 
 log = logging.getLogger("edgeserve.telemetry")
 
-KINDS: tuple[str, ...] = (
-    "deployment",
-    "error",
-    "restart",
-    "link",
-    "buffer_reset",
-    "drop",
-    "warmup_failure",
-)
-"""The event kinds the project records (others are accepted as given)."""
 DEFAULT_MAX_PENDING = 1000
 
 

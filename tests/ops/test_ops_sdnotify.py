@@ -13,7 +13,6 @@ from edgeserve.sdnotify import Notifier
 
 def test_ready_stopping_watchdog_status(notify_socket) -> None:
     notifier = Notifier.from_env({"NOTIFY_SOCKET": notify_socket.address})
-    assert notifier.enabled
     assert notifier.ready("serving mlp/1")
     assert notify_socket.receive() == "READY=1\nSTATUS=serving mlp/1"
     assert notifier.watchdog()
@@ -46,7 +45,7 @@ def test_abstract_socket_address(abstract_notify_socket) -> None:
 
 def test_without_notify_socket_everything_is_a_no_op(notify_socket) -> None:
     notifier = Notifier.from_env({})
-    assert not notifier.enabled
+    assert not notifier.status("nothing to send to")  # no socket: a no-op, False
     assert [notifier.ready(), notifier.watchdog(), notifier.stopping()] == [False] * 3
     assert notifier.watchdog_interval() is None
     assert not notify_socket.pending()
@@ -55,7 +54,7 @@ def test_without_notify_socket_everything_is_a_no_op(notify_socket) -> None:
 def test_a_relative_notify_socket_is_ignored(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="edgeserve.sdnotify"):
         notifier = Notifier.from_env({"NOTIFY_SOCKET": "relative/path"})
-    assert not notifier.enabled
+    assert not notifier.status("nothing to send to")  # no socket: a no-op, False
     assert "ignoring NOTIFY_SOCKET" in caplog.text
 
 
