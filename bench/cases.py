@@ -8,6 +8,12 @@ transport ``uds`` or ``tcp``; load ``c<N>`` (closed loop, N unary calls in fligh
 at P % of the capacity measured for that model and transport in the same repeat) and a
 ``-p<K>`` suffix for a run with K load processes instead of the default.
 
+Opt-in cases (``ModelSpec.opt_in``) run only when ``--only`` names them; ``--only
+telemetry`` is the telemetry pair (``mlp-telon`` / ``mlp-teloff``: the tiny MLP on a
+daemon with telemetry at a 1 s interval and 0.1 s samples, and on one with telemetry
+off), in the order off, on, on, off over two load levels, so that a drift of the
+machine's load during the run weighs on both sides alike.
+
 The machine is shared: when other processes used more than ``quiet_cores`` of CPU in a
 case's window, the case is run again (up to ``retries`` more times) and the quietest
 attempt is kept; every attempt's "other" load is recorded.
@@ -94,7 +100,17 @@ def all_cases() -> list[Case]:
     for transport in TRANSPORTS:
         cases += [_open("mlp", transport, percent) for percent in (50, 90)]
     cases += [_open("cnn", "uds", percent) for percent in (50, 90, 300)]
+    cases += [
+        _closed("mlp-teloff", "uds", 8),
+        _closed("mlp-telon", "uds", 8),
+        _closed("mlp-telon", "uds", 32),
+        _closed("mlp-teloff", "uds", 32),
+    ]
     return cases
+
+
+GROUPS = {"telemetry": "mlp-telon-*,mlp-teloff-*"}
+"""Names ``--only`` accepts for a set of cases."""
 
 
 QUICK = (
@@ -105,10 +121,12 @@ QUICK = (
 
 
 def select(cases: list[Case], only: str | None) -> list[Case]:
-    """Cases whose name matches one of the comma-separated globs (all when None)."""
+    """Cases whose name matches one of the comma-separated globs or group names (all but
+    the opt-in ones when None)."""
     if not only:
-        return list(cases)
-    patterns = [p.strip() for p in only.split(",") if p.strip()]
+        return [c for c in cases if c.target == ECHO or not MODELS[c.target].opt_in]
+    named = [GROUPS.get(p.strip(), p.strip()) for p in only.split(",")]
+    patterns = [p for group in named for p in group.split(",") if p]
     chosen = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
     if not chosen:
         raise SystemExit(f"bench: --only {only!r} matches no case")
@@ -177,7 +195,17 @@ class CaseRunner:
         )
         if case.kind == "open" and not spec.rate:
             raise ValueError(f"{case.name}: open loop without a measured capacity")
-        result = self.pool(case.procs).run(spec, server.pid, edges=self._probe(case, server))
+        paused = []
+        if case.target != ECHO and MODELS[case.target].isolated:
+            paused = [s for s in self._servers.values() if s is not server]
+        for other in paused:
+            other.pause()
+        try:
+            pool = self.pool(case.procs)
+            result = pool.run(spec, server.pid, edges=self._probe(case, server))
+        finally:
+            for other in paused:
+                other.resume()
         figures = summarize(result)
         first, last = result.extra["edges"]
         figures["rss_start_mb"], figures["rss_end_mb"] = first["rss_mb"], last["rss_mb"]

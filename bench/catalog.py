@@ -21,6 +21,14 @@ from edgeserve.proto import kserve_v2_pb2 as pb
 INPUT_NAME = "x"
 MAX_BATCH_SIZE = 32
 VARIANTS = "edgeserve-1thread"
+TELEMETRY_ON, TELEMETRY_OFF = "edgeserve-telemetry-on", "edgeserve-telemetry-off"
+DAEMON_TELEMETRY: dict[str, dict[str, Any]] = {
+    # Conservative: a rollup every second and a sample every 0.1 s (the smallest allowed),
+    # 10x and 10x more often than the defaults; no broker, so the buffer only fills.
+    TELEMETRY_ON: {"enabled": True, "interval_s": 1, "sample_every_s": 0.1},
+    TELEMETRY_OFF: {"enabled": False},
+}
+"""The ``telemetry:`` section of a bench daemon; the others keep the defaults (on)."""
 _COUNTERS = struct.Struct("<qq")  # the layout bench/counting_handler.py writes
 
 
@@ -43,6 +51,16 @@ class ModelSpec:
     process, an instance's first batch resets its OpenMP thread count to whatever
     ``torch.set_num_threads`` was called with last, in any thread (ATen's per-thread
     lazy init), so mixed intra-op budgets in one daemon are not what they say."""
+    raw: bool = True
+    """Measure raw torch for it (``raw_key``) in every repeat."""
+    baseline: str | None = None
+    """A model key this one is compared with, case for case (same transport and load)."""
+    opt_in: bool = False
+    """Its cases run only when ``--only`` names them (not in the default run)."""
+    isolated: bool = False
+    """The other servers are paused (SIGSTOP) during its windows: an idle daemon that
+    samples 10 times a second would otherwise load the machine of the case it is
+    compared with."""
 
     @property
     def raw_key(self) -> str:
@@ -100,6 +118,28 @@ MODELS: dict[str, ModelSpec] = {
             batching={"instances": 2, "intra_op_threads": 1},
             raw_as="cnn",
             daemon=VARIANTS,
+        ),
+        # Telemetry on vs off (issue 9): the tiny MLP, each on a daemon of its own.
+        ModelSpec(
+            "mlp-telon",
+            "build_mlp",
+            (1, 64),
+            (1, 10),
+            raw=False,
+            daemon=TELEMETRY_ON,
+            baseline="mlp-teloff",
+            opt_in=True,
+            isolated=True,
+        ),
+        ModelSpec(
+            "mlp-teloff",
+            "build_mlp",
+            (1, 64),
+            (1, 10),
+            raw=False,
+            daemon=TELEMETRY_OFF,
+            opt_in=True,
+            isolated=True,
         ),
     )
 }

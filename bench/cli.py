@@ -24,12 +24,13 @@ from typing import Any
 
 from bench import report
 from bench.cases import ECHO, QUICK, Case, CaseRunner, Settings, all_cases, select
-from bench.catalog import MODELS, build_archives
-from bench.references import baselines, idle_daemon, raw_torch
+from bench.catalog import DAEMON_TELEMETRY, MODELS, build_archives
+from bench.references import baselines, idle_daemon, raw_torch, telemetry_cost
 from bench.server import DaemonSetup, Server, start_daemon, start_echo
 
 DAEMON = "edgeserve"  # the main bench daemon (the thread-budget variants have their own)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DAEMON_TELEMETRY_MODELS = {k for k, m in MODELS.items() if m.daemon in DAEMON_TELEMETRY}
 MAX_QUEUE_SIZE = 256
 
 
@@ -76,6 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-idle", action="store_true", help="skip the idle-daemon step")
     parser.add_argument(
+        "--telemetry-intervals",
+        type=int,
+        help="intervals the buffer write cost is measured over (default 30; --quick 5)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="after the repeats, profile the daemon with py-spy (bench/profile.py)",
@@ -92,6 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (0.3 if quick else 0.5)
     args.idle_seconds = args.idle_seconds or (1.0 if quick else 10.0)
     args.raw_seconds = 1.0 if quick else 3.0
+    args.telemetry_intervals = args.telemetry_intervals or (5 if quick else 30)
     if quick and not args.only:
         args.only = QUICK
     return args
@@ -117,7 +124,8 @@ def run_repeat(
     runner: CaseRunner, cases: list[Case], args: argparse.Namespace, ctx: dict[str, Any]
 ) -> dict[str, Any]:
     repeat: dict[str, Any] = {"cases": {}, "raw": {}, "max_queue_size": MAX_QUEUE_SIZE}
-    for model in sorted({MODELS[m].raw_key for m in ctx["served"]}, key=list(MODELS).index):
+    raw_keys = {MODELS[m].raw_key for m in ctx["served"] if MODELS[m].raw}
+    for model in sorted(raw_keys, key=list(MODELS).index):
         print(f"  raw torch {model} ...", flush=True)
         repeat["raw"][model] = raw_torch(
             ctx["work"], model, args.threads, args.raw_seconds, args.retries, args.quiet_cores
@@ -128,6 +136,9 @@ def run_repeat(
             ctx["work"], ctx["public"], args.daemon_threads, args.idle_seconds
         )
         repeat["baselines"] = baselines()
+    if any(c.target in DAEMON_TELEMETRY_MODELS for c in cases):
+        print("  telemetry buffer writes ...", flush=True)
+        repeat["telemetry_cost"] = telemetry_cost(args.telemetry_intervals)
     for case in cases:
         capacity = None
         if case.kind == "open":
@@ -168,6 +179,7 @@ def _start_servers(cases: list[Case], ctx: dict[str, Any], args: argparse.Namesp
             threads=args.daemon_threads,
             max_queue_size=MAX_QUEUE_SIZE,
             env=dict(item.split("=", 1) for item in args.daemon_env),
+            telemetry=DAEMON_TELEMETRY.get(name),
         )
         ctx["servers"][name] = start_daemon(ctx["work"], name, setup)
 
@@ -240,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.case_table(summary, cases))
     print()
     print(report.target_table(summary))
+    _print_telemetry(summary)
     print(
         f"\nmedians of {args.repeats} repeat(s); wrote {json_path} and {png_path} "
         f"in {meta['wall_s']:.0f} s"
@@ -258,6 +271,14 @@ def _print_tables(summary: dict[str, Any], cases: list[Case]) -> None:
     print(report.case_table(summary, cases))
     print()
     print(report.target_table(summary))
+    _print_telemetry(summary)
+
+
+def _print_telemetry(summary: dict[str, Any]) -> None:
+    table = report.telemetry_table(summary)
+    if table:
+        print()
+        print(table)
 
 
 def _report_again(path: Path) -> int:

@@ -92,3 +92,11 @@ def idle_daemon(work: Path, public_key: Path, threads: int | None, idle_s: float
         }
     finally:
         daemon.stop()
+
+
+def telemetry_cost(intervals: int) -> dict[str, Any]:
+    """The buffer's write cost per interval (bench/telemetry_cost.py, in a child process:
+    it imports torch for the drift sketches)."""
+    command = [sys.executable, "-m", "bench.telemetry_cost", "--intervals", str(intervals)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))

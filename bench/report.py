@@ -75,6 +75,7 @@ def summarize_repeats(repeats: list[dict[str, Any]], cases: list[Case]) -> dict[
         "idle": median_tree([r.get("idle") for r in repeats]),
         "baselines": median_tree([r.get("baselines") for r in repeats]),
         "daemon": median_tree([r.get("daemon") for r in repeats]),
+        "telemetry_cost": median_tree([r.get("telemetry_cost") for r in repeats]),
         "targets": rows,
     }
 
@@ -117,6 +118,33 @@ def case_table(summary: dict[str, Any], cases: list[Case]) -> str:
         "processes / the server / everything else."
     )
     return "\n".join(lines)
+
+
+def telemetry_table(summary: dict[str, Any]) -> str | None:
+    """Telemetry on / off per load level (medians of per-repeat ratios) and the buffer's
+    write cost per interval; None when neither was measured."""
+    lines = []
+    for name, ratio in sorted(summary["ratios"].items()):
+        if "vs_mlp-teloff_throughput" in ratio:
+            lines.append(
+                f"telemetry on/off {name.removeprefix('mlp-telon-'):<6} throughput "
+                f"{_f(ratio['vs_mlp-teloff_throughput'], 3)}  p50 "
+                f"{_f(ratio['vs_mlp-teloff_p50_ms'], 3)}  p99 "
+                f"{_f(ratio['vs_mlp-teloff_p99_ms'], 3)}"
+            )
+    cost = summary.get("telemetry_cost")
+    if cost:
+        lines.append(
+            f"buffer writes per interval ({cost['models']:.0f} models, "
+            f"{cost['rows_per_interval']:.0f} rows, "
+            f"{cost['body_bytes_per_interval'] / 1024:.1f} KiB): append "
+            f"{_f(cost['append_ms_p50'], 2)} ms (p90 {_f(cost['append_ms_p90'], 2)}), collect "
+            f"{_f(cost['collect_ms_p50'], 2)} ms, one sample row "
+            f"{_f(cost['sample_append_ms_p50'], 2)} ms (p90 {_f(cost['sample_append_ms_p90'], 2)}),"
+            f" all of an interval with {cost['samples_per_interval']:.0f} samples "
+            f"{_f(cost['writes_ms_per_interval_p50'], 2)} ms"
+        )
+    return "\n".join(lines) or None
 
 
 def target_table(summary: dict[str, Any]) -> str:

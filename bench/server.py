@@ -11,6 +11,7 @@ daemon serves one (``edgeserve_batch_size`` histogram); None when it does not an
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -67,6 +68,13 @@ class Server:
 
     def rss(self) -> int:
         return int(psutil.Process(self.pid).memory_info().rss)
+
+    def pause(self) -> None:
+        """SIGSTOP the server (its threads stop where they are); ``resume`` undoes it."""
+        psutil.Process(self.pid).suspend()
+
+    def resume(self) -> None:
+        psutil.Process(self.pid).resume()
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()
@@ -141,6 +149,8 @@ class DaemonSetup:
     metrics: bool = True
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment of the daemon process (``--daemon-env``, e.g. OMP_WAIT_POLICY)."""
+    telemetry: dict[str, Any] | None = None
+    """The config's ``telemetry`` section; None keeps edgeserve's defaults."""
 
 
 def _config_text(
@@ -153,6 +163,10 @@ def _config_text(
         if batching:
             inner = ", ".join(f"{k}: {v}" for k, v in batching.items())
             models += f"    batching: {{{inner}}}\n"
+    telemetry = ""
+    if setup.telemetry is not None:
+        inner = ", ".join(f"{k}: {json.dumps(v)}" for k, v in setup.telemetry.items())
+        telemetry = f"telemetry: {{{inner}}}\n"
     metrics = ""
     if port is not None:
         metrics = f"metrics:\n  prometheus_listen: 127.0.0.1:{port}\n"
@@ -176,6 +190,7 @@ def _config_text(
         """)
         + (f"  intra_op_threads: {setup.threads}\n" if setup.threads is not None else "")
         + metrics
+        + telemetry
         + "models:\n"
         + models
     )

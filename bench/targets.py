@@ -58,6 +58,13 @@ def case_ratios(repeat: Repeat, case: Case) -> dict[str, float | None]:
             _get(repeat, case.name, "server_us_per_request"),
             _get(repeat, echo, "server_us_per_request"),
         )
+    baseline = MODELS[case.target].baseline if case.target != ECHO else None
+    if baseline is not None and case.kind == "closed":
+        other = f"{baseline}-{case.transport}-c{case.concurrency}"
+        for key in ("throughput", "p50_ms", "p99_ms"):
+            out[f"vs_{baseline}_{key}"] = _div(
+                _get(repeat, case.name, key), _get(repeat, other, key)
+            )
     raw = repeat.get("raw", {}).get(MODELS[case.model].raw_key)
     if raw and case.target != ECHO:
         out["vs_raw_throughput"] = _div(
@@ -279,6 +286,16 @@ def targets() -> list[Target]:
             lambda v: v <= 10,
             " MiB",
         ),
+        *[
+            Target(
+                f"telemetry_c{level}",
+                f"c={level} MLP telemetry on (1 s, samples 0.1 s) / off, uds",
+                ">= 0.98",
+                _ratio(f"mlp-telon-uds-c{level}", f"mlp-teloff-uds-c{level}", "throughput"),
+                lambda v: v >= 0.98,
+            )
+            for level in (8, 32)
+        ],
         Target(
             "idle_rss",
             "idle daemon (tiny MLP) RSS minus `import torch` RSS",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.cases import all_cases, select
 from bench.drivers import with_id
 from bench.profile import summarize_stacks
 from bench.report import median_tree
@@ -52,6 +53,44 @@ def test_quick_bench_writes_sane_json(tmp_path: Path) -> None:
     verdicts = {row["key"]: row["verdict"] for row in document["median"]["targets"]}
     assert verdicts["c32_uds"] == "n/a"  # not measured in this run: never a verdict
     assert "verdict" in done.stdout and "mlp-uds-c1" in done.stdout  # both tables printed
+
+
+@pytest.mark.slow
+def test_telemetry_pair_runs_and_reports_its_ratios_and_write_cost(tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "bench", "--quick", "--no-idle", "--retries", "0",
+        "--only", "telemetry", "--duration", "0.3", "--warmup", "0.1",
+        "--telemetry-intervals", "2", "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (json_path,) = tmp_path.glob("bench-*.json")
+    median = json.loads(json_path.read_text())["median"]
+    for level in (8, 32):
+        on, off = (
+            median["cases"][f"mlp-telon-uds-c{level}"],
+            median["cases"][f"mlp-teloff-uds-c{level}"],
+        )
+        assert on["throughput"] > 0 and off["throughput"] > 0 and on["errors"] == {}
+        ratio = median["ratios"][f"mlp-telon-uds-c{level}"]["vs_mlp-teloff_throughput"]
+        assert ratio == pytest.approx(on["throughput"] / off["throughput"])
+    cost = median["telemetry_cost"]
+    assert cost["rows_per_interval"] >= 5 and cost["append_ms_p50"] > 0
+    verdicts = {row["key"]: row["verdict"] for row in median["targets"]}
+    assert verdicts["telemetry_c32"] in {"PASS", "MISS"}
+    assert "telemetry on/off uds-c32 throughput" in done.stdout
+    assert "buffer writes per interval" in done.stdout
+
+
+def test_the_telemetry_pair_is_opt_in_and_interleaved() -> None:
+    default = {c.name for c in select(all_cases(), None)}
+    assert not any(name.startswith("mlp-tel") for name in default)
+    assert [c.name for c in select(all_cases(), "telemetry")] == [
+        "mlp-teloff-uds-c8",
+        "mlp-telon-uds-c8",
+        "mlp-telon-uds-c32",
+        "mlp-teloff-uds-c32",
+    ]
 
 
 def test_streamed_request_ids_are_appended_to_the_serialized_payload() -> None:
