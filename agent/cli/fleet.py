@@ -1,12 +1,14 @@
 """``edgeserve fleet ...``: the controller side of the fleet (DESIGN §6-7).
 
 Each subcommand is one entry of ``SUBCOMMANDS`` (chosen by ``args.fleet_command``):
-``(run, help, example, add_options)``; more subcommands join the table. The broker
+``(run, help, example, add_options)``; more subcommands join the table. ``root`` has
+actions of its own (``cli/fleet_root.py``, on ``args.root_command``). The broker
 options and ``connect_link`` are shared by every subcommand that talks to the broker.
 
 Exit codes: 0 success, 1 the operation failed (a storage error stopped ``collect``), 2
 usage error (a bad broker URL, a file that is not a records file, matplotlib missing for
-``--plot``), 3 the broker is not reachable or refused us.
+``--plot``, a bad key or root file, a rotation devices would refuse), 3 the broker is not
+reachable or refused us.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from urllib.parse import urlsplit
 
 from edgeserve.cli.common import add_command
 from edgeserve.cli.exits import EPILOG, UsageError
+from edgeserve.cli.fleet_root import root_options, run_root
 from edgeserve.fleet.link import FleetLink, LinkError, LinkNotConnected, LinkRefused, LinkTls
 from edgeserve.telemetry.collection import RecordStore, parse_time
 from edgeserve.telemetry.collector import Collector
@@ -282,6 +285,12 @@ SUBCOMMANDS: dict[str, tuple[Run, str, str, Callable[[argparse.ArgumentParser], 
         "Per device: last seen, offline spans, id gaps, latency/error trends, input drift.",
         "edgeserve fleet report --db fleet.db --since 24h --plot fleet.png",
         _report_options,
+    ),
+    "root": (
+        run_root,
+        "The fleet's trust root: init writes version 1, rotate the next version.",
+        "edgeserve fleet root init --key a.pub --threshold 1 -o root.json",
+        root_options,
     ),
 }
 
