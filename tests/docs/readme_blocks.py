@@ -23,6 +23,7 @@ Pure parsing and comparison: nothing here starts a process.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 # kind -> (languages it may mark, whether it takes an ARG, whether it needs a REASON)
@@ -140,17 +141,20 @@ def synopsis_options(text: str) -> set[str]:
     return set(_OPTION.findall(_without_comments(text)))
 
 
-def synopsis_lines(text: str, prefix: str) -> dict[str, set[str]]:
+def synopsis_lines(text: str, prefix: str, subs: Collection[str] = ()) -> dict[str, set[str]]:
     """Options per subcommand for ``prefix SUB ...`` lines; "" collects the other lines.
 
-    An indented line continues the one above it; an unindented line that does not start
-    with ``prefix`` names options every subcommand takes.
+    ``SUB`` is one word, or two when ``subs`` names the pair (``fleet root init``). An
+    indented line continues the one above it; an unindented line that does not start with
+    ``prefix`` names options every subcommand takes.
     """
     per: dict[str, set[str]] = {}
     current = ""
     for raw in _without_comments(text).splitlines():
         if raw.startswith(prefix + " "):
-            current = raw[len(prefix) + 1 :].split()[0]
+            words = raw[len(prefix) + 1 :].split()
+            pair = " ".join(words[:2])
+            current = pair if pair in subs else words[0]
         elif not raw[:1].isspace():
             current = ""
         per.setdefault(current, set()).update(_OPTION.findall(raw))
@@ -188,14 +192,16 @@ def synopsis_problems(text: str, command: str, helps: dict[str, str]) -> list[st
         return unknown_options(shown, groups, command) + undocumented_options(
             shown, groups, command
         )
-    per_line = synopsis_lines(text, command)
+    per_line = synopsis_lines(text, command, helps)
     common = per_line.pop("", set())
-    subs = [s for s in helps if s]
+    # A subcommand with subcommands of its own (``fleet root``) is shown through them.
+    groups_of = {s for s in helps if s and any(k.startswith(s + " ") for k in helps)}
+    subs = [s for s in helps if s and s not in groups_of]
     problems = [f"`{command} {s}` is missing from the synopsis" for s in subs if s not in per_line]
     problems += [
         f"the synopsis shows `{command} {s}`, which does not exist"
         for s in per_line
-        if s not in helps
+        if s not in subs
     ]
     all_groups: list[set[str]] = []
     for sub in subs:

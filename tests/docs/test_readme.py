@@ -266,6 +266,8 @@ def _synopsis_block(walk: Walk, block: rb.Block) -> None:
     helps = {"": _help(walk, block, command)}
     for sub in rb.help_subcommands(helps[""]):
         helps[sub] = _help(walk, block, f"{command} {sub}")
+        for inner in rb.help_subcommands(helps[sub]):  # `fleet root init`
+            helps[f"{sub} {inner}"] = _help(walk, block, f"{command} {sub} {inner}")
     problems = rb.synopsis_problems(block.text, command, helps)
     if problems:
         _fail(block, "does not match --help:\n  " + "\n  ".join(problems))
