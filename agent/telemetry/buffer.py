@@ -334,7 +334,9 @@ class TelemetryBuffer:
                 db = self._connect()
             except _CorruptFile as exc:
                 moved = self._move_aside()
-                LOG.error("telemetry buffer was corrupt (%s); moved aside to %s", exc, moved)
+                # Recovered, and reported as a buffer_reset event: a warning, not an error
+                # that would keep the device "degraded" in status for ten minutes.
+                LOG.warning("telemetry buffer was corrupt (%s); moved aside to %s", exc, moved)
                 self._queue_reset(str(exc), moved)
                 existed = False
                 db = self._connect()
