@@ -12,9 +12,10 @@ never dropped. Each drop is written as an
 last_time}``; it is merged into the previous drop event of its class while that one is
 unsent and not handed out by ``pending()``, never after.
 
-Ids are ``AUTOINCREMENT`` and unique per device forever: ``<db>.hwm`` (tmp + fsync +
-rename) holds a reservation above every id ever issued, and a fresh file (first start, a
-deleted or a corrupt one) starts above it, with a ``buffer_reset`` event that says why.
+Ids are ``AUTOINCREMENT`` and unique per device forever: ``<db>.hwm``
+(``telemetry/id_mark.py``) holds a reservation above every id ever issued, and a fresh
+file (first start, a deleted or a corrupt one) starts above it, with a ``buffer_reset``
+event that says why.
 A corrupt file at open is moved aside to ``<db>.corrupt-<UTC time>`` (with its -wal and
 -shm); opening never raises for a bad file. Writes fail soft: disk full, I/O errors and a
 read-only file make ``append``/``acknowledge`` return False and count a write failure, and
@@ -23,7 +24,8 @@ the next call tries again.
 Every method is synchronous and may block on disk I/O: the owner calls them off the event
 loop (``asyncio.to_thread`` or one worker thread). The connection may be used from any
 thread; a lock lets one call in at a time. This is the only module that imports
-``sqlite_utils`` or ``sqlite3``.
+``sqlite_utils`` or ``sqlite3``; the rows it takes and gives, without SQLite, are in
+``telemetry/rows.py``.
 """
 
 from __future__ import annotations
@@ -34,18 +36,26 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Generator, Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
 
 from sqlite_utils import Database, Migrations
 
+from edgeserve.telemetry.id_mark import read_id_mark, write_id_mark
+from edgeserve.telemetry.rows import (
+    CLASSES,
+    BufferStats,
+    Drop,
+    Row,
+    StoredRow,
+    canonical_time,
+    iso_time,
+)
+
 LOG = logging.getLogger("edgeserve.telemetry")
 
-RowClass = Literal["event", "rollup", "sample"]
-CLASSES: tuple[RowClass, ...] = ("event", "rollup", "sample")  # highest priority first
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 MIN_MAX_BYTES = 64 * 1024
 WAL_LIMIT_BYTES = 4 * 1024 * 1024  # journal_size_limit: the file stays within budget + this
@@ -72,99 +82,6 @@ def _create_schema(db: Database) -> None:
     )
     db.execute("CREATE INDEX records_class_id ON records (class, id)")
     db.table("meta").create({"key": str, "value": str}, pk="key")
-
-
-@dataclass(frozen=True)
-class Row:
-    """A row to append."""
-
-    cls: RowClass
-    kind: str
-    body: Mapping[str, Any]
-    time: str | None = None
-    """ISO 8601 UTC (``...Z`` or ``+00:00``); None: the time of the append."""
-
-
-@dataclass(frozen=True)
-class StoredRow:
-    """A row as stored, for the uploader."""
-
-    id: int
-    cls: RowClass
-    kind: str
-    time: str
-    body: str
-    """The JSON object text, as stored."""
-    size: int
-    """Bytes of ``body`` (UTF-8), the unit of the budget."""
-
-    def record(self) -> dict[str, Any]:
-        """The record as the upload message carries it."""
-        body = json.loads(self.body)
-        return {
-            "id": self.id,
-            "class": self.cls,
-            "kind": self.kind,
-            "time": self.time,
-            "body": body,
-        }
-
-    @property
-    def wire_size(self) -> int:
-        """Bytes of ``record()`` as compact JSON (``separators=(",", ":")``, UTF-8)."""
-        kind = json.dumps(self.kind, ensure_ascii=False).encode()
-        fixed = len('{"id":,"class":"","kind":,"time":"","body":}')
-        return fixed + len(str(self.id)) + len(self.cls) + len(kind) + len(self.time) + self.size
-
-
-@dataclass(frozen=True)
-class BufferStats:
-    """What ``edgeserve status`` shows about the buffer."""
-
-    backlog_rows: int
-    backlog_bytes: int
-    oldest_unsent_time: str | None
-    """Time of the oldest unsent row (the lowest id); None when nothing is waiting."""
-    dropped: Mapping[str, int]
-    """Rows dropped by the budget since the file began, by class."""
-    last_upload: str | None
-    write_failures: int
-    """Failed writes since the file began (the last ones may not be saved yet)."""
-
-
-@dataclass(frozen=True)
-class _Drop:
-    cls: str
-    count: int
-    first_id: int
-    last_id: int
-    first_time: str
-    last_time: str
-
-    @staticmethod
-    def of(cls: str, victims: Sequence[tuple[int, str]]) -> _Drop:
-        times = [t for _, t in victims]
-        return _Drop(cls, len(victims), victims[0][0], victims[-1][0], min(times), max(times))
-
-    def merged(self, other: Mapping[str, Any]) -> _Drop:
-        return _Drop(
-            self.cls,
-            self.count + int(other["count"]),
-            min(self.first_id, int(other["first_id"])),
-            max(self.last_id, int(other["last_id"])),
-            min(self.first_time, str(other["first_time"])),
-            max(self.last_time, str(other["last_time"])),
-        )
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "class": self.cls,
-            "count": self.count,
-            "first_id": self.first_id,
-            "last_id": self.last_id,
-            "first_time": self.first_time,
-            "last_time": self.last_time,
-        }
 
 
 class _CorruptFile(Exception):
@@ -327,7 +244,7 @@ class TelemetryBuffer:
 
     def _open(self) -> bool:
         """Open or start the file; False leaves it closed for the next call to retry."""
-        self._reserved = _read_hwm(self._hwm_path)
+        self._reserved = read_id_mark(self._hwm_path)
         try:
             existed = self._path.exists() and self._path.stat().st_size > 0
             try:
@@ -441,7 +358,7 @@ class TelemetryBuffer:
             self._reserve(seq)
 
     def _reserve(self, top: int) -> None:
-        _write_hwm(self._hwm_path, top + HWM_BLOCK)
+        write_id_mark(self._hwm_path, top + HWM_BLOCK)
         self._reserved = top + HWM_BLOCK
 
     # --- writing -------------------------------------------------------------------------
@@ -454,7 +371,7 @@ class TelemetryBuffer:
         body = json.dumps(
             dict(row.body), separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
-        stamp = self._now() if row.time is None else _canonical_time(row.time)
+        stamp = self._now() if row.time is None else canonical_time(row.time)
         return (row.cls, row.kind, stamp, body, len(body.encode()))
 
     def _write(self, db: Database, rows: list[tuple[str, str, str, str, int]]) -> None:
@@ -481,11 +398,11 @@ class TelemetryBuffer:
         )
         return int(db.execute(query).fetchone()[0]) * self._page_size
 
-    def _enforce(self, db: Database, incoming: int) -> list[_Drop]:
+    def _enforce(self, db: Database, incoming: int) -> list[Drop]:
         """Drop rows until ``incoming`` more bytes fit under the high-water mark, deleting at
         most ``MAX_DROPS_PER_WRITE`` rows: each write's WAL stays bounded, and the next
         write goes on where this one stopped."""
-        drops: list[_Drop] = []
+        drops: list[Drop] = []
         high = self._max_bytes * HIGH_WATER
         if self._used_bytes(db) + incoming <= high:
             return drops
@@ -504,7 +421,7 @@ class TelemetryBuffer:
             allowance -= drop.count
         return drops
 
-    def _thin_samples(self, db: Database, limit: int) -> _Drop | None:
+    def _thin_samples(self, db: Database, limit: int) -> Drop | None:
         """Delete every other sample not thinned before (at most ``limit``, oldest first)."""
         through = int(_meta_get(db, "thinned_through") or 0)
         query = "SELECT id, time FROM records WHERE class = 'sample' AND id > ? ORDER BY id LIMIT ?"
@@ -514,9 +431,9 @@ class TelemetryBuffer:
             return None
         db.conn.executemany("DELETE FROM records WHERE id = ?", [(i,) for i, _ in victims])
         _meta_set(db, "thinned_through", str(samples[-1][0]))
-        return _Drop.of("sample", victims)
+        return Drop.of("sample", victims)
 
-    def _drop_oldest(self, db: Database, excess: int, limit: int) -> _Drop | None:
+    def _drop_oldest(self, db: Database, excess: int, limit: int) -> Drop | None:
         """Delete the oldest rows of the lowest class present: about ``excess`` bytes, at
         most ``limit`` rows."""
         for cls in ("sample", "rollup"):
@@ -532,12 +449,12 @@ class TelemetryBuffer:
             cursor.close()
             if victims:
                 db.conn.executemany("DELETE FROM records WHERE id = ?", [(i,) for i, _ in victims])
-                return _Drop.of(cls, victims)
+                return Drop.of(cls, victims)
         return None
 
-    def _record_drops(self, db: Database, drops: list[_Drop]) -> None:
+    def _record_drops(self, db: Database, drops: list[Drop]) -> None:
         """Count the drops and describe them in one drop event per class, merged if unsent."""
-        by_class: dict[str, _Drop] = {}
+        by_class: dict[str, Drop] = {}
         for drop in drops:
             seen = by_class.get(drop.cls)
             by_class[drop.cls] = drop if seen is None else drop.merged(seen.body())
@@ -570,7 +487,7 @@ class TelemetryBuffer:
                     yield StoredRow(*row)
 
     def _now(self) -> str:
-        return _iso(self._clock())
+        return iso_time(self._clock())
 
 
 def read_stats(path: str | os.PathLike[str]) -> BufferStats | None:
@@ -614,44 +531,6 @@ def _meta_set(db: Database, key: str, value: str) -> None:
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         [key, value],
     )
-
-
-def _read_hwm(path: Path) -> int:
-    try:
-        return max(0, int(path.read_text().strip()))
-    except FileNotFoundError:
-        return 0
-    except (OSError, ValueError) as exc:
-        LOG.error("telemetry id mark %s unreadable (%s); ids may repeat", path, exc)
-        return 0
-
-
-def _write_hwm(path: Path, value: int) -> None:
-    """Atomically: a temporary file, fsync, rename, fsync of the folder."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(f"{value}\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def _iso(timestamp: float) -> str:
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def _canonical_time(text: str) -> str:
-    moment = datetime.fromisoformat(text)
-    offset = moment.utcoffset()
-    if offset is None or offset.total_seconds() != 0:
-        raise ValueError(f"row time: must be UTC (Z), got {text!r}")
-    return _iso(moment.timestamp())
 
 
 def _describe(exc: BaseException) -> str:

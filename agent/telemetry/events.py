@@ -19,7 +19,7 @@ and the next ``drain()`` ends with one ``drop`` event
 ``{class: "event", where: "memory", count, kinds: {kind: n}, first_time, last_time}``
 saying what was lost before it reached the buffer. Thread-safe: one lock around a deque.
 
-Times are ISO 8601 UTC with millisecond precision and ``Z`` (``iso_time``).
+Times are ISO 8601 UTC with millisecond precision and ``Z`` (``rows.iso_time``).
 """
 
 from __future__ import annotations
@@ -30,20 +30,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
-from edgeserve.telemetry.buffer import Row
+from edgeserve.telemetry.rows import Row, iso_time
 
 log = logging.getLogger("edgeserve.telemetry")
 
 DEFAULT_MAX_PENDING = 1000
-
-
-def iso_time(epoch_s: float) -> str:
-    """``2024-05-01T12:00:00.123Z``: ISO 8601 UTC, milliseconds, ``Z``."""
-    moment = datetime.fromtimestamp(epoch_s, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def _opaque(value: object) -> str:

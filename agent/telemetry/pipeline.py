@@ -26,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from edgeserve.telemetry.buffer import BufferStats, Row, TelemetryBuffer
+from edgeserve.telemetry.buffer import TelemetryBuffer
+from edgeserve.telemetry.rows import BufferStats, Row
 
 log = logging.getLogger("edgeserve.telemetry")
 

@@ -43,9 +43,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from edgeserve.telemetry.buffer import Row
-from edgeserve.telemetry.events import EventLog, iso_time
+from edgeserve.telemetry.events import EventLog
 from edgeserve.telemetry.recorders import ModelRecorder, Recorders
+from edgeserve.telemetry.rows import Row, iso_time
 
 MAX_TEMPERATURES = 16
 """Sensor readings kept in a sample row (the hottest first)."""

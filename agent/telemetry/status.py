@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from edgeserve.telemetry.buffer import CLASSES, BufferStats
+from edgeserve.telemetry.rows import CLASSES, BufferStats
 from edgeserve.types import BatchingSettings
 
 if TYPE_CHECKING:  # status must stay importable without torch (the CLI's offline path)

@@ -37,7 +37,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from edgeserve.telemetry.buffer import StoredRow, TelemetryBuffer
+from edgeserve.telemetry.buffer import TelemetryBuffer
+from edgeserve.telemetry.rows import StoredRow
 
 log = logging.getLogger("edgeserve.telemetry")
 

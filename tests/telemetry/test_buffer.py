@@ -19,11 +19,10 @@ import pytest
 from edgeserve.telemetry.buffer import (
     MIN_MAX_BYTES,
     WAL_LIMIT_BYTES,
-    BufferStats,
-    Row,
     TelemetryBuffer,
     read_stats,
 )
+from edgeserve.telemetry.rows import BufferStats, Row
 
 
 class StepClock:
@@ -338,7 +337,8 @@ def test_read_stats_without_a_daemon(open_buffer, db_path: Path, tmp_path: Path)
 CHILD = textwrap.dedent(
     """
     import sys
-    from edgeserve.telemetry.buffer import Row, TelemetryBuffer
+    from edgeserve.telemetry.buffer import TelemetryBuffer
+    from edgeserve.telemetry.rows import Row
     buffer = TelemetryBuffer(sys.argv[1])
     rows = [Row("rollup", "r", {"i": i, "pad": "p" * 200}) for i in range(30)]
     while True:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from edgeserve.telemetry.buffer import TelemetryBuffer
-from edgeserve.telemetry.events import EventLog, iso_time
+from edgeserve.telemetry.events import EventLog
+from edgeserve.telemetry.rows import iso_time
 
 from .conftest import FakeClock
 

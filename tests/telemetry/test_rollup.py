@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeserve.telemetry.buffer import Row, TelemetryBuffer
-from edgeserve.telemetry.events import EventLog, iso_time
+from edgeserve.telemetry.buffer import TelemetryBuffer
+from edgeserve.telemetry.events import EventLog
 from edgeserve.telemetry.recorders import BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_S, Recorders
 from edgeserve.telemetry.rollup import Rollup
+from edgeserve.telemetry.rows import Row, iso_time
 from edgeserve.telemetry.sampler import SystemSampler
 
 from .conftest import FakeClock

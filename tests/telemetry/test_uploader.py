@@ -25,7 +25,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeserve.fleet.link import FleetLink
-from edgeserve.telemetry.buffer import Row, TelemetryBuffer
+from edgeserve.telemetry.buffer import TelemetryBuffer
+from edgeserve.telemetry.rows import Row
 from edgeserve.telemetry.uploader import Uploader, encode_batch
 from tests.mqtt_broker import Mosquitto
 
