@@ -1,6 +1,6 @@
 """``edgeserve fleet root init|rotate``: write the fleet's trust root and its rotations.
 
-A root is a signed envelope (``fleet/documents.py``) written as its exact canonical
+A root is a signed envelope (``fleet/canonical.py``) written as its exact canonical
 bytes, so the file is what gets installed on devices (``fleet.root``) and published.
 
 - ``init`` writes version 1. A device trusts v1 because it was installed there, so v1
@@ -29,7 +29,8 @@ from edgeserve.archive.signing import load_private_key, load_public_key
 from edgeserve.cli.common import add_command
 from edgeserve.cli.exits import UsageError
 from edgeserve.errors import DocumentRefused
-from edgeserve.fleet.documents import MAX_DOCUMENT_BYTES, Root, format_time, parse_root, parse_time
+from edgeserve.fleet.canonical import MAX_DOCUMENT_BYTES
+from edgeserve.fleet.documents import Root, format_time, parse_root, parse_time
 from edgeserve.fleet.verifier import (
     key_id_of,
     public_key_text,

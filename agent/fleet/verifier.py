@@ -41,17 +41,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgeserve.errors import DocumentRefused
+from edgeserve.fleet.canonical import (
+    Envelope,
+    Signature,
+    envelope_bytes,
+    key_id,
+    parse_envelope,
+)
 from edgeserve.fleet.documents import (
     DEFAULT_MAX_LENGTH,
     Deployment,
     DeviceFacts,
-    Envelope,
     Root,
-    Signature,
-    envelope_bytes,
     format_time,
-    key_id,
-    parse_envelope,
 )
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}

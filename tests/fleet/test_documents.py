@@ -10,20 +10,17 @@ from typing import Any
 import pytest
 
 from edgeserve.errors import DocumentRefused, InvalidArgument
-from edgeserve.fleet.documents import (
+from edgeserve.fleet.canonical import (
     MAX_DEPTH,
     MAX_DOCUMENT_BYTES,
-    Deployment,
-    Root,
     Signature,
     canonical_bytes,
     envelope_bytes,
     key_id,
     parse_envelope,
     parse_json,
-    parse_time,
-    parse_window,
 )
+from edgeserve.fleet.documents import Deployment, Root, parse_time, parse_window
 
 SHA = "ab" * 32
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from edgeserve.archive.signing import load_public_key
-from edgeserve.fleet.documents import canonical_bytes, parse_envelope, parse_root
+from edgeserve.fleet.canonical import canonical_bytes, parse_envelope
+from edgeserve.fleet.documents import parse_root
 from edgeserve.fleet.verifier import key_id_of, verify_root_rotation
 from tests.cli.conftest import assert_one_error_line
 from tests.cli.support import edgeserve, edgeserve_ok, keygen

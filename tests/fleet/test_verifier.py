@@ -17,14 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeserve.archive.signing import load_private_key
 from edgeserve.errors import DocumentRefused
-from edgeserve.fleet.documents import (
-    DeviceFacts,
-    Envelope,
-    Root,
-    Signature,
-    format_time,
-    parse_envelope,
-)
+from edgeserve.fleet.canonical import Envelope, Signature, parse_envelope
+from edgeserve.fleet.documents import DeviceFacts, Root, format_time
 from edgeserve.fleet.verifier import (
     advance_trusted_time,
     key_id_of,
