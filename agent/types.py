@@ -8,6 +8,7 @@ shape whose product is the element count.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
@@ -233,3 +234,38 @@ BUILT_IN_BATCHING = BatchingSettings(
     instances=1,
 )
 """The bottom layer; ``intra_op_threads`` stays null (the CPUs are split at load)."""
+
+
+NetworkPurpose = Literal["artifacts", "control", "telemetry"]
+NETWORK_PURPOSES: tuple[NetworkPurpose, ...] = ("artifacts", "control", "telemetry")
+
+
+@dataclass
+class NetworkCounters:
+    """Bytes moved over the fleet network, per purpose, since the daemon started.
+
+    ``artifacts``: artifact payload bytes received (MQTT chunk payloads, duplicates included,
+    and HTTP body bytes); ``control``: signed documents and reported state; ``telemetry``:
+    uploaded batches. Headers and MQTT framing are not counted. Here (not in ``fleet/``) so
+    that fleet and telemetry both fill one object the daemon hands them; ``add`` may be
+    called from any thread. The reported state and ``status`` read ``snapshot()``.
+    """
+
+    artifacts: int = 0
+    control: int = 0
+    telemetry: int = 0
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
+
+    def add(self, purpose: NetworkPurpose, n: int) -> None:
+        if purpose not in NETWORK_PURPOSES:
+            raise ValueError(f"network purpose must be one of {NETWORK_PURPOSES}, got {purpose!r}")
+        if n < 0:
+            raise ValueError(f"network byte count must be >= 0, got {n}")
+        with self._lock:
+            setattr(self, purpose, getattr(self, purpose) + n)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {p: getattr(self, p) for p in NETWORK_PURPOSES}

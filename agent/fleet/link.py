@@ -223,6 +223,7 @@ class FleetLink:
         self._last_failure = "not connected yet"
         self._pending: dict[int, _Pending] = {}
         self._subs: dict[str, _Subscription] = {}
+        self._unsubscribe_later: set[str] = set()  # dropped while offline: tell the broker
         self._suback: dict[int, list[tuple[str, asyncio.Future[list[ReasonCode]]]]] = {}
         self._connect_waiters: set[asyncio.Future[None]] = set()
         self._deliveries: asyncio.Queue[tuple[mqtt.MQTTMessage, int]] = asyncio.Queue()
@@ -347,6 +348,7 @@ class FleetLink:
         SUBACK and raises ``LinkRefused`` if the broker refuses the filter.
         """
         self._running_loop()
+        self._unsubscribe_later.discard(topic_filter)
         sub = self._subs.setdefault(topic_filter, _Subscription(handler, qos))
         sub.handler, sub.qos = handler, qos
         if not self._connected:
@@ -358,6 +360,23 @@ class FleetLink:
                 raise LinkRefused(
                     f"fleet link: broker refused the subscription '{topic_filter}': {codes[0]}"
                 )
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Stop routing ``topic_filter`` and drop it from the broker's (persistent) session.
+
+        Messages for it still queued here are acked and dropped. The UNSUBSCRIBE goes out now
+        when connected, else on the next connection; its UNSUBACK is not awaited (it carries
+        nothing to act on). Unknown filters are ignored.
+        """
+        self._running_loop()
+        if self._subs.pop(topic_filter, None) is None:
+            return
+        sent = (
+            self._connected
+            and self._client.unsubscribe(topic_filter)[0] == MQTTErrorCode.MQTT_ERR_SUCCESS
+        )
+        if not sent:
+            self._unsubscribe_later.add(topic_filter)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Disconnect cleanly (reason 0: the Will is not sent), stop the thread, fail leftovers."""
@@ -430,6 +449,10 @@ class FleetLink:
                 waiter.set_result(None)
         if self._subs:
             self._send_subscribe(list(self._subs))
+        if self._unsubscribe_later:
+            code, _mid = self._client.unsubscribe(sorted(self._unsubscribe_later))
+            if code == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._unsubscribe_later.clear()
 
     def _lost(self, reason: str) -> None:
         if self._connected:  # else keep the reason the attempt failed (a refused CONNACK)
