@@ -12,7 +12,10 @@ Opt-in cases (``ModelSpec.opt_in``) run only when ``--only`` names them; ``--onl
 telemetry`` is the telemetry pair (``mlp-telon`` / ``mlp-teloff``: the tiny MLP on a
 daemon with telemetry at a 1 s interval and 0.1 s samples, and on one with telemetry
 off), in the order off, on, on, off over two load levels, so that a drift of the
-machine's load during the run weighs on both sides alike.
+machine's load during the run weighs on both sides alike. ``--only telemetry-upload`` is
+the upload pair (``mlp-telup-uds-c8-idle`` / ``-upload``: the tiny MLP while the
+telemetry backlog uploads to a local Mosquitto, and with the broker down; see
+``bench/telemetry_upload.py``).
 
 The machine is shared: when other processes used more than ``quiet_cores`` of CPU in a
 case's window, the case is run again (up to ``retries`` more times) and the quietest
@@ -57,6 +60,9 @@ class Case:
     """open: offered load as a fraction of the measured capacity."""
     procs: int = 0
     """Load processes; 0 = the bench's default."""
+    phase: str = ""
+    """The telemetry upload case's broker state: ``idle`` (down) or ``upload`` (up,
+    the backlog draining); empty elsewhere."""
 
     @property
     def model(self) -> str:
@@ -64,10 +70,10 @@ class Case:
         return "mlp" if self.target == ECHO else self.target
 
 
-def _closed(target: str, transport: str, level: int, procs: int = 0) -> Case:
-    suffix = f"-p{procs}" if procs else ""
+def _closed(target: str, transport: str, level: int, procs: int = 0, phase: str = "") -> Case:
+    suffix = (f"-p{procs}" if procs else "") + (f"-{phase}" if phase else "")
     name = f"{target}-{transport}-c{level}{suffix}"
-    return Case(name, target, transport, "closed", level, procs=procs)
+    return Case(name, target, transport, "closed", level, procs=procs, phase=phase)
 
 
 def _stream(target: str, transport: str) -> Case:
@@ -106,10 +112,11 @@ def all_cases() -> list[Case]:
         _closed("mlp-telon", "uds", 32),
         _closed("mlp-teloff", "uds", 32),
     ]
+    cases += [_closed("mlp-telup", "uds", 8, phase=p) for p in ("idle", "upload")]
     return cases
 
 
-GROUPS = {"telemetry": "mlp-telon-*,mlp-teloff-*"}
+GROUPS = {"telemetry": "mlp-telon-*,mlp-teloff-*", "telemetry-upload": "mlp-telup-*"}
 """Names ``--only`` accepts for a set of cases."""
 
 
@@ -150,6 +157,9 @@ class CaseRunner:
         self._work = work
         self._settings = settings
         self._pools: dict[int, LoadPool] = {}
+        self.edge_hooks: dict[str, Callable[[], Any]] = {}
+        """target -> a callable read at the window's edges too (the upload observer);
+        its two values land in the figures as ``window_extra``."""
 
     def close(self) -> None:
         for pool in self._pools.values():
@@ -213,15 +223,20 @@ class CaseRunner:
             figures["capacity"] = capacity
         if case.target != ECHO:
             figures.update(_mean_batch(case.target, first, last))
+        if "extra" in first:
+            figures["window_extra"] = [first["extra"], last["extra"]]
         return figures
 
     def _probe(self, case: Case, server: Server) -> Callable[[], dict[str, Any]]:
         """What is read at the window's edges: the server's RSS and, for edgeserve, the
         model's batch counters and the Prometheus batch histogram."""
         counter = None if case.target == ECHO else MODELS[case.target].counter_file(self._work)
+        hook = self.edge_hooks.get(case.target)
 
         def probe() -> dict[str, Any]:
             found: dict[str, Any] = {"rss_mb": server.rss() / 2**20}
+            if hook is not None:
+                found["extra"] = hook()
             if counter is not None:
                 found["counters"] = read_counters(counter)
                 found["metrics"] = metrics_batches(server)

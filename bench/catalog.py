@@ -22,11 +22,21 @@ INPUT_NAME = "x"
 MAX_BATCH_SIZE = 32
 VARIANTS = "edgeserve-1thread"
 TELEMETRY_ON, TELEMETRY_OFF = "edgeserve-telemetry-on", "edgeserve-telemetry-off"
+TELEMETRY_UPLOAD = "edgeserve-telemetry-upload"
 DAEMON_TELEMETRY: dict[str, dict[str, Any]] = {
     # Conservative: a rollup every second and a sample every 0.1 s (the smallest allowed),
     # 10x and 10x more often than the defaults; no broker, so the buffer only fills.
     TELEMETRY_ON: {"enabled": True, "interval_s": 1, "sample_every_s": 0.1},
     TELEMETRY_OFF: {"enabled": False},
+    # The upload case (bench/telemetry_upload.py): the same rates, the default upload
+    # batch and rate cap, and a broker the bench starts and stops (``fleet.broker``).
+    TELEMETRY_UPLOAD: {
+        "enabled": True,
+        "interval_s": 1,
+        "sample_every_s": 0.1,
+        "batch_bytes": 65536,
+        "upload_bytes_per_s": 65536,
+    },
 }
 """The ``telemetry:`` section of a bench daemon; the others keep the defaults (on)."""
 _COUNTERS = struct.Struct("<qq")  # the layout bench/counting_handler.py writes
@@ -138,6 +148,17 @@ MODELS: dict[str, ModelSpec] = {
             (1, 10),
             raw=False,
             daemon=TELEMETRY_OFF,
+            opt_in=True,
+            isolated=True,
+        ),
+        # Inference while the telemetry backlog uploads vs upload idle (issue 9).
+        ModelSpec(
+            "mlp-telup",
+            "build_mlp",
+            (1, 64),
+            (1, 10),
+            raw=False,
+            daemon=TELEMETRY_UPLOAD,
             opt_in=True,
             isolated=True,
         ),

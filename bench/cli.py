@@ -24,13 +24,23 @@ from typing import Any
 
 from bench import report
 from bench.cases import ECHO, QUICK, Case, CaseRunner, Settings, all_cases, select
-from bench.catalog import DAEMON_TELEMETRY, MODELS, build_archives
+from bench.catalog import (
+    DAEMON_TELEMETRY,
+    MODELS,
+    TELEMETRY_OFF,
+    TELEMETRY_ON,
+    TELEMETRY_UPLOAD,
+    build_archives,
+)
 from bench.references import baselines, idle_daemon, raw_torch, telemetry_cost
 from bench.server import DaemonSetup, Server, start_daemon, start_echo
 
 DAEMON = "edgeserve"  # the main bench daemon (the thread-budget variants have their own)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-DAEMON_TELEMETRY_MODELS = {k for k, m in MODELS.items() if m.daemon in DAEMON_TELEMETRY}
+DAEMON_TELEMETRY_MODELS = {
+    k for k, m in MODELS.items() if m.daemon in (TELEMETRY_ON, TELEMETRY_OFF)
+}
+UPLOAD_MODELS = {k for k, m in MODELS.items() if m.daemon == TELEMETRY_UPLOAD}
 MAX_QUEUE_SIZE = 256
 
 
@@ -80,6 +90,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--telemetry-intervals",
         type=int,
         help="intervals the buffer write cost is measured over (default 30; --quick 5)",
+    )
+    parser.add_argument(
+        "--upload-backlog-s",
+        type=float,
+        default=30.0,
+        help="telemetry-upload: backlog put in the buffer before the daemon starts, in "
+        "seconds of upload at the rate cap, per repeat (default 30)",
     )
     parser.add_argument(
         "--profile",
@@ -139,6 +156,10 @@ def run_repeat(
     if any(c.target in DAEMON_TELEMETRY_MODELS for c in cases):
         print("  telemetry buffer writes ...", flush=True)
         repeat["telemetry_cost"] = telemetry_cost(args.telemetry_intervals)
+    upload = [c for c in cases if c.target in UPLOAD_MODELS]
+    if upload and len(ctx.get("repeats_done", [])) % 2:
+        # idle, upload in odd repeats; upload, idle in even ones
+        cases = [c for c in cases if c not in upload] + upload[::-1]
     for case in cases:
         capacity = None
         if case.kind == "open":
@@ -148,7 +169,12 @@ def run_repeat(
                     f"{case.target}-{case.transport}-c32", case.target, case.transport, "closed", 32
                 )
                 capacity = runner.run(probe)["throughput"]
+        controller = ctx.get("upload") if case.target in UPLOAD_MODELS else None
+        before = controller.before(case.phase) if controller is not None else None
         figures = runner.run(case, capacity)
+        if controller is not None:
+            controller.after(case.phase, before, figures)
+            _print_upload(figures["upload"])
         repeat["cases"][case.name] = figures
         print(
             f"  {case.name:<24} {figures['throughput']:8.0f}/s  p50 "
@@ -166,6 +192,38 @@ def run_repeat(
     return repeat
 
 
+def _print_upload(found: dict[str, Any]) -> None:
+    rate = found.get("upload_bytes_per_s") or 0.0
+    print(
+        f"    {found['phase']}: backlog rows {found['backlog_rows_before']} -> "
+        f"{found['backlog_rows_after']}, uploaded {found['uploaded_bytes'] / 1024:.0f} KiB "
+        f"in the window ({rate / 1024:.1f} KiB/s, {found['upload_vs_cap']:.2f} of the cap)"
+        + (f", reconnect {found['reconnect_s']:.1f} s" if "reconnect_s" in found else ""),
+        flush=True,
+    )
+
+
+def _start_broker(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The upload case's Mosquitto and a backlog in its daemon's buffer; the fleet section."""
+    from bench.broker import Broker
+    from bench.telemetry_upload import (
+        DEVICE_ID,
+        UPLOAD_BYTES_PER_S,
+        UploadController,
+        prefill,
+    )
+
+    state = ctx["work"] / f"state-{TELEMETRY_UPLOAD}"
+    broker = Broker(ctx["work"] / "broker")
+    ctx["upload"] = UploadController(broker, state / "config.yaml")
+    broker.start()
+    nbytes = int(UPLOAD_BYTES_PER_S * args.upload_backlog_s * args.repeats)
+    filled = prefill(state / "telemetry.db", nbytes)
+    print(f"telemetry backlog: {filled['backlog_rows']} rows in the buffer", flush=True)
+    ctx["upload_prefill"] = filled
+    return {"broker": broker.url, "device_id": DEVICE_ID}
+
+
 def _start_servers(cases: list[Case], ctx: dict[str, Any], args: argparse.Namespace) -> None:
     if any(c.target == ECHO for c in cases):
         ctx["servers"][ECHO] = start_echo(ctx["work"])
@@ -173,6 +231,7 @@ def _start_servers(cases: list[Case], ctx: dict[str, Any], args: argparse.Namesp
     for key in ctx["served"]:
         groups.setdefault(MODELS[key].daemon, []).append(key)
     for name, keys in groups.items():
+        fleet = _start_broker(ctx, args) if name == TELEMETRY_UPLOAD else None
         setup = DaemonSetup(
             models=[(MODELS[k].archive(ctx["work"]), MODELS[k].batching) for k in keys],
             public_key=ctx["public"],
@@ -180,6 +239,7 @@ def _start_servers(cases: list[Case], ctx: dict[str, Any], args: argparse.Namesp
             max_queue_size=MAX_QUEUE_SIZE,
             env=dict(item.split("=", 1) for item in args.daemon_env),
             telemetry=DAEMON_TELEMETRY.get(name),
+            fleet=fleet,
         )
         ctx["servers"][name] = start_daemon(ctx["work"], name, setup)
 
@@ -229,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         _start_servers(cases, ctx, args)
         settings = Settings(args.warmup, args.duration, args.retries, args.quiet_cores, args.procs)
         runner = CaseRunner(ctx["servers"], work, settings)
-        repeats = []
+        if "upload" in ctx:
+            for key in UPLOAD_MODELS:
+                runner.edge_hooks[key] = ctx["upload"].edges
+        repeats = ctx["repeats_done"] = []
         try:
             for index in range(args.repeats):
                 print(f"repeat {index + 1}/{args.repeats}", flush=True)
@@ -240,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in ctx["servers"].values():
             server.stop()
+        if "upload" in ctx:
+            ctx["upload"].close()
+    meta["upload_prefill"] = ctx.get("upload_prefill")
     summary = report.summarize_repeats(repeats, cases)
     meta["wall_s"] = time.monotonic() - started
     document = {"meta": meta, "median": summary, "repeats": repeats, "profile": profiles}

@@ -120,6 +120,34 @@ def case_table(summary: dict[str, Any], cases: list[Case]) -> str:
     return "\n".join(lines)
 
 
+def _upload_lines(summary: dict[str, Any]) -> list[str]:
+    """The telemetry upload case: p50/p99 idle and while uploading, the ratios (medians of
+    per-repeat ratios) and the upload rate achieved in the windows against the cap."""
+    lines = []
+    for name, ratio in sorted(summary["ratios"].items()):
+        if "vs_idle_p99_ms" not in ratio:
+            continue
+        idle = summary["cases"].get(name.removesuffix("-upload") + "-idle") or {}
+        fig = summary["cases"].get(name) or {}
+        up = fig.get("upload") or {}
+        lines.append(
+            f"telemetry upload {name.removeprefix('mlp-telup-').removesuffix('-upload')}: "
+            f"p50 idle {_f(idle.get('p50_ms'), 3)} / uploading {_f(fig.get('p50_ms'), 3)} ms, "
+            f"p99 idle {_f(idle.get('p99_ms'), 3)} / uploading {_f(fig.get('p99_ms'), 3)} ms; "
+            f"uploading/idle p99 {_f(ratio['vs_idle_p99_ms'], 3)}, p50 "
+            f"{_f(ratio['vs_idle_p50_ms'], 3)}, throughput {_f(ratio['vs_idle_throughput'], 3)}"
+        )
+        if up:
+            lines.append(
+                f"  upload in the window {_f((up.get('upload_bytes_per_s') or 0) / 1024, 1)} "
+                f"KiB/s = {_f(up.get('upload_vs_cap'), 2)} of upload_bytes_per_s "
+                f"({_f(up.get('rate_cap_bytes_per_s', 0) / 1024, 0)} KiB/s); backlog rows "
+                f"{_f(up.get('backlog_rows_before'), 0)} -> {_f(up.get('backlog_rows_after'), 0)}"
+                " across the window (medians)"
+            )
+    return lines
+
+
 def telemetry_table(summary: dict[str, Any]) -> str | None:
     """Telemetry on / off per load level (medians of per-repeat ratios) and the buffer's
     write cost per interval; None when neither was measured."""
@@ -132,6 +160,7 @@ def telemetry_table(summary: dict[str, Any]) -> str | None:
                 f"{_f(ratio['vs_mlp-teloff_p50_ms'], 3)}  p99 "
                 f"{_f(ratio['vs_mlp-teloff_p99_ms'], 3)}"
             )
+    lines += _upload_lines(summary)
     cost = summary.get("telemetry_cost")
     if cost:
         lines.append(

@@ -151,6 +151,8 @@ class DaemonSetup:
     """Extra environment of the daemon process (``--daemon-env``, e.g. OMP_WAIT_POLICY)."""
     telemetry: dict[str, Any] | None = None
     """The config's ``telemetry`` section; None keeps edgeserve's defaults."""
+    fleet: dict[str, Any] | None = None
+    """The config's ``fleet`` section (broker, device_id); None: no broker."""
 
 
 def _config_text(
@@ -167,6 +169,9 @@ def _config_text(
     if setup.telemetry is not None:
         inner = ", ".join(f"{k}: {json.dumps(v)}" for k, v in setup.telemetry.items())
         telemetry = f"telemetry: {{{inner}}}\n"
+    if setup.fleet is not None:
+        inner = ", ".join(f"{k}: {json.dumps(v)}" for k, v in setup.fleet.items())
+        telemetry += f"fleet: {{{inner}}}\n"
     metrics = ""
     if port is not None:
         metrics = f"metrics:\n  prometheus_listen: 127.0.0.1:{port}\n"

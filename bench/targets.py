@@ -65,6 +65,10 @@ def case_ratios(repeat: Repeat, case: Case) -> dict[str, float | None]:
             out[f"vs_{baseline}_{key}"] = _div(
                 _get(repeat, case.name, key), _get(repeat, other, key)
             )
+    if case.phase == "upload":  # the telemetry upload case against the same load, idle
+        idle = case.name.removesuffix("-upload") + "-idle"
+        for key in ("throughput", "p50_ms", "p99_ms"):
+            out[f"vs_idle_{key}"] = _div(_get(repeat, case.name, key), _get(repeat, idle, key))
     raw = repeat.get("raw", {}).get(MODELS[case.model].raw_key)
     if raw and case.target != ECHO:
         out["vs_raw_throughput"] = _div(
@@ -296,6 +300,13 @@ def targets() -> list[Target]:
             )
             for level in (8, 32)
         ],
+        Target(
+            "telemetry_upload_p99",
+            "c=8 MLP p99 while the telemetry backlog uploads / broker down, uds",
+            "<= 1.10",
+            _ratio("mlp-telup-uds-c8-upload", "mlp-telup-uds-c8-idle", "p99_ms"),
+            lambda v: v <= 1.10,
+        ),
         Target(
             "idle_rss",
             "idle daemon (tiny MLP) RSS minus `import torch` RSS",

@@ -18,7 +18,8 @@ import pytest
 from bench.cases import all_cases, select
 from bench.drivers import with_id
 from bench.profile import summarize_stacks
-from bench.report import median_tree
+from bench.report import median_tree, telemetry_table
+from bench.targets import case_ratios, targets
 from edgeserve.proto import kserve_v2_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,6 +92,39 @@ def test_the_telemetry_pair_is_opt_in_and_interleaved() -> None:
         "mlp-telon-uds-c32",
         "mlp-teloff-uds-c32",
     ]
+
+
+def test_the_telemetry_upload_pair_is_registered_opt_in_and_reported() -> None:
+    """Its run needs a Mosquitto (bench/broker.py), so CI checks the registration, the
+    ratio and the printed lines; the run itself is ``--only telemetry-upload``."""
+    default = {c.name for c in select(all_cases(), None)}
+    assert not any(name.startswith("mlp-telup") for name in default)
+    chosen = select(all_cases(), "telemetry-upload")
+    assert [(c.name, c.phase) for c in chosen] == [
+        ("mlp-telup-uds-c8-idle", "idle"),
+        ("mlp-telup-uds-c8-upload", "upload"),
+    ]
+    assert not any(c.name.startswith("mlp-telup") for c in select(all_cases(), "telemetry"))
+    repeat = {
+        "cases": {
+            "mlp-telup-uds-c8-idle": {"throughput": 500.0, "p50_ms": 10.0, "p99_ms": 20.0},
+            "mlp-telup-uds-c8-upload": {"throughput": 490.0, "p50_ms": 10.5, "p99_ms": 21.0},
+        }
+    }
+    ratios = case_ratios(repeat, chosen[1])
+    assert ratios["vs_idle_p99_ms"] == pytest.approx(1.05)
+    (target,) = [t for t in targets() if t.key == "telemetry_upload_p99"]
+    assert target.measure(repeat) == pytest.approx(1.05) and target.passes(1.05)
+    upload = {"upload_bytes_per_s": 65536.0, "upload_vs_cap": 1.0, "rate_cap_bytes_per_s": 65536}
+    summary = {
+        "cases": {**repeat["cases"], "mlp-telup-uds-c8-upload": {
+            **repeat["cases"]["mlp-telup-uds-c8-upload"],
+            "upload": {**upload, "backlog_rows_before": 900, "backlog_rows_after": 800},
+        }},
+        "ratios": {"mlp-telup-uds-c8-upload": ratios},
+    }  # fmt: skip
+    table = telemetry_table(summary) or ""
+    assert "uploading/idle p99 1.050" in table and "1.00 of upload_bytes_per_s" in table
 
 
 def test_streamed_request_ids_are_appended_to_the_serialized_payload() -> None:
