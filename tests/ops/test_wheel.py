@@ -10,6 +10,7 @@ with ``--no-deps``; its dependencies come from the test's own environment throug
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -86,14 +87,17 @@ def test_the_wheel_holds_every_module_and_data_file(wheel: Path) -> None:
 
 
 def test_the_installed_wheel_runs_its_console_script(wheel: Path, tmp_path: Path) -> None:
+    # The fresh environment sees nothing of this one's import path but the .pth below.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, env=env)
     python = venv / "bin" / "python"
     installed = subprocess.run(
         [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert installed.returncode == 0, installed.stderr
     site = subprocess.run(
@@ -102,6 +106,7 @@ def test_the_installed_wheel_runs_its_console_script(wheel: Path, tmp_path: Path
         text=True,
         check=True,
         timeout=60,
+        env=env,
     ).stdout.strip()
     (Path(site) / "deps-from-test-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
@@ -112,6 +117,7 @@ def test_the_installed_wheel_runs_its_console_script(wheel: Path, tmp_path: Path
             text=True,
             cwd=tmp_path,
             timeout=120,
+            env=env,
         )
 
     where = subprocess.run(
@@ -119,6 +125,7 @@ def test_the_installed_wheel_runs_its_console_script(wheel: Path, tmp_path: Path
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
     assert where.stdout.strip().startswith(site), where.stdout + where.stderr
     version = edgeserve("--version")

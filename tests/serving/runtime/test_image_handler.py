@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgeserve.errors import ArchiveError, InvalidArgument
+from edgeserve.errors import ArchiveError, InvalidArgument, WarmupFailed
 from edgeserve.handlers import ImageClassifierHandler
 from edgeserve.serving.runtime import RuntimeOptions, load_model
 from edgeserve.types import BytesTensor
@@ -180,11 +180,11 @@ def test_warm_up_with_an_image_sample(model_dirs, cnn) -> None:
     wrong = ({"image": image}, {"labels": [labels[0][::-1]]})
     model = load_model(*make_image_model(model_dirs, cnn, samples=[wrong]), CPU)
     try:
-        with pytest.raises(Exception, match=r"sample 0 output 'labels': got \[") as info:
+        with pytest.raises(WarmupFailed, match=r"sample 0 output 'labels': got \[") as info:
             model.warm_up()
     finally:
         model.close()
-    assert type(info.value).__name__ == "WarmupFailed"
+    assert info.value.reason == "sample 0 output 'labels' does not match"  # safe to send away
 
 
 def test_grayscale_model_gets_one_channel(model_dirs) -> None:
