@@ -105,9 +105,7 @@ def test_import_rules(path: Path) -> None:
     assert part in MAY_IMPORT, f"{rel} is in no part of the module map; add it to STYLE §4"
     imports = _imports(path)
     allowed = MAY_IMPORT[part] | {part} if rel not in PURE else PURE[rel]
-    bad = sorted(
-        i for i in _internal(imports) if i != "__version__" and not _allowed(i, allowed)
-    )
+    bad = sorted(i for i in _internal(imports) if i != "__version__" and not _allowed(i, allowed))
     assert not bad, f"{rel} ({part}) may not import {bad}"
     if rel in PURE:
         assert not [i for i in imports if i.startswith("torch")], f"{rel} must stay pure"
