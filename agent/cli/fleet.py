@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from edgeserve.cli.common import add_command
 from edgeserve.cli.exits import EPILOG, UsageError
+from edgeserve.cli.fleet_control import CONTROL_COMMANDS
 from edgeserve.cli.fleet_root import root_options, run_root
 from edgeserve.fleet.link import FleetLink, LinkError, LinkNotConnected, LinkRefused, LinkTls
 from edgeserve.telemetry.collection import RecordStore, parse_time
@@ -292,6 +293,7 @@ SUBCOMMANDS: dict[str, tuple[Run, str, str, Callable[[argparse.ArgumentParser], 
         "edgeserve fleet root init --key a.pub --threshold 1 -o root.json",
         root_options,
     ),
+    **CONTROL_COMMANDS,  # publish, devices, wait (cli/fleet_control.py)
 }
 
 
