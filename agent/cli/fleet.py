@@ -35,7 +35,7 @@ from edgeserve.fleet.link import FleetLink, LinkError, LinkNotConnected, LinkRef
 from edgeserve.telemetry.collection import RecordStore, parse_time
 from edgeserve.telemetry.collector import Collector
 from edgeserve.telemetry.plot import require_matplotlib, write_plot
-from edgeserve.telemetry.report import build_report, render_table
+from edgeserve.telemetry.report import archive_baseline, build_report, render_table
 
 DEFAULT_PREFIX = "edgeserve/v1"
 SESSION_EXPIRY_S = 7 * 86_400  # what devices publish while the collector is away waits this long
@@ -244,6 +244,14 @@ def _report_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE.png",
         help="also draw latency and throughput per model (needs edgeserve[report])",
     )
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="ARCHIVE",
+        help="drift baseline of that archive's model version: its sample inputs instead of "
+        "the first day (repeatable; informational: read without a signature check)",
+    )
 
 
 def parse_since(text: str, now: datetime) -> datetime:
@@ -262,9 +270,13 @@ def _report(args: argparse.Namespace) -> int:
     since = parse_since(args.since, now)
     if args.plot:
         require_matplotlib()
+    baselines = [archive_baseline(Path(path)) for path in args.baseline]
+    versions = [(b.model, b.version) for b in baselines]
+    if twice := sorted({v for v in versions if versions.count(v) > 1}):
+        raise UsageError(f"--baseline: two archives of {twice[0][0]} version {twice[0][1]}")
     store = RecordStore(args.db, create=False)
     try:
-        report = build_report(store, since=since, now=now, devices=args.device)
+        report = build_report(store, since=since, now=now, devices=args.device, baselines=baselines)
     finally:
         store.close()
     if args.plot:

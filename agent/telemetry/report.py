@@ -20,10 +20,25 @@ and ``telemetry/plot.py`` are renderers of it. Per device:
 - drift per input (and output) summary statistic (``per_request`` mean, min and max,
   and the ``argmax`` class of classifiers, from ``telemetry/drift.py``): the population
   stability index ``PSI = sum((c_i - b_i) * ln(c_i / b_i))`` over the fixed buckets,
-  ``b``/``c`` the bucket shares (floored at ``PSI_EPSILON``) of the baseline (the first
-  day of records of that model version on that device) and of the rest of the window
-  (``--since``, after that first day). PSI above
-  ``PSI_THRESHOLD`` (0.2, the usual "significant shift" line) is flagged.
+  ``b``/``c`` the bucket shares (floored at ``PSI_EPSILON``) of the baseline and of the
+  window. PSI above ``PSI_THRESHOLD`` (0.2, the usual "significant shift" line) is flagged.
+  Each drift entry says which baseline it used (``baseline``):
+
+  - ``"archive"`` (inputs, when ``--baseline ARCHIVE`` names that model name and version):
+    the archive's sample inputs, each sample fed as one batch through the device's own
+    ``DriftSketch`` (``archive_baseline``), so the rows and buckets are the device's by
+    construction; compared with the whole window. Samples are few (often 1-8 rows), so
+    the PSI of an archive baseline is taken over *smoothed* shares: both sides' counts
+    spread over the neighbouring buckets with the weights ``SMOOTHING`` (+-2 buckets,
+    a factor of 10**0.2 = 1.6 either side), which keeps identical inputs at 0 and a
+    shift of a bucket or two small, while a shift of a decade (10 buckets) still scores
+    far above the threshold. With fewer than ``BASELINE_MIN_ROWS`` (30) rows the entry
+    says ``few_baseline_rows: true`` (the table: "few rows"): read its PSI as a hint.
+    The archive is read without a signature check (``trust=None``; its member hashes
+    are still checked): the baseline is informational, nothing is deployed from it.
+  - ``"first_day"`` (otherwise, and always for outputs): the first day of records of
+    that model version on that device, against the rest of the window (``--since``,
+    after that first day).
 
 Unknown record kinds are ignored and missing fields tolerated: a row that lacks what a
 figure needs does not count towards it.
@@ -33,9 +48,12 @@ from __future__ import annotations
 
 import math
 import statistics
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from edgeserve.telemetry.collection import Record, RecordStore, iso, parse_time
@@ -45,15 +63,94 @@ OFFLINE_FACTOR = 3.0
 PSI_THRESHOLD = 0.2
 PSI_EPSILON = 1e-4
 BASELINE = timedelta(days=1)
-BUCKET_CHOICES_S = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 86_400)
+BUCKET_CHOICES_S = (10, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 86_400)
 MAX_BUCKETS = 48
+BASELINE_MIN_ROWS = 30
+SMOOTHING = (1, 2, 3, 2, 1)
+"""Archive baselines: each bucket's count spread over its neighbours with these weights."""
 Hist = tuple[tuple[float, ...], list[int]]
+Counts = dict[tuple[str, str], dict[str, Counter[str]]]
+
+
+@dataclass(frozen=True)
+class ArchiveBaseline:
+    """The drift baseline of one model version, from its archive's sample inputs."""
+
+    source: str
+    model: str
+    version: str
+    buckets: str
+    rows: int
+    """Sample rows sketched (the fewest of any input)."""
+    counts: Counts
+    """Bucket counts per ``("inputs", name)`` and statistic (as ``_sketches`` gives)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "archive": self.source,
+            "model": self.model,
+            "version": self.version,
+            "rows": self.rows,
+            "few_rows": self.rows < BASELINE_MIN_ROWS,
+        }
+
+
+def archive_baseline(path: Path) -> ArchiveBaseline:
+    """The sample inputs of an archive (a ``.zip`` file or an unpacked model directory)
+    sketched by ``DriftSketch`` as the device would, one sample per batch, per row.
+
+    ``ArchiveError`` when it cannot be read, has no samples, or a sample input is not in
+    the manifest's signature (a handler with its own served signature is not loaded
+    here: reading a baseline never runs an archive's code). No signature check.
+    """
+    from edgeserve.archive.format import extract_archive, verify_tree
+    from edgeserve.errors import ArchiveError
+    from edgeserve.serving.warmup import load_sample
+    from edgeserve.telemetry.drift import DriftSketch
+
+    source = str(path)
+    if not path.exists():
+        raise ArchiveError(f"archive '{source}': no such file or directory")
+    with tempfile.TemporaryDirectory(prefix="edgeserve-baseline-") as tmp:
+        if path.is_dir():
+            model_dir, manifest = path, verify_tree(path, trust=None)
+        else:
+            model_dir = Path(tmp) / "model"
+            manifest = extract_archive(path, model_dir, trust=None)
+        label = f"archive '{source}' ({manifest.name} version {manifest.version})"
+        if not manifest.samples:
+            raise ArchiveError(f"{label}: has no sample inputs to use as a drift baseline")
+        sketch = DriftSketch(budget=1.0)
+        for sample in manifest.samples:
+            inputs, _ = load_sample(
+                model_dir, manifest, sample, signature=(manifest.inputs, manifest.outputs)
+            )
+            sketch.observe_batch(inputs, {})
+        taken = sketch.take()
+    if taken["failures"] or taken["batches"]["skipped"]:
+        raise ArchiveError(f"{label}: its sample inputs could not be sketched")
+    rows = min((int(e.get("count", 0)) for e in taken["inputs"].values()), default=0)
+    return ArchiveBaseline(
+        source,
+        manifest.name,
+        manifest.version,
+        str(taken["buckets"]),
+        rows,
+        _sketches([{"drift": taken}], taken["buckets"]),
+    )
 
 
 def build_report(
-    store: RecordStore, *, since: datetime, now: datetime, devices: Sequence[str] = ()
+    store: RecordStore,
+    *,
+    since: datetime,
+    now: datetime,
+    devices: Sequence[str] = (),
+    baselines: Sequence[ArchiveBaseline] = (),
 ) -> dict[str, Any]:
-    """The report document for ``devices`` (all with records when empty)."""
+    """The report document for ``devices`` (all with records when empty); ``baselines``
+    replace the first-day drift baseline of their model versions' inputs."""
+    by_version = {(b.model, b.version): b for b in baselines}
     names = sorted(set(devices)) or store.devices()
     span_s = (now - since).total_seconds()
     fits = [b for b in BUCKET_CHOICES_S if b * MAX_BUCKETS >= span_s]
@@ -63,11 +160,18 @@ def build_report(
         "since": iso(since),
         "bucket_s": bucket_s,
         "psi_threshold": PSI_THRESHOLD,
-        "devices": [_device(store, name, since, bucket_s) for name in names],
+        "baselines": [b.describe() for b in baselines],
+        "devices": [_device(store, name, since, bucket_s, by_version) for name in names],
     }
 
 
-def _device(store: RecordStore, device: str, since: datetime, bucket_s: int) -> dict[str, Any]:
+def _device(
+    store: RecordStore,
+    device: str,
+    since: datetime,
+    bucket_s: int,
+    baselines: Mapping[tuple[str, str], ArchiveBaseline],
+) -> dict[str, Any]:
     window = list(store.records(device, since=iso(since)))
     events = list(store.records(device, kinds=("drop", "buffer_reset"), classes=("event",)))
     models = list(store.records(device, kinds=("model",), classes=("rollup",)))
@@ -80,7 +184,7 @@ def _device(store: RecordStore, device: str, since: datetime, bucket_s: int) -> 
         "by_class": dict(sorted(Counter(r.cls for r in window).items())),
         "offline_spans": offline_spans([t for r in window if (t := parse_time(r.time))]),
         **ids,
-        "models": _models(models, since, bucket_s),
+        "models": _models(models, since, bucket_s, baselines),
         "system": next((r.data() for r in reversed(window) if r.kind == "system"), None),
     }
 
@@ -175,7 +279,12 @@ def offline_spans(times: Iterable[datetime]) -> list[list[str]]:
 # -- models: trends and drift --------------------------------------------------------------
 
 
-def _models(rows: list[Record], since: datetime, bucket_s: int) -> list[dict[str, Any]]:
+def _models(
+    rows: list[Record],
+    since: datetime,
+    bucket_s: int,
+    baselines: Mapping[tuple[str, str], ArchiveBaseline],
+) -> list[dict[str, Any]]:
     by_version: dict[tuple[str, str], list[tuple[datetime, dict[str, Any]]]] = defaultdict(list)
     for row in rows:
         body, moment = row.data(), parse_time(row.time)
@@ -186,13 +295,16 @@ def _models(rows: list[Record], since: datetime, bucket_s: int) -> list[dict[str
     for (name, version), entries in sorted(by_version.items()):
         entries.sort(key=lambda e: e[0])
         recent = [(t, b) for t, b in entries if t >= since]
+        found = drift(entries, since, baselines.get((name, version)))
+        archive = any(d["baseline"] == "archive" for d in found)
         out.append(
             {
                 "model": name,
                 "version": version,
                 "summary": _summary([b for _, b in recent]),
                 "trend": trend(recent, bucket_s),
-                "drift": drift(entries, since),
+                "baseline": "archive" if archive else "first_day",
+                "drift": found,
             }
         )
     return out
@@ -281,7 +393,7 @@ def merge_histograms(hists: Iterable[Hist | None]) -> Hist | None:
     return merged
 
 
-def psi(baseline: Sequence[int], current: Sequence[int]) -> float:
+def psi(baseline: Sequence[float], current: Sequence[float]) -> float:
     """Population stability index of two count vectors over the same buckets."""
     b_total, c_total = sum(baseline), sum(current)
     if not b_total or not c_total:
@@ -293,26 +405,42 @@ def psi(baseline: Sequence[int], current: Sequence[int]) -> float:
     return out
 
 
-def drift(entries: list[tuple[datetime, dict[str, Any]]], since: datetime) -> list[dict[str, Any]]:
-    """Per input/output summary: PSI of the window after the baseline day against it."""
+def drift(
+    entries: list[tuple[datetime, dict[str, Any]]],
+    since: datetime,
+    archive: ArchiveBaseline | None = None,
+) -> list[dict[str, Any]]:
+    """Per input/output summary: PSI of the window against its baseline (the module
+    docstring): ``archive``'s sample inputs when given, else the first day."""
     if not entries:
         return []
     end = entries[0][0] + BASELINE
     scheme = next((e[1]["drift"].get("buckets") for e in entries if _sketch(e[1])), None)
     base = _sketches((b for t, b in entries if t < end), scheme)
     now = _sketches((b for t, b in entries if t >= end and t >= since), scheme)
+    if archive is not None and archive.buckets != scheme:
+        archive = None  # sketches of another bucket scheme cannot be compared
+    everything: Counts = {}
+    if archive is not None:
+        everything = _sketches((b for t, b in entries if t >= since), scheme)
     out = []
-    for key in sorted(base):
+    for key in sorted(set(base) | (set(archive.counts) if archive else set())):
         side, name = key
+        from_archive = archive is not None and key in archive.counts
+        b_side = archive.counts[key] if archive is not None and from_archive else base[key]
+        c_side = (everything if from_archive else now).get(key, {})
         stats = {}
-        for stat, b_counts in sorted(base[key].items()):
-            c_counts = now.get(key, {}).get(stat)
-            if not c_counts or not sum(b_counts.values()):
+        for stat, b_raw in sorted(b_side.items()):
+            c_raw = c_side.get(stat)
+            if not c_raw or not sum(b_raw.values()):
                 continue
+            b_counts: Mapping[str, float] = smooth(b_raw) if from_archive else b_raw
+            c_counts: Mapping[str, float] = smooth(c_raw) if from_archive else c_raw
             buckets = sorted(set(b_counts) | set(c_counts))
             values = [b_counts.get(k, 0) for k in buckets], [c_counts.get(k, 0) for k in buckets]
             stats[stat] = round(psi(*values), 4)
         worst = max(stats.values(), default=None)
+        rows = archive.rows if archive is not None and from_archive else None
         out.append(
             {
                 "side": side,
@@ -320,10 +448,27 @@ def drift(entries: list[tuple[datetime, dict[str, Any]]], since: datetime) -> li
                 "psi": stats,
                 "max_psi": worst,
                 "flagged": worst is not None and worst > PSI_THRESHOLD,
-                "baseline_until": iso(end),
+                "baseline": "archive" if from_archive else "first_day",
+                "baseline_until": None if from_archive else iso(end),
+                "baseline_rows": rows,
+                "few_baseline_rows": rows is not None and rows < BASELINE_MIN_ROWS,
             }
         )
     return out
+
+
+def smooth(counts: Mapping[str, float]) -> dict[str, float]:
+    """Counts spread over neighbouring buckets with the ``SMOOTHING`` weights (numeric
+    bucket keys; others kept as they are). Used on both sides of an archive baseline."""
+    out: dict[str, float] = defaultdict(float)
+    reach, total = len(SMOOTHING) // 2, sum(SMOOTHING)
+    for key, n in counts.items():
+        if not key.isdigit():
+            out[key] += n
+            continue
+        for offset, weight in enumerate(SMOOTHING, start=-reach):
+            out[str(int(key) + offset)] += n * weight / total
+    return dict(out)
 
 
 def _sketch(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -331,9 +476,7 @@ def _sketch(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return sketch if isinstance(sketch, Mapping) else None
 
 
-def _sketches(
-    bodies: Iterable[Mapping[str, Any]], scheme: object
-) -> dict[tuple[str, str], dict[str, Counter[str]]]:
+def _sketches(bodies: Iterable[Mapping[str, Any]], scheme: object) -> Counts:
     """Summed bucket counts per (side, name) and statistic, from each body's ``drift``
     (``telemetry/drift.py``: sparse ``per_request`` histograms and ``argmax``); sketches
     of another bucket scheme than the first one seen are left out."""
@@ -385,6 +528,12 @@ def _sparse(value: object) -> dict[str, int] | None:
 def render_table(report: Mapping[str, Any]) -> str:
     """A compact table per device."""
     lines = [f"since {report['since']} (buckets of {report['bucket_s']} s)"]
+    for base in report.get("baselines", ()):
+        few = f" (fewer than {BASELINE_MIN_ROWS}: PSI is a hint)" if base["few_rows"] else ""
+        lines.append(
+            f"drift baseline of {base['model']} {base['version']}: {base['rows']} sample rows "
+            f"of {base['archive']}{few}"
+        )
     if not report["devices"]:
         lines.append("no records")
     for dev in report["devices"]:
@@ -410,8 +559,17 @@ def render_table(report: Mapping[str, Any]) -> str:
             lines.append(
                 f"  {m['model']:<20} {m['version']:<8} {s['requests']:>9} {err:>6} "
                 f"{_num(s['p50_ms']):>8} {_num(s['p99_ms']):>8}  {', '.join(flagged) or 'none'}"
+                f" (baseline: {_baseline(m)})"
             )
     return "\n".join(lines)
+
+
+def _baseline(model: Mapping[str, Any]) -> str:
+    rows = next((d["baseline_rows"] for d in model["drift"] if d["baseline"] == "archive"), None)
+    if rows is None:
+        return "first day"
+    few = f", few rows: < {BASELINE_MIN_ROWS}" if rows < BASELINE_MIN_ROWS else ""
+    return f"archive samples, {rows} rows{few}"
 
 
 def _num(value: float | None) -> str:

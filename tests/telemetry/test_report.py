@@ -7,11 +7,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 from edgeserve.cli import main
 from edgeserve.telemetry.collection import Batch, RecordStore, iso
-from edgeserve.telemetry.report import PSI_THRESHOLD, build_report, psi
+from edgeserve.telemetry.drift import DriftSketch
+from edgeserve.telemetry.report import PSI_THRESHOLD, archive_baseline, build_report, psi
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 BOUNDS = [0.001, 0.002, 0.004, 0.008]
@@ -134,6 +137,7 @@ def test_gaps_covered_by_drop_events_are_explained_the_rest_listed(db: Path) -> 
 def test_unexplained_gaps_are_empty_when_nothing_was_lost(tmp_path: Path) -> None:
     path = tmp_path / "clean.db"
     t = NOW - timedelta(minutes=5)
+    rows: list[tuple[int, str, str, datetime, dict]]
     rows = [(i, "rollup", "model", t + timedelta(seconds=i), {}) for i in range(1, 11)]
     rows += [
         (
@@ -228,3 +232,108 @@ def test_a_missing_records_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no telemetry records file" in err
     assert main(["fleet", "report", "--db", str(tmp_path / "none.db"), "--since", "soon"]) == 2
+
+
+# -- --baseline ARCHIVE: the archive's sample inputs as the drift baseline ------------------
+
+
+@pytest.fixture
+def sample_rows(tmp_path: Path) -> np.ndarray:
+    """Eight rows of the MLP's input ``x`` (16 floats), well away from zero."""
+    rows = np.random.default_rng(7).uniform(0.5, 2.0, (8, 16)).astype(np.float32)
+    np.save(tmp_path / "sample.npy", rows)
+    return rows
+
+
+@pytest.fixture
+def sampled_archive(mlp_archive_factory: Any, sample_rows: np.ndarray, tmp_path: Path) -> Path:
+    """An MLP archive (``edgeserve package --sample-input x=...``) holding ``sample_rows``."""
+    return mlp_archive_factory(
+        "1", name="mlp", sample_inputs=[("x", tmp_path / "sample.npy")], max_batch_size=8
+    )
+
+
+def device_rollups(db: Path, device: str, batches: list[np.ndarray]) -> None:
+    """Rollups of ``mlp`` version 1 every 10 s over the last hour, each with the drift
+    sketch the device makes (``DriftSketch.take()``) of one batch of ``x``."""
+    start = NOW - timedelta(minutes=50)
+    rows: list[tuple[int, str, str, datetime, dict]] = []
+    for n, batch in enumerate(batches):
+        sketcher = DriftSketch(budget=1.0)
+        sketcher.observe_batch({"x": torch.from_numpy(batch)}, {})
+        body = rollup("mlp", [10, 0, 0, 0, 0], {"OK": 10}, sketcher.take())
+        rows.append((n + 1, "rollup", "model", start + timedelta(seconds=10 * n), body))
+    write(db, device, rows)
+
+
+def test_an_archive_baseline_flags_shifted_inputs_not_matching_ones(
+    sampled_archive: Path, sample_rows: np.ndarray, tmp_path: Path
+) -> None:
+    db = tmp_path / "fleet.db"
+    device_rollups(db, "same", [sample_rows[i % 8 :][:4] for i in range(30)])
+    device_rollups(db, "shifted", [sample_rows[:4] * 10.0 for _ in range(30)])
+    baseline = archive_baseline(sampled_archive)
+    assert (baseline.model, baseline.version, baseline.rows) == ("mlp", "1", 8)
+    store = RecordStore(db, create=False)
+    try:
+        doc = build_report(store, since=NOW - timedelta(hours=2), now=NOW, baselines=[baseline])
+    finally:
+        store.close()
+    by_device = {d["device"]: d["models"][0] for d in doc["devices"]}
+    for device, flagged in (("same", False), ("shifted", True)):
+        model = by_device[device]
+        assert model["baseline"] == "archive"
+        (entry,) = model["drift"]
+        assert entry["name"] == "x" and entry["baseline"] == "archive"
+        assert entry["flagged"] is flagged, (device, entry)
+        assert entry["baseline_rows"] == 8 and entry["few_baseline_rows"]
+    assert by_device["same"]["drift"][0]["max_psi"] < 0.1
+    assert doc["baselines"] == [
+        {
+            "archive": str(sampled_archive),
+            "model": "mlp",
+            "version": "1",
+            "rows": 8,
+            "few_rows": True,
+        }
+    ]
+
+
+def test_baseline_through_the_cli(
+    sampled_archive: Path,
+    sample_rows: np.ndarray,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    db = tmp_path / "fleet.db"
+    device_rollups(db, "dev", [sample_rows[:4] * 10.0 for _ in range(30)])
+    argv = ["fleet", "report", "--db", str(db), "--since", "2h"]
+    assert main([*argv, "--json", "--baseline", str(sampled_archive)]) == 0
+    model = json.loads(capsys.readouterr().out)["devices"][0]["models"][0]
+    assert model["baseline"] == "archive" and model["drift"][0]["flagged"]
+    assert main([*argv, "--json"]) == 0  # without it: the first day, as before
+    assert json.loads(capsys.readouterr().out)["devices"][0]["models"][0]["baseline"] == (
+        "first_day"
+    )
+    assert main([*argv, "--baseline", str(sampled_archive)]) == 0
+    out = capsys.readouterr().out
+    assert "baseline: archive samples, 8 rows, few rows: < 30" in out
+    assert "8 sample rows of" in out and "x " in out
+
+
+def test_a_missing_or_corrupt_baseline_exits_2(
+    sampled_archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "fleet.db"
+    device_rollups(db, "dev", [np.ones((2, 16), np.float32)])
+    corrupt = tmp_path / "corrupt.esar"
+    data = bytearray(sampled_archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    for archive, said in ((tmp_path / "none.esar", "no such file"), (corrupt, "corrupt.esar")):
+        assert main(["fleet", "report", "--db", str(db), "--baseline", str(archive)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err, err
+    twice = ["--baseline", str(sampled_archive)] * 2
+    assert main(["fleet", "report", "--db", str(db), *twice]) == 2
+    assert "two archives of mlp version 1" in capsys.readouterr().err
