@@ -72,6 +72,11 @@ class Manifest:
     created_by: str = ""
     schema: int = SCHEMA_VERSION
 
+    @property
+    def label(self) -> str:
+        """How messages name this model: ``model 'mlp' version '2'``."""
+        return f"model '{self.name}' version '{self.version}'"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": self.schema,

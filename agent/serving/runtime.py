@@ -60,7 +60,7 @@ from edgeserve.handlers._custom import (
 )
 from edgeserve.handlers.base import BaseHandler, HandlerContext, InputRejected
 from edgeserve.serving.torch_dtypes import TORCH_DTYPES
-from edgeserve.serving.warmup import Signature, WarmupReport, warm_up
+from edgeserve.serving.warmup import Signature, WarmupReport, last_line, warm_up
 from edgeserve.types import BytesTensor, TensorSpec, TensorValue
 
 __all__ = [
@@ -125,8 +125,8 @@ def _load_torchscript(
         module = torch.jit.load(str(path), map_location=device)
     except (RuntimeError, OSError, ValueError) as exc:
         raise ArchiveError(
-            f"{_label(manifest)}: '{manifest.model_file}' is not a loadable TorchScript "
-            f"file ({_last_line(exc)})"
+            f"{manifest.label}: '{manifest.model_file}' is not a loadable TorchScript "
+            f"file ({last_line(exc)})"
         ) from exc
     return module.eval()
 
@@ -160,7 +160,7 @@ class LoadedModel:
         self._module: torch.jit.ScriptModule | None = module
         self._handler: BaseHandler | None = handler
         self._handler_module = handler_module
-        self._label = _label(manifest)
+        self._label = manifest.label
 
     @property
     def handler(self) -> BaseHandler:
@@ -255,7 +255,7 @@ def load_model(model_dir: Path, manifest: Manifest, options: RuntimeOptions) -> 
     loader = LOADERS.get(manifest.format)
     if loader is None:
         raise ArchiveError(
-            f"{_label(manifest)}: format '{manifest.format}' has no loader "
+            f"{manifest.label}: format '{manifest.format}' has no loader "
             f"(known: {', '.join(sorted(LOADERS))})"
         )
     device = _place(manifest, options)
@@ -273,7 +273,7 @@ def load_model(model_dir: Path, manifest: Manifest, options: RuntimeOptions) -> 
             forget_module(module_name)
         raise
     took = time.perf_counter() - started
-    log.info("%s: loaded on %s in %.3fs", _label(manifest), device, took)
+    log.info("%s: loaded on %s in %.3fs", manifest.label, device, took)
     return LoadedModel(
         manifest,
         model_dir,
@@ -297,17 +297,6 @@ def served_signature(model_dir: Path, manifest: Manifest) -> Signature:
             forget_module(module_name)
 
 
-def _last_line(exc: BaseException, limit: int = 300) -> str:
-    """The telling line of an error (TorchScript puts a traceback before it)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[-1] if lines else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _label(manifest: Manifest) -> str:
-    return f"model '{manifest.name}' version '{manifest.version}'"
-
-
 def _batch_size(inputs: Mapping[str, TensorValue]) -> int | None:
     for value in inputs.values():
         if isinstance(value, BytesTensor):
@@ -324,10 +313,10 @@ def _place(manifest: Manifest, options: RuntimeOptions) -> torch.device:
     if options.device.strip().lower() != "auto":
         raise ConfigError(
             DEVICE_KEY,
-            f"{_label(manifest)} is quantized ({mode}) and runs on the CPU only, "
+            f"{manifest.label} is quantized ({mode}) and runs on the CPU only, "
             f"but device '{options.device}' was requested",
         )
-    log.info("%s: quantized (%s), running on cpu rather than %s", _label(manifest), mode, device)
+    log.info("%s: quantized (%s), running on cpu rather than %s", manifest.label, mode, device)
     return torch.device("cpu")
 
 
@@ -339,7 +328,7 @@ def _compute_dtype(
     if device.type != "cuda" or manifest.quantization is not None:
         log.info(
             "%s: fp16 applies to float models on CUDA only; running as is on %s",
-            _label(manifest),
+            manifest.label,
             device,
         )
         return None
@@ -355,10 +344,10 @@ def _select_engine(manifest: Manifest) -> None:
     if engine is None:
         engine = next((e for e in _ENGINE_PREFERENCE if e in supported), None)
         if engine is None:
-            raise ArchiveError(f"{_label(manifest)} is quantized but this torch has no engine")
+            raise ArchiveError(f"{manifest.label} is quantized but this torch has no engine")
         log.warning(
             "%s: quantized engine %r is not supported here (%s); using %r",
-            _label(manifest),
+            manifest.label,
             wanted,
             ", ".join(supported),
             engine,
@@ -366,7 +355,7 @@ def _select_engine(manifest: Manifest) -> None:
     if torch.backends.quantized.engine != engine:
         log.info(
             "%s: quantized engine %s (was %s)",
-            _label(manifest),
+            manifest.label,
             engine,
             torch.backends.quantized.engine,
         )
@@ -381,10 +370,10 @@ def _resolve_handler(
         try:
             cls = get_handler_class(name)
         except LookupError as exc:
-            raise ArchiveError(f"{_label(manifest)}: {exc}") from None
+            raise ArchiveError(f"{manifest.label}: {exc}") from None
         return cls, cls, None
     if name not in manifest.files:
-        raise ArchiveError(f"{_label(manifest)}: handler module '{name}' is not in the archive")
+        raise ArchiveError(f"{manifest.label}: handler module '{name}' is not in the archive")
     safe = re.sub(r"\W", "_", f"{manifest.name}_{manifest.version}")
     module_name = f"_edgeserve_handler_{safe}_{uuid.uuid4().hex[:12]}"
     try:
@@ -392,7 +381,7 @@ def _resolve_handler(
         found, factory = find_handler(module, name)
     except HandlerModuleError as exc:
         forget_module(module_name)
-        raise ArchiveError(f"{_label(manifest)}: {exc}") from exc
+        raise ArchiveError(f"{manifest.label}: {exc}") from exc
     return found, factory, module_name
 
 
@@ -400,7 +389,7 @@ def _served(handler_cls: type[BaseHandler], manifest: Manifest) -> Signature:
     try:
         signature = handler_cls.served_signature(dict(manifest.handler_config))
     except (ValueError, TypeError, KeyError) as exc:
-        raise ArchiveError(f"{_label(manifest)}: {exc}") from exc
+        raise ArchiveError(f"{manifest.label}: {exc}") from exc
     return signature if signature is not None else (manifest.inputs, manifest.outputs)
 
 
@@ -428,6 +417,6 @@ def _initialize(
         raise
     except Exception as exc:
         raise ArchiveError(
-            f"{_label(manifest)}: handler '{manifest.handler}' failed to initialize: {exc}"
+            f"{manifest.label}: handler '{manifest.handler}' failed to initialize: {exc}"
         ) from exc
     return handler

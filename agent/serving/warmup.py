@@ -115,11 +115,11 @@ def warm_up(model: Runnable) -> WarmupReport:
                 worst[name] = max(worst.get(name, 0.0), error)
             if problem is not None:
                 raise WarmupCheckFailed(
-                    f"{_label(manifest)} failed warm-up: sample {index} output '{name}': {problem}",
+                    f"{manifest.label} failed warm-up: sample {index} output '{name}': {problem}",
                     f"sample {index} output '{name}' does not match",
                 )
     log.info(
-        "%s: %d warm-up sample(s) passed in %.3fs", _label(manifest), len(durations), sum(durations)
+        "%s: %d warm-up sample(s) passed in %.3fs", manifest.label, len(durations), sum(durations)
     )
     return WarmupReport(len(durations), False, tuple(durations), worst)
 
@@ -143,7 +143,7 @@ def representative_inputs(model: Runnable) -> Mapping[str, TensorValue] | None:
 
 
 def _synthetic(model: Runnable) -> WarmupReport:
-    label = _label(model.manifest)
+    label = model.manifest.label
     inputs = representative_inputs(model)
     if inputs is None:
         log.info("%s: no samples and non-numeric inputs: no warm-up run", label)
@@ -160,8 +160,8 @@ def _run(model: Runnable, inputs: Mapping[str, TensorValue], what: str) -> Tenso
         return model.run(inputs)
     except Exception as exc:
         raise WarmupCheckFailed(
-            f"{_label(model.manifest)} failed warm-up: {what} raised {type(exc).__name__}: "
-            f"{_last_line(exc)}",
+            f"{model.manifest.label} failed warm-up: {what} raised {type(exc).__name__}: "
+            f"{last_line(exc)}",
             f"{what} raised {type(exc).__name__}",
         ) from exc
 
@@ -181,7 +181,7 @@ def load_sample(
     inputs = _read_side(model_dir, manifest, sample.inputs, inputs_sig, "input")
     missing = [spec.name for spec in inputs_sig if spec.name not in inputs]
     if missing:
-        raise ArchiveError(f"{_label(manifest)}: a sample lacks input(s) {missing}")
+        raise ArchiveError(f"{manifest.label}: a sample lacks input(s) {missing}")
     return inputs, _read_side(model_dir, manifest, sample.outputs, outputs_sig, "output")
 
 
@@ -198,7 +198,7 @@ def _read_side(
         spec = by_name.get(name)
         if spec is None:
             raise ArchiveError(
-                f"{_label(manifest)}: sample member '{member}' is for {side} '{name}', "
+                f"{manifest.label}: sample member '{member}' is for {side} '{name}', "
                 f"which is not in the signature ({sorted(by_name)})"
             )
         try:
@@ -206,7 +206,7 @@ def _read_side(
             tensors[name] = _read_tensor(path, spec, side == "output")
         except (OSError, ValueError) as exc:
             raise ArchiveError(
-                f"{_label(manifest)}: sample member '{member}' ({side} '{name}'): {exc}"
+                f"{manifest.label}: sample member '{member}' ({side} '{name}'): {exc}"
             ) from exc
     return tensors
 
@@ -262,12 +262,8 @@ def _preview(items: list[bytes], limit: int = 5) -> str:
     return f"{shown}{' ...' if len(items) > limit else ''} ({len(items)} items)"
 
 
-def _last_line(exc: BaseException, limit: int = 300) -> str:
+def last_line(exc: BaseException, limit: int = 300) -> str:
     """The telling line of an error (TorchScript puts a traceback before it)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[-1] if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _label(manifest: Manifest) -> str:
-    return f"model '{manifest.name}' version '{manifest.version}'"
