@@ -215,6 +215,45 @@ class FleetTlsConfig:
             raise ConfigError("key_file", "set only together with cert_file")
 
 
+_WINDOW_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])$")
+
+
+def parse_activation_window(value: str | None, key: str) -> tuple[int, int] | None:
+    """``"HH:MM-HH:MM"`` as (start, end) minutes after midnight; None stays None."""
+    if value is None:
+        return None
+    match = _WINDOW_RE.match(value)
+    if match is None:
+        raise _bad(key, 'must be "HH:MM-HH:MM" (24 h, device-local time)', value)
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    start, end = h1 * 60 + m1, h2 * 60 + m2
+    if start == end:
+        raise _bad(key, "start and end must differ", value)
+    return start, end
+
+
+@dataclass(frozen=True)
+class ProbationConfig:
+    max_error_rate: float = 0.01
+    """Breach: the new versions' share of failed requests above this (0..1)."""
+    min_requests: int = 20
+    """Requests the new versions must have served before their error rate is judged."""
+    max_p99_ratio: float = 3.0
+    """Breach: p99 above this many times the previous set's p99 (and above p99_floor_ms)."""
+    p99_floor_ms: float = 20.0
+    """A p99 at or below this many milliseconds is never a breach."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_error_rate <= 1:
+            raise _bad("max_error_rate", "must be 0..1", self.max_error_rate)
+        if not 1 <= self.min_requests <= 1_000_000:
+            raise _bad("min_requests", "must be 1..1000000", self.min_requests)
+        if not 1 <= self.max_p99_ratio <= 1000:
+            raise _bad("max_p99_ratio", "must be 1..1000", self.max_p99_ratio)
+        if not 0 <= self.p99_floor_ms <= 600_000:
+            raise _bad("p99_floor_ms", "must be 0..600000 ms", self.p99_floor_ms)
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     broker: str | None = None
@@ -231,8 +270,25 @@ class FleetConfig:
     """MQTT user name; null = connect without one."""
     password_file: Path | None = None
     """File holding the MQTT password; needs username, and mqtts:// unless on loopback."""
+    root: Path | None = None
+    """The fleet trust root (fleet root init); null = follow no deployments (presence only)."""
+    probation_s: float = 60.0
+    """Seconds a new set is watched on live traffic before it commits; 0..86400."""
+    probation: ProbationConfig = field(default_factory=ProbationConfig)
+    """What counts as a breach during probation (then the previous set comes back)."""
+    activation_window: str | None = None
+    """"HH:MM-HH:MM" device-local time when new sets may go live; null = any time."""
+    max_artifact_bytes: int = 2 * 1024 * MIB
+    """Largest artifact this device downloads, in bytes; 1 MiB..1 TiB."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.probation_s <= 86_400:
+            raise _bad("probation_s", "must be 0..86400 seconds", self.probation_s)
+        parse_activation_window(self.activation_window, "activation_window")
+        if not MIB <= self.max_artifact_bytes <= 1 << 40:
+            raise _bad(
+                "max_artifact_bytes", "must be 1048576 (1 MiB)..1 TiB", self.max_artifact_bytes
+            )
         if self.device_id is not None and not _DEVICE_ID_RE.match(self.device_id):
             raise _bad("device_id", _ID_PROBLEM, self.device_id)
         for i, group in enumerate(self.groups):

@@ -75,6 +75,7 @@ _PATH_KEYS = (
     "fleet.tls.cert_file",
     "fleet.tls.key_file",
     "fleet.password_file",
+    "fleet.root",
 )
 # Secrets: refused when others may read them.
 _PRIVATE_FILES = ("management.token_file", "fleet.tls.key_file", "fleet.password_file")
@@ -119,6 +120,7 @@ def _check_files(config: Config) -> None:
         files += [(f"fleet.tls.{k}", getattr(fleet.tls, k)) for k in ("ca_file", "cert_file")]
         files += [("fleet.tls.key_file", fleet.tls.key_file)]
         files += [("fleet.password_file", fleet.password_file)]
+        files += [("fleet.root", fleet.root)]
     for key, path in files:
         if path is None:
             continue

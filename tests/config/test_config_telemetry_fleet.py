@@ -77,7 +77,7 @@ BAD = [
         "fleet.password_file",
         "file not found",
     ),
-    ("fleet: {root: /etc/root.json}", "fleet.root", "unknown key"),
+    ("fleet: {broker: 'mqtt://h', root: /nonexistent/root.json}", "fleet.root", "file not found"),
 ]
 
 
