@@ -285,6 +285,16 @@ class Mosquitto:
             proc.kill()
             proc.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open, and nothing is answered until ``resume()``."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after ``pause()``."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def close(self) -> None:
         self.kill()
 

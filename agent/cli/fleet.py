@@ -31,7 +31,8 @@ from edgeserve.cli.common import add_command
 from edgeserve.cli.exits import EPILOG, UsageError
 from edgeserve.cli.fleet_control import CONTROL_COMMANDS
 from edgeserve.cli.fleet_root import root_options, run_root
-from edgeserve.fleet.link import FleetLink, LinkError, LinkNotConnected, LinkRefused, LinkTls
+from edgeserve.fleet.link import FleetLink
+from edgeserve.fleet.link_types import LinkError, LinkNotConnected, LinkRefused, LinkTls
 from edgeserve.telemetry.collection import RecordStore, parse_time
 from edgeserve.telemetry.collector import Collector
 from edgeserve.telemetry.plot import require_matplotlib, write_plot

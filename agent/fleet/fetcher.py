@@ -59,7 +59,7 @@ from edgeserve.fleet.artifacts import (
     hash_file,
 )
 from edgeserve.fleet.http_source import http_attempt, http_opener
-from edgeserve.fleet.link import backoff_delay
+from edgeserve.fleet.link_types import backoff_delay
 from edgeserve.fleet.mqtt_source import ChunkReceiver, ChunkTarget
 from edgeserve.types import NetworkCounters
 

@@ -17,16 +17,23 @@ and only on the connection it arrived on. A crash or disconnect before that make
 broker deliver it again: handlers see duplicates (at least once) and de-duplicate by
 content (a document's serial, a record's id). Payloads are never logged.
 
-Errors (kinds from ``edgeserve.errors``)::
+Unmatched messages. With a persistent session the broker sends what it queued for us
+right after CONNACK, often before the caller's ``subscribe()`` calls ran. A message that
+matches no handler is therefore held, unacknowledged, and handed to the first
+``subscribe()`` whose filter matches it (then acked after that handler, as usual). The
+hold is bounded: at most ``hold_max_messages`` (1000) messages and ``hold_max_bytes``
+(16 MiB); a message past either bound is not acked, so the broker delivers it again on the
+next connection (a QoS 0 one is dropped). A held QoS 1 message still counts against our
+Receive Maximum, so the broker sends no further QoS 1 messages while ``receive_maximum``
+of them are held; a message still unmatched after ``hold_unmatched_s`` (60 s) is therefore
+acked and dropped with a warning, as is at once a message matching only a filter that was
+``unsubscribe()``d. Held QoS 1 messages are forgotten when their connection ends (the
+broker sends them again). A broken connection lets a ``subscribe()`` awaiting its SUBACK
+return as if it had been called offline: the filter stays registered and is renewed on
+the next connection.
 
-    EdgeserveError
-    └── LinkError               anything the link refuses or the broker rejects
-        ├── LinkRefused         the broker or TLS refused us: credentials, ACL, certificate
-        ├── LinkNotConnected    no connection within the wait, or QoS 0 while offline
-        ├── LinkClosed          the link is not started or was closed; pending publishes fail
-        ├── LinkQueueFull       max_pending messages already await their PUBACK
-        ├── PacketTooLarge      over the broker's Maximum-Packet-Size (refused locally)
-        └── PublishFailed       paho or the broker (PUBACK reason code) refused a message
+The error family, ``Will``, ``LinkTls`` and the pure helpers live in ``fleet/link_types.py``
+(no paho there); the names imported from it below stay importable from here.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ import logging
 import random
 import ssl
 import threading
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -47,101 +56,32 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgeserve.errors import EdgeserveError, InvalidArgument, Kind
+from edgeserve.errors import InvalidArgument
+from edgeserve.fleet.link_types import (
+    MAX_BACKOFF_S,
+    MQTT_MAX_PACKET,
+    Held,
+    LinkClosed,
+    LinkError,
+    LinkNotConnected,
+    LinkQueueFull,
+    LinkRefused,
+    LinkTls,
+    PacketTooLarge,
+    PublishFailed,
+    UnmatchedHold,
+    Will,
+    backoff_delay,
+    publish_packet_size,
+)
 
 log = logging.getLogger("edgeserve.fleet")
 
-MAX_BACKOFF_S = 30.0
-# Largest MQTT packet: 1 byte header + 4 bytes remaining length + 268,435,455 bytes.
-MQTT_MAX_PACKET = 268_435_460
+HOLD_MAX_MESSAGES = 1_000
+HOLD_MAX_BYTES = 16 << 20
 Handler = Callable[[str, bytes, bool], Awaitable[None] | None]
 ConnectionHook = Callable[[bool, str], None]
-
-
-class LinkError(EdgeserveError):
-    kind = Kind.INTERNAL
-
-
-class LinkRefused(LinkError):
-    kind = Kind.UNAUTHENTICATED
-
-    @classmethod
-    def connack(cls, where: str, reason: str) -> LinkRefused:
-        return cls(f"fleet link: broker {where} refused the connection: {reason}")
-
-    @classmethod
-    def tls(cls, where: str, detail: str) -> LinkRefused:
-        return cls(f"fleet link: TLS handshake with {where} failed: {detail}")
-
-
-class LinkNotConnected(LinkError):
-    kind = Kind.NOT_READY
-
-
-class LinkClosed(LinkError):
-    kind = Kind.NOT_READY
-
-
-class LinkQueueFull(LinkError):
-    kind = Kind.OVERLOADED
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"fleet link: outgoing queue is full ({limit} messages await PUBACK)")
-
-
-class PacketTooLarge(LinkError):
-    kind = Kind.TOO_LARGE
-
-    def __init__(self, topic: str, size: int, limit: int, source: str) -> None:
-        super().__init__(
-            f"fleet link: message to '{topic}' is {size} bytes on the wire; "
-            f"the limit is {limit} bytes ({source})"
-        )
-
-
-class PublishFailed(LinkError):
-    @classmethod
-    def rc(cls, topic: str, rc: MQTTErrorCode | int) -> PublishFailed:
-        return cls(f"fleet link: publish to '{topic}' failed: {mqtt.error_string(rc)}")
-
-    @classmethod
-    def refused(cls, topic: str, reason: ReasonCode) -> PublishFailed:
-        err = cls(f"fleet link: broker refused the message to '{topic}': {reason}")
-        if reason.value == 0x87:
-            err.kind = Kind.PERMISSION_DENIED
-        return err
-
-
-@dataclass(frozen=True)
-class Will:
-    """The Last Will the broker publishes if the link dies without a clean ``close()``."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-@dataclass(frozen=True)
-class LinkTls:
-    """TLS files; ``ca_file`` None trusts the system CAs. There is no plaintext fallback."""
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-
-def backoff_delay(attempt: int, initial_s: float, cap_s: float, rand: random.Random) -> float:
-    """Seconds before reconnect ``attempt`` (0-based): exponential, "equal jitter", capped."""
-    ceiling = min(cap_s, initial_s * 2 ** min(attempt, 32))
-    return ceiling / 2 + rand.uniform(0, ceiling / 2)
-
-
-def publish_packet_size(topic: str, payload: bytes, qos: int) -> int:
-    """Bytes of an MQTT v5 PUBLISH with no properties, as it goes on the wire."""
-    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + 1 + len(payload)
-    length_bytes = 1 + (remaining >= 128) + (remaining >= 16_384) + (remaining >= 2_097_152)
-    return 1 + length_bytes + remaining
+_Inbound = tuple[mqtt.MQTTMessage, int]  # a message and the connection (generation) it came on
 
 
 class _HandshakeClosingSocket(ssl.SSLSocket):
@@ -190,6 +130,9 @@ class FleetLink:
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = MAX_BACKOFF_S,
         connect_timeout_s: float = 10.0,
+        hold_max_messages: int = HOLD_MAX_MESSAGES,
+        hold_max_bytes: int = HOLD_MAX_BYTES,
+        hold_unmatched_s: float = 60.0,
         on_connection_change: ConnectionHook | None = None,
     ) -> None:
         if not 0 < backoff_initial_s <= backoff_max_s <= MAX_BACKOFF_S:
@@ -226,7 +169,11 @@ class FleetLink:
         self._unsubscribe_later: set[str] = set()  # dropped while offline: tell the broker
         self._suback: dict[int, list[tuple[str, asyncio.Future[list[ReasonCode]]]]] = {}
         self._connect_waiters: set[asyncio.Future[None]] = set()
-        self._deliveries: asyncio.Queue[tuple[mqtt.MQTTMessage, int]] = asyncio.Queue()
+        self._inbox: deque[_Inbound] = deque()
+        self._inbox_ready = asyncio.Event()
+        self._held = UnmatchedHold[_Inbound](hold_max_messages, hold_max_bytes, hold_unmatched_s)
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._unsubscribed: set[str] = set()  # unsubscribe()d: their messages are dropped
         self._tasks: set[asyncio.Task[None]] = set()
 
     @staticmethod
@@ -299,7 +246,9 @@ class FleetLink:
         waiter = self._running_loop().create_future()
         self._connect_waiters.add(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout_s)
+            # Not wait_for: on 3.11 it can swallow a cancellation that lands as waiter resolves.
+            async with asyncio.timeout(timeout_s):
+                await waiter
         except TimeoutError:
             raise LinkNotConnected(
                 f"fleet link: not connected to {self._where} within {timeout_s} s "
@@ -333,10 +282,10 @@ class FleetLink:
             if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
                 raise LinkNotConnected(f"fleet link: not connected; QoS 0 to '{topic}' dropped")
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                raise PublishFailed.rc(topic, info.rc)
+                raise PublishFailed.rc(topic, mqtt.error_string(info.rc))
             return
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            raise PublishFailed.rc(topic, info.rc)
+            raise PublishFailed.rc(topic, mqtt.error_string(info.rc))
         future: asyncio.Future[None] = loop.create_future()
         self._pending[info.mid] = _Pending(topic, future)
         await future
@@ -344,13 +293,17 @@ class FleetLink:
     async def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Route messages matching ``topic_filter`` to ``handler(topic, payload, retained)``.
 
-        The subscription is renewed after every reconnect. When connected, waits for the
-        SUBACK and raises ``LinkRefused`` if the broker refuses the filter.
+        The subscription is renewed after every reconnect, and held messages it matches are
+        delivered now (see the module docstring). When connected, waits for the SUBACK and
+        raises ``LinkRefused`` if the broker refuses the filter; a connection lost meanwhile
+        makes it return as if called offline.
         """
         self._running_loop()
         self._unsubscribe_later.discard(topic_filter)
+        self._unsubscribed.discard(topic_filter)
         sub = self._subs.setdefault(topic_filter, _Subscription(handler, qos))
         sub.handler, sub.qos = handler, qos
+        self._release_held(topic_filter)
         if not self._connected:
             return
         waiter = self._send_subscribe([topic_filter])
@@ -364,13 +317,14 @@ class FleetLink:
     async def unsubscribe(self, topic_filter: str) -> None:
         """Stop routing ``topic_filter`` and drop it from the broker's (persistent) session.
 
-        Messages for it still queued here are acked and dropped. The UNSUBSCRIBE goes out now
-        when connected, else on the next connection; its UNSUBACK is not awaited (it carries
-        nothing to act on). Unknown filters are ignored.
+        Messages for it still queued or held here are acked and dropped. The UNSUBSCRIBE goes
+        out now when connected, else on the next connection; its UNSUBACK is not awaited (it
+        carries nothing to act on). Unknown filters are ignored.
         """
         self._running_loop()
         if self._subs.pop(topic_filter, None) is None:
             return
+        self._unsubscribed.add(topic_filter)
         sent = (
             self._connected
             and self._client.unsubscribe(topic_filter)[0] == MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -391,6 +345,8 @@ class FleetLink:
             if thread.is_alive():
                 log.warning("fleet link: network thread did not stop within %s s", timeout_s)
         self._finished = True  # callbacks still queued on the loop are dropped from here on
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -440,6 +396,7 @@ class FleetLink:
             self._fail_waiters(LinkRefused.connack(self._where, str(rc)))
             return
         self._generation += 1
+        self._settle_subacks()  # of an earlier connection, if its loss went unreported
         limit = getattr(props, "MaximumPacketSize", None)
         self._broker_max_packet = int(limit) if limit else None
         log.info("fleet link: connected to %s (session present: %s)", self._where, session_present)
@@ -455,6 +412,9 @@ class FleetLink:
                 self._unsubscribe_later.clear()
 
     def _lost(self, reason: str) -> None:
+        self._settle_subacks()
+        # Unacked QoS 1 messages of the lost connection come again on the next one.
+        self._held.take(lambda h: h.qos > 0)
         if self._connected:  # else keep the reason the attempt failed (a refused CONNACK)
             self._last_failure = f"connection lost: {reason}"
             self._set_connected(False, self._last_failure)
@@ -482,7 +442,7 @@ class FleetLink:
         if pending is None or pending.future.done():
             return
         if rc.is_failure:
-            pending.future.set_exception(PublishFailed.refused(pending.topic, rc))
+            pending.future.set_exception(PublishFailed.refused(pending.topic, str(rc), rc.value))
         else:
             pending.future.set_result(None)
 
@@ -504,18 +464,78 @@ class FleetLink:
         if entries and not entries[0][1].done():
             entries[0][1].set_result(list(codes))
 
+    def _settle_subacks(self) -> None:
+        """SUBACKs that will never come: their ``subscribe()`` returns, renewed on reconnect."""
+        entries, self._suback = self._suback, {}
+        for waiters in entries.values():
+            for _f, future in waiters:
+                if not future.done():
+                    future.set_result([])
+
     def _received(self, message: mqtt.MQTTMessage) -> None:
-        self._deliveries.put_nowait((message, self._generation))
+        self._inbox.append((message, self._generation))
+        self._inbox_ready.set()
 
     async def _deliver_forever(self) -> None:
         while True:
-            message, generation = await self._deliveries.get()
+            while not self._inbox:
+                self._inbox_ready.clear()
+                await self._inbox_ready.wait()
+            message, generation = self._inbox.popleft()
             topic = message.topic
-            for topic_filter, sub in list(self._subs.items()):
-                if mqtt.topic_matches_sub(topic_filter, topic):
-                    await self._call(sub.handler, topic, message)
-            if message.qos and generation == self._generation and self._connected:
-                self._client.ack(message.mid, message.qos)
+            subs = [s for f, s in self._subs.items() if mqtt.topic_matches_sub(f, topic)]
+            if not subs:
+                self._unmatched(message, generation)
+                continue
+            for sub in subs:
+                await self._call(sub.handler, topic, message)
+            self._ack(message, generation)
+
+    def _ack(self, message: mqtt.MQTTMessage, generation: int) -> None:
+        if message.qos and generation == self._generation and self._connected:
+            self._client.ack(message.mid, message.qos)
+
+    def _unmatched(self, message: mqtt.MQTTMessage, generation: int) -> None:
+        topic, size = message.topic, len(message.payload)
+        if any(mqtt.topic_matches_sub(f, topic) for f in self._unsubscribed):
+            self._ack(message, generation)  # for a filter we dropped: drop it too
+            return
+        if message.qos and not (generation == self._generation and self._connected):
+            return  # unacked on a lost connection: the broker sends it again
+        held = Held((message, generation), topic, size, message.qos, time.monotonic())
+        if not self._held.add(held):
+            log.warning(
+                "fleet link: %d messages (%d max) wait for a subscription; one to '%s' is %s",
+                len(self._held),
+                self._held.max_messages,
+                topic,
+                "left unacked for the next connection" if message.qos else "dropped",
+            )
+        elif self._hold_timer is None:
+            self._schedule_expiry()
+
+    def _release_held(self, topic_filter: str) -> None:
+        taken = self._held.take(lambda h: mqtt.topic_matches_sub(topic_filter, h.topic))
+        if taken:  # they came before anything in the inbox: deliver them first, in order
+            self._inbox.extendleft(reversed([h.item for h in taken]))
+            self._inbox_ready.set()
+
+    def _schedule_expiry(self) -> None:
+        when = self._held.next_expiry()
+        self._hold_timer = None
+        if when is not None:
+            delay = max(0.0, when - time.monotonic())
+            self._hold_timer = self._running_loop().call_later(delay, self._expire_held)
+
+    def _expire_held(self) -> None:
+        for held in self._held.expired(time.monotonic()):
+            log.warning(
+                "fleet link: no subscription matched '%s' within %s s; acked and dropped",
+                held.topic,
+                self._held.max_age_s,
+            )
+            self._ack(*held.item)
+        self._schedule_expiry()
 
     async def _call(self, handler: Handler, topic: str, message: mqtt.MQTTMessage) -> None:
         try:

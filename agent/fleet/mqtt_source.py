@@ -30,7 +30,7 @@ from edgeserve.fleet.artifacts import (
     chunk_size,
     chunk_topic,
 )
-from edgeserve.fleet.link import LinkError
+from edgeserve.fleet.link_types import LinkError
 from edgeserve.types import NetworkCounters
 
 if TYPE_CHECKING:

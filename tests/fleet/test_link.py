@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 import pytest
 
 from edgeserve.errors import InvalidArgument, Kind
-from edgeserve.fleet.link import (
+from edgeserve.fleet.link import FleetLink
+from edgeserve.fleet.link_types import (
     MAX_BACKOFF_S,
-    FleetLink,
     LinkClosed,
     LinkError,
     LinkQueueFull,
@@ -218,7 +218,8 @@ def test_close_fails_what_the_broker_never_acknowledged() -> None:
 CHILD = textwrap.dedent(
     """
     import asyncio, sys
-    from edgeserve.fleet.link import FleetLink, Will
+    from edgeserve.fleet.link import FleetLink
+    from edgeserve.fleet.link_types import Will
 
     async def main() -> None:
         host, port, topic = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -496,3 +497,163 @@ def test_unacked_qos1_message_is_delivered_again_to_the_handler(
 
     run(scenario())
     assert seen == [(f"{p}/cmd", b"doc serial=3", False)] * 2
+
+
+# -- messages before their subscription, SUBACK through an outage, cancellation -------------
+
+
+def test_queued_messages_before_subscribe_reach_the_late_handler_exactly_once(
+    fresh_mosquitto: Mosquitto,
+) -> None:
+    """A persistent session's queued messages arrive right after CONNACK, before the
+    caller's ``subscribe()``: they wait for it, are delivered once, and are acked."""
+    broker, p = fresh_mosquitto, prefix()
+    client_id = f"late-{p[-8:]}"
+    queued = [f"doc-{i}".encode() for i in range(10)]  # fewer than receive_maximum (32)
+
+    async def scenario() -> None:
+        # The session (persistent) subscribes to both filters, then the device goes away.
+        first = await started(make_link(broker, client_id=client_id))
+        await first.subscribe(f"{p}/cmd/#", lambda *m: None)
+        await first.subscribe(f"{p}/marker", lambda *m: None)
+        await first.close()
+        publisher = await asyncio.to_thread(Observer, broker, f"{p}/unused")
+        try:
+            for i, payload in enumerate(queued):
+                await asyncio.to_thread(publisher.publish, f"{p}/cmd/{i}", payload)
+            await asyncio.to_thread(publisher.publish, f"{p}/marker", b"after the queue")
+
+            got: list[bytes] = []
+            marker = asyncio.Event()
+            link = make_link(broker, client_id=client_id)
+            await link.start()
+            try:
+                await link.subscribe(f"{p}/marker", lambda *m: marker.set())
+                # The broker sends the queue in order: the marker comes after every cmd
+                # message, all of which found no handler yet.
+                await asyncio.wait_for(marker.wait(), WAIT_S)
+                await link.subscribe(f"{p}/cmd/#", lambda _t, payload, _r: got.append(payload))
+                await wait_until(lambda: len(got) >= len(queued), "the held messages")
+                await asyncio.to_thread(publisher.publish, f"{p}/cmd/end", b"end")
+                await wait_until(lambda: got[-1] == b"end", "the end marker")
+                assert got == [*queued, b"end"]
+            finally:
+                await link.close()
+
+            # They were acked: a new connection of the session gets nothing again.
+            again: list[bytes] = []
+            link = make_link(broker, client_id=client_id)
+            await link.start()
+            try:
+                await link.subscribe(f"{p}/cmd/#", lambda _t, payload, _r: again.append(payload))
+                await link.wait_connected(WAIT_S)
+                await asyncio.to_thread(publisher.publish, f"{p}/cmd/probe", b"probe")
+                await wait_until(lambda: b"probe" in again, "the probe")
+                assert again == [b"probe"]
+            finally:
+                await link.close()
+        finally:
+            publisher.close()
+
+    run(scenario())
+
+
+def test_unmatched_messages_past_the_hold_bound_come_again_on_the_next_connection(
+    fresh_mosquitto: Mosquitto,
+) -> None:
+    broker, p = fresh_mosquitto, prefix()
+    client_id = f"bound-{p[-8:]}"
+
+    async def scenario() -> None:
+        first = await started(make_link(broker, client_id=client_id))
+        await first.subscribe(f"{p}/cmd/#", lambda *m: None)
+        await first.subscribe(f"{p}/marker", lambda *m: None)
+        await first.close()
+        publisher = await asyncio.to_thread(Observer, broker, f"{p}/unused")
+        try:
+            for i in range(3):
+                await asyncio.to_thread(publisher.publish, f"{p}/cmd/{i}", b"m%d" % i)
+            await asyncio.to_thread(publisher.publish, f"{p}/marker", b"after the queue")
+        finally:
+            publisher.close()
+
+        got: list[bytes] = []
+        marker = asyncio.Event()
+        link = make_link(broker, client_id=client_id, hold_max_messages=2)
+        await link.start()
+        try:
+            await link.subscribe(f"{p}/marker", lambda *m: marker.set())
+            await asyncio.wait_for(marker.wait(), WAIT_S)
+            await link.subscribe(f"{p}/cmd/#", lambda _t, payload, _r: got.append(payload))
+            await wait_until(lambda: len(got) >= 2, "the two held messages")
+            assert got == [b"m0", b"m1"]  # the third was left unacked...
+            await asyncio.to_thread(broker.stop)
+            await wait_until(lambda: not link.connected, "the outage")
+            await asyncio.to_thread(broker.start)
+            await wait_until(lambda: len(got) >= 3, "the redelivery")  # ...and comes again
+            assert got[2] == b"m2"
+        finally:
+            await link.close()
+
+    run(scenario())
+
+
+def test_a_disconnect_while_subscribe_awaits_its_suback_does_not_hang_it(
+    fresh_mosquitto: Mosquitto,
+) -> None:
+    broker, p = fresh_mosquitto, prefix()
+
+    async def scenario() -> None:
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+        link = await started(make_link(broker))
+        try:
+            await asyncio.to_thread(broker.pause)  # the SUBSCRIBE goes out; no SUBACK comes
+            subscribing = asyncio.create_task(
+                link.subscribe(f"{p}/desired", lambda _t, payload, _r: got.put_nowait(payload))
+            )
+            await asyncio.sleep(0)  # the task sends its SUBSCRIBE and awaits the SUBACK
+            assert not subscribing.done()
+            await asyncio.to_thread(broker.kill)  # the connection breaks under the wait
+            await asyncio.wait_for(subscribing, WAIT_S)  # returns: registered, as if offline
+            await asyncio.to_thread(broker.start)
+            await link.wait_connected(WAIT_S)
+            publisher = await asyncio.to_thread(Observer, broker, f"{p}/unused")
+            try:
+                await asyncio.to_thread(publisher.publish, f"{p}/desired", b"serial-1")
+            finally:
+                publisher.close()
+            assert await asyncio.wait_for(got.get(), WAIT_S) == b"serial-1"  # renewed
+        finally:
+            await link.close()
+
+    run(scenario())
+
+
+def test_cancelling_wait_connected_propagates_even_as_the_connection_arrives(
+    mosquitto: Mosquitto,
+) -> None:
+    """asyncio.wait_for (3.11) returns the result when a cancellation lands in the same
+    loop turn as the result; the caller must see the CancelledError."""
+
+    async def scenario() -> None:
+        waiting: list[asyncio.Task[None]] = []
+
+        def cancel_the_waiter(up: bool, _why: str) -> None:
+            if up:  # runs on the loop just before wait_connected's waiter resolves
+                waiting[0].cancel()
+
+        link = make_link(mosquitto, on_connection_change=cancel_the_waiter)
+        await link.start()
+        try:
+            waiting.append(asyncio.create_task(link.wait_connected(WAIT_S)))
+            with pytest.raises(asyncio.CancelledError):
+                await waiting[0]
+            assert link.connected
+            plain = asyncio.create_task(link.wait_connected(WAIT_S))
+            plain.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await plain
+        finally:
+            await link.close()
+
+    run(scenario())
