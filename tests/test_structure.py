@@ -31,7 +31,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "store": BASE | {"archive"},
     "serving": BASE | {"archive", "telemetry.recorders"},
     "lifecycle": BASE | {"archive", "store", "serving", "telemetry.recorders"},
-    "telemetry": BASE | {"serving", "lifecycle", "telemetry"},
+    # telemetry -> archive: `fleet report --baseline ARCHIVE` reads sample inputs.
+    "telemetry": BASE | {"archive", "serving", "lifecycle", "telemetry"},
     "api": BASE | {"serving.registry", "serving.torch_dtypes", "lifecycle", "telemetry", "api"},
     "packager": BASE | {"archive", "serving", "packager"},
     # cli/fleet.py wires fleet/link into the controller commands (DESIGN §6: they ship in the CLI).
