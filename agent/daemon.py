@@ -42,7 +42,11 @@ from edgeserve.config import (
     parse_listen_address,
 )
 from edgeserve.errors import ConfigError, EdgeserveError, NotFound
+from edgeserve.fleet.deployer import STAGING, Deployer
+from edgeserve.fleet.documents import parse_root
+from edgeserve.fleet.fetcher import Fetcher
 from edgeserve.fleet.link import FleetLink, LinkTls, Will
+from edgeserve.fleet.reporter import Reporter
 from edgeserve.lifecycle import Lifecycle
 from edgeserve.logs import PayloadGuard
 from edgeserve.sdnotify import Notifier
@@ -57,6 +61,7 @@ from edgeserve.telemetry.rollup import Rollup
 from edgeserve.telemetry.sampler import SystemSampler
 from edgeserve.telemetry.status import LiveStatus, RecentErrors, fleet_section, telemetry_section
 from edgeserve.telemetry.uploader import Uploader
+from edgeserve.types import NetworkCounters
 
 log = logging.getLogger("edgeserve.daemon")
 
@@ -133,6 +138,9 @@ class Daemon:
             )
         self.link: FleetLink | None = None
         self.uploader: Uploader | None = None
+        self.deployer: Deployer | None = None  # only with fleet.broker and fleet.root
+        self.reporter: Reporter | None = None
+        self.network = NetworkCounters()
         self._link_since: float | None = None
         self._link_error: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -194,7 +202,14 @@ class Daemon:
         for address in await self.management.start():
             log.info("serving management on %s", address)
         problems = await self.lifecycle.restore(self.store.read_live_state(), self._next_load)
-        for model in self.config.models:
+        configured = self.config.models
+        if configured and self.deployer is not None and self.deployer.owns_live_set:
+            log.info(
+                "fleet: the deployed set is live; %d configured model(s) not loaded",
+                len(configured),
+            )
+            configured = ()
+        for model in configured:
             if self._next_load():
                 return
             await self._load_configured(model)
@@ -208,6 +223,8 @@ class Daemon:
             log.info("serving inference on %s", address)
         self.notifier.ready()
         self.notifier.status(self._status_line(problems))
+        if self.deployer is not None:  # after the restore: it may resume a deployment
+            self._spawn(self.deployer.run(), "fleet deployer")
 
     def _next_load(self) -> bool:
         """Between two startup loads: True when a signal asked to stop; else give the next
@@ -247,6 +264,55 @@ class Daemon:
         self._link_since = time.time()  # not connected since now
         await self.link.start()
         log.info("fleet: connecting to %s as %s", fleet.broker, self.device_id)
+        if fleet.root is not None:
+            await self._start_deployer(self.link)
+
+    async def _start_deployer(self, link: FleetLink) -> None:
+        """Deployer and reporter (``fleet.root`` set); before the restore, so that a crash
+        loop's rollback rewrites live.json first. A root that cannot be read is logged
+        and the device follows nothing."""
+        fleet, device_id = self.config.fleet, self.device_id or ""
+        state_dir = Path(self.config.state_dir)
+        try:
+            root = parse_root(await asyncio.to_thread(Path(fleet.root or "").read_bytes))
+            fetcher = Fetcher(
+                state_dir / "fleet" / STAGING,
+                state_dir=state_dir,
+                counters=self.network,
+                max_bytes=fleet.max_artifact_bytes,
+                link=link,
+                http_ca_file=str(fleet.tls.ca_file) if fleet.tls.ca_file else None,
+            )
+        except (EdgeserveError, OSError) as exc:
+            log.error("fleet: not following deployments: fleet.root %s: %s", fleet.root, exc)
+            return
+        accelerator = "cuda" if self.config.runtime.device.startswith("cuda") else "none"
+        self.deployer = deployer = Deployer(
+            fleet=fleet,
+            root=root,
+            device_id=device_id,
+            state_dir=state_dir,
+            lifecycle=self.lifecycle,
+            recorders=self.recorders,
+            fetcher=fetcher,
+            write_live_state=self.store.write_live_state,
+            accelerator=accelerator,
+        )
+        self.reporter = Reporter(
+            link=link,
+            topic=fleet.topic(device_id, "reported"),
+            device_id=device_id,
+            agent_version=__version__,
+            state=deployer.report,
+            counters=self.network,
+        )
+        deployer.on_change = self.reporter.changed
+        await asyncio.to_thread(deployer.prepare_boot)
+        self._spawn(self.reporter.run(), "fleet reporter")
+        topics = [fleet.topic(device_id, "desired")]
+        topics += [f"{fleet.topic_prefix}/groups/{g}/desired" for g in fleet.groups]
+        for topic in topics:
+            await link.subscribe(topic, deployer.offer)
 
     async def _make_link(self) -> FleetLink | None:
         """The link as ``fleet`` says, or None (logged) when it cannot be built."""
@@ -286,6 +352,8 @@ class Daemon:
             self.uploader.wake()
         if connected:
             self._spawn(self._announce(b"online"), "presence")
+            if self.reporter is not None:
+                self.reporter.changed()
 
     async def _announce(self, presence: bytes) -> None:
         """``online`` / ``offline``, retained, on ``P/devices/<id>/online``."""
