@@ -1,6 +1,6 @@
 """Events from where they happen, through a real daemon into its real SQLite buffer.
 
-A custom handler raises on a marked input (a value of 999) and, while a flag file exists,
+A custom handler raises on a marked input (a value of 4242.5) and, while a flag file exists,
 on every input (so a later load fails its warm-up). The daemon wires its ``EventLog``
 into the inference servicer (``error``) and into lifecycle (``deployment``,
 ``warmup_failure``); the rows are read back from ``telemetry.db`` after a clean stop
@@ -39,7 +39,7 @@ class Picky(TensorHandler):
         flag = self.context.config.get("fail_while")
         if flag and Path(flag).exists():
             raise ValueError("{MODEL_TEXT}: warm-up")
-        if bool((data[0] == 999.0).any()):
+        if bool((data[0] == 4242.5).any()):
             raise RuntimeError("{MODEL_TEXT}: marked input")
         return super().inference(data)
 """
@@ -83,7 +83,7 @@ def test_a_failing_request_is_one_error_event_with_the_clients_correlation_id(
 ) -> None:
     archive, _ = picky_archive("1")
     daemon = daemons.start(archive, extra_config=FAST)
-    marked = np.full((1, 16), 999.0, dtype=np.float32)
+    marked = np.full((1, 16), 4242.5, dtype=np.float32)  # "." never occurs in hex ids
     with daemon.client() as client:
         with pytest.raises(ClientError) as failed:
             client.infer("picky", {"x": marked})
@@ -109,7 +109,7 @@ def test_a_failing_request_is_one_error_event_with_the_clients_correlation_id(
         }
     ]
     text = json.dumps(events)
-    assert MODEL_TEXT not in text and "999" not in text
+    assert MODEL_TEXT not in text and "4242.5" not in text
     configured = of_kind(events, "deployment")
     assert configured == [
         {
