@@ -106,7 +106,7 @@ class EventSink(Protocol):
     def __call__(self, kind: str, **body: Any) -> None: ...
 
 
-DeploymentSource = Literal["config", "management", "restore"]
+DeploymentSource = Literal["config", "management", "restore", "fleet"]
 """Who asked for a change of what is live (the ``source`` of a ``deployment`` event)."""
 
 

@@ -370,7 +370,7 @@ class Deployer:
                     entry.name,
                     entry.version,
                     BatchingSettings.from_dict(dict(entry.batching)),
-                    source="management",
+                    source="fleet",
                 )
             except EdgeserveError as exc:
                 log.warning(
@@ -386,7 +386,7 @@ class Deployer:
         record["baseline_p99_s"] = self._baseline_p99(record["previous"])
         for entry in deployment.models:
             if entry.default:
-                await self._lifecycle.set_default(entry.name, entry.version, source="management")
+                await self._lifecycle.set_default(entry.name, entry.version, source="fleet")
         self._step("probation")
 
     async def _probation(self, deployment: Deployment) -> None:
@@ -446,7 +446,7 @@ class Deployer:
         wanted = {(m.name, m.version) for m in deployment.models}
         for entry in self._lifecycle.live_entries():
             if (entry.name, entry.version) not in wanted:
-                await self._lifecycle.unload(entry.name, entry.version, source="management")
+                await self._lifecycle.unload(entry.name, entry.version, source="fleet")
         shas = {(m.name, m.version): m.sha256 for m in deployment.models}
         models = _dump(self._lifecycle.live_entries())
         for m in models:
@@ -474,14 +474,14 @@ class Deployer:
                     entry.settings,
                     device=entry.device,
                     make_default=entry.default,
-                    source="management",
+                    source="fleet",
                 )
             elif entry.default:
-                await self._lifecycle.set_default(entry.name, entry.version, source="management")
+                await self._lifecycle.set_default(entry.name, entry.version, source="fleet")
         keep = {(e.name, e.version) for e in previous}
         for entry in self._lifecycle.live_entries():
             if (entry.name, entry.version) not in keep:
-                await self._lifecycle.unload(entry.name, entry.version, source="management")
+                await self._lifecycle.unload(entry.name, entry.version, source="fleet")
         log.warning("fleet: deployment %s rolled back: %s", record.get("serial"), reason)
         self._finish("rolled_back", reason)
 
