@@ -11,7 +11,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +106,47 @@ def mlp_archive_factory(
         return cache[key]
 
     return factory
+
+
+PICKY_TEXT = "words-only-the-model-knows"
+"""Text only the picky model's errors carry: it must never reach a client or telemetry."""
+PICKY_MARK = 4242.5
+"""An input value the picky model refuses (a "." never occurs in a hex id)."""
+_PICKY_HANDLER = f"""\
+from pathlib import Path
+
+from edgeserve.handlers.tensor import TensorHandler
+
+
+class Picky(TensorHandler):
+    def inference(self, data):
+        flag = self.context.config.get("fail_while")
+        if flag and Path(flag).exists():
+            raise ValueError("{PICKY_TEXT}: warm-up")
+        if bool((data[0] == {PICKY_MARK}).any()):
+            raise RuntimeError("{PICKY_TEXT}: marked input")
+        return super().inference(data)
+"""
+
+
+@pytest.fixture  # a folder per test: a flag file one test leaves must not reach another
+def picky_archive(
+    mlp_archive_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], tuple[Path, Path]]:
+    """factory(version) -> (archive of model "picky", flag file): the model raises on
+    ``PICKY_MARK`` inputs, and on every run while the flag file exists."""
+    folder = tmp_path_factory.mktemp("picky")
+    handler = folder / "picky.py"
+    handler.write_text(_PICKY_HANDLER)
+
+    def make(version: str) -> tuple[Path, Path]:
+        flag = folder / f"fail-{version}"
+        archive = mlp_archive_factory(
+            version, name="picky", handler=str(handler), handler_config={"fail_while": str(flag)}
+        )
+        return archive, flag
+
+    return make
 
 
 def free_port() -> int:

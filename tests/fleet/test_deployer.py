@@ -16,27 +16,12 @@ import pytest
 
 from edgeserve.api.client import ClientError
 from tests.cli.support import Outcome, edgeserve, edgeserve_ok, keygen
-from tests.conftest import DaemonFactory, RunningDaemon
+from tests.conftest import PICKY_MARK, DaemonFactory, RunningDaemon
 from tests.mqtt_broker import Mosquitto
 
 pytestmark = pytest.mark.slow
 
 X = np.ones((2, 16), dtype=np.float32)
-HANDLER = """\
-from pathlib import Path
-
-from edgeserve.handlers.tensor import TensorHandler
-
-
-class Picky(TensorHandler):
-    def inference(self, data):
-        flag = self.context.config.get("fail_while")
-        if flag and Path(flag).exists():
-            raise ValueError("warm-up refused")
-        if bool((data[0] == 999.0).any()):
-            raise RuntimeError("marked input")
-        return super().inference(data)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -211,28 +196,11 @@ def test_a_refused_document_leaves_the_live_set_and_is_reported(
         assert str(client.infer("mlp", {"x": X})[0]) == "1"
 
 
-@pytest.fixture
-def picky(mlp_archive_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """factory(version) -> (archive, flag file: while it exists, every run raises)."""
-    folder = tmp_path_factory.mktemp("picky")
-    handler = folder / "picky.py"
-    handler.write_text(HANDLER)
-
-    def make(version: str) -> tuple[Path, Path]:
-        flag = folder / f"fail-{version}"
-        archive = mlp_archive_factory(
-            version, name="picky", handler=str(handler), handler_config={"fail_while": str(flag)}
-        )
-        return archive, flag
-
-    return make
-
-
 def test_a_candidate_that_fails_warm_up_is_never_activated(
-    daemons: DaemonFactory, mosquitto: Mosquitto, prefix: str, fleet_keys: Path, picky: Any
+    daemons: DaemonFactory, mosquitto: Mosquitto, prefix: str, fleet_keys: Path, picky_archive: Any
 ) -> None:
-    first, _ = picky("1")
-    broken, flag = picky("2")
+    first, _ = picky_archive("1")
+    broken, flag = picky_archive("2")
     flag.touch()
     daemon = daemons.start(first, extra_config=fleet_config(mosquitto, prefix, fleet_keys))
     with Load(daemon, "picky") as load:
@@ -246,15 +214,15 @@ def test_a_candidate_that_fails_warm_up_is_never_activated(
 
 
 def test_errors_on_live_traffic_during_probation_roll_back(
-    daemons: DaemonFactory, mosquitto: Mosquitto, prefix: str, fleet_keys: Path, picky: Any
+    daemons: DaemonFactory, mosquitto: Mosquitto, prefix: str, fleet_keys: Path, picky_archive: Any
 ) -> None:
-    first, _ = picky("1")
-    second, flag = picky("2")
+    first, _ = picky_archive("1")
+    second, flag = picky_archive("2")
     config = fleet_config(mosquitto, prefix, fleet_keys, probation_s=30)
     daemon = daemons.start(first, extra_config=config)
     assert publish(mosquitto, prefix, fleet_keys / "root.key", "--model", second).code == 0
     bad = X.copy()
-    bad[0, 0] = 999.0
+    bad[0, 0] = PICKY_MARK
     with daemon.client() as client:
         for _ in range(400):
             if reported(mosquitto, prefix)["deployment"]["state"] == "probation":

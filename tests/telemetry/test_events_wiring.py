@@ -1,7 +1,8 @@
 """Events from where they happen, through a real daemon into its real SQLite buffer.
 
-A custom handler raises on a marked input (a value of 4242.5) and, while a flag file exists,
-on every input (so a later load fails its warm-up). The daemon wires its ``EventLog``
+A custom handler (``picky_archive`` in tests/conftest.py) raises on a marked input and,
+while a flag file exists, on every input (so a later load fails its warm-up). The daemon
+wires its ``EventLog``
 into the inference servicer (``error``) and into lifecycle (``deployment``,
 ``warmup_failure``); the rows are read back from ``telemetry.db`` after a clean stop
 (its final collect), with ``TelemetryBuffer.pending``. ``ErrorEvents``' policy (one
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,44 +24,11 @@ from edgeserve.api.errors import ErrorEvents, InternalFailure
 from edgeserve.api.management_client import ManagementClient
 from edgeserve.errors import HandlerFailed, InvalidArgument, Overloaded
 from edgeserve.telemetry.buffer import TelemetryBuffer
-from tests.conftest import DaemonFactory, RunningDaemon
+from tests.conftest import PICKY_MARK, PICKY_TEXT, DaemonFactory, RunningDaemon
 from tests.management.conftest import drop_in, management_address
 
-MODEL_TEXT = "words-only-the-model-knows"
-HANDLER = f"""\
-from pathlib import Path
-
-from edgeserve.handlers.tensor import TensorHandler
-
-
-class Picky(TensorHandler):
-    def inference(self, data):
-        flag = self.context.config.get("fail_while")
-        if flag and Path(flag).exists():
-            raise ValueError("{MODEL_TEXT}: warm-up")
-        if bool((data[0] == 4242.5).any()):
-            raise RuntimeError("{MODEL_TEXT}: marked input")
-        return super().inference(data)
-"""
 FAST = "telemetry: {interval_s: 0.5, sample_every_s: 0.5}\n"
 GOOD = np.ones((1, 16), dtype=np.float32)
-
-
-@pytest.fixture
-def picky_archive(mlp_archive_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """factory(version) -> (archive, flag file that makes every run raise while it exists)."""
-    folder = tmp_path_factory.mktemp("picky")
-    handler = folder / "picky.py"
-    handler.write_text(HANDLER)
-
-    def make(version: str) -> tuple[Path, Path]:
-        flag = folder / f"fail-{version}"
-        archive = mlp_archive_factory(
-            version, name="picky", handler=str(handler), handler_config={"fail_while": str(flag)}
-        )
-        return archive, flag
-
-    return make
 
 
 def stored_events(daemon: RunningDaemon) -> list[dict[str, Any]]:
@@ -83,7 +50,7 @@ def test_a_failing_request_is_one_error_event_with_the_clients_correlation_id(
 ) -> None:
     archive, _ = picky_archive("1")
     daemon = daemons.start(archive, extra_config=FAST)
-    marked = np.full((1, 16), 4242.5, dtype=np.float32)  # "." never occurs in hex ids
+    marked = np.full((1, 16), PICKY_MARK, dtype=np.float32)
     with daemon.client() as client:
         with pytest.raises(ClientError) as failed:
             client.infer("picky", {"x": marked})
@@ -92,7 +59,7 @@ def test_a_failing_request_is_one_error_event_with_the_clients_correlation_id(
         version, _ = client.infer("picky", {"x": GOOD})
     assert failed.value.code.name == "INTERNAL"
     assert refused.value.code.name == "INVALID_ARGUMENT"
-    assert MODEL_TEXT not in failed.value.message
+    assert PICKY_TEXT not in failed.value.message
     found = re.search(r"correlation id ([0-9a-f]{12})", failed.value.message)
     assert found, failed.value.message
     assert daemon.terminate() == 0
@@ -109,7 +76,7 @@ def test_a_failing_request_is_one_error_event_with_the_clients_correlation_id(
         }
     ]
     text = json.dumps(events)
-    assert MODEL_TEXT not in text and "4242.5" not in text
+    assert PICKY_TEXT not in text and str(PICKY_MARK) not in text
     configured = of_kind(events, "deployment")
     assert configured == [
         {
@@ -172,7 +139,7 @@ def test_management_changes_and_a_failed_warm_up_are_events(
     assert warm_up["model"] == "picky" and warm_up["version"] == "3"
     assert warm_up["source"] == "management"
     assert re.fullmatch(r"(sample \d+|the synthetic batch) raised ValueError", warm_up["reason"])
-    assert MODEL_TEXT not in json.dumps(events)
+    assert PICKY_TEXT not in json.dumps(events)
 
     again = daemons.start(state_dir=daemon.state_dir, extra_config=FAST)  # restores "2"
     assert again.terminate() == 0
@@ -199,7 +166,7 @@ class Clock:
 
 def failed_batch(correlation_id: str) -> HandlerFailed:
     error = HandlerFailed("m", "1", correlation_id)
-    error.__cause__ = KeyError(MODEL_TEXT)
+    error.__cause__ = KeyError(PICKY_TEXT)
     return error
 
 
@@ -227,4 +194,4 @@ def test_error_events_one_per_correlation_id_rate_limited_never_for_client_codes
     assert recorded[0][1]["exception"] == "KeyError"
     assert recorded[1][1]["exception"] == "InternalFailure"
     assert recorded[-1][1]["suppressed"] == 1
-    assert MODEL_TEXT not in json.dumps(recorded)
+    assert PICKY_TEXT not in json.dumps(recorded)
