@@ -19,11 +19,23 @@ AGENT = ROOT / "agent"
 
 # The parts of agent/ (a folder, or a top-level module), and which parts each may import.
 # Plain layers first: anything may import them.
-BASE = {"errors", "types", "dtypes", "config", "logs", "handlers", "proto", "__init__"}
+# jsonsafe: the one bounded JSON parser for files and documents an outsider controls.
+BASE = {
+    "errors",
+    "types",
+    "dtypes",
+    "config",
+    "logs",
+    "jsonsafe",
+    "handlers",
+    "proto",
+    "__init__",
+}
 MAY_IMPORT: dict[str, set[str]] = {
     "errors": set(),
     "types": {"errors"},
     "dtypes": set(),
+    "jsonsafe": set(),
     # config's dataclasses hold types.BatchingSettings, the one type for batching settings.
     "config": {"errors", "types"},
     "logs": {"errors", "config"},

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from edgeserve import jsonsafe
 from edgeserve.errors import DocumentRefused
 
 MAX_DOCUMENT_BYTES = 64 * 1024
@@ -84,58 +85,13 @@ def parse_json(
     data: bytes, *, max_bytes: int = MAX_DOCUMENT_BYTES, max_depth: int = MAX_DEPTH
 ) -> Any:
     """A JSON value from untrusted bytes, bounded in size and depth; no floats, no NaN,
-    no duplicate keys. Every refusal is ``DocumentRefused("schema")``."""
-    if len(data) > max_bytes:
-        _bad("", f"document is {len(data)} bytes, more than the {max_bytes} allowed")
+    no duplicate keys (``jsonsafe.parse_json``). Every refusal is ``DocumentRefused("schema")``."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        _bad("", "document is not UTF-8")
-    _check_depth(text, max_depth)
-    try:
-        return json.loads(
-            text,
-            parse_float=_refuse_float,
-            parse_constant=_refuse_float,
-            object_pairs_hook=_unique_keys,
+        return jsonsafe.parse_json(
+            data, max_bytes=max_bytes, max_depth=max_depth, allow_floats=False
         )
-    except DocumentRefused:
-        raise
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers
-        _bad("", f"not valid JSON ({str(exc).splitlines()[0][:120]})")
-
-
-def _check_depth(text: str, max_depth: int) -> None:
-    depth, in_string, escaped = 0, False, False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > max_depth:
-                _bad("", f"nested deeper than {max_depth} levels")
-        elif char in "]}":
-            depth -= 1
-
-
-def _refuse_float(text: str) -> NoReturn:
-    _bad("", f"floats are not allowed in fleet documents, got {text}")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            _bad("", f"duplicate key {key!r}")
-        out[key] = value
-    return out
+    except jsonsafe.JsonRefused as exc:
+        _bad("", str(exc))
 
 
 # -- the envelope ----------------------------------------------------------------------------
