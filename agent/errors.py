@@ -13,7 +13,8 @@ message always names the model, version, input or config key at fault.
     │                           rollback, version_skip, expired, wrong_target,
     │                           requirements) for the reported state
     ├── Overloaded          queue full (no work done)
-    ├── Expired             deadline passed while queued (model not run)
+    ├── Expired             deadline passed while queued (model not run), or a load
+    │                       stage (load, warm-up, thread probe) ran past its time
     ├── NotReady            model or server not ready
     ├── HandlerFailed       user or model code raised; message never carries input data
     ├── MessageTooLarge     request over the configured size limit
@@ -22,6 +23,8 @@ message always names the model, version, input or config key at fault.
     │   └── VerificationError   signature refused: unsigned, unknown key, bad or
     │                           malformed signature
     ├── StoreError          model store I/O failure
+    │   ├── StoreFull           the state dir has no space left (nothing changed)
+    │   └── StoreReadOnly       the state dir cannot be written (nothing changed)
     ├── WarmupFailed        sample inputs did not give the expected outputs
     ├── ManagementError     refused management call (permissions, budget)
     ├── PermissionDenied    the caller is known but not allowed (uid, group, path)
@@ -31,6 +34,7 @@ message always names the model, version, input or config key at fault.
 from __future__ import annotations
 
 import enum
+import errno
 
 
 class Kind(enum.Enum):
@@ -90,6 +94,15 @@ class Expired(EdgeserveError):
     def while_queued(cls, model: str, version: str) -> Expired:
         return cls(f"model '{model}' version '{version}': deadline passed while queued")
 
+    @classmethod
+    def stage(cls, model: str, version: str, stage: str, timeout_s: float) -> Expired:
+        """Model code run outside a request (``stage``: load, warm-up, thread probe) did
+        not return in time; its thread is left behind (it cannot be stopped)."""
+        return cls(
+            f"model '{model}' version '{version}': {stage} did not finish within "
+            f"{timeout_s:g} s (runtime.load_timeout_s); its thread is abandoned"
+        )
+
 
 class NotReady(EdgeserveError):
     kind = Kind.NOT_READY
@@ -138,6 +151,30 @@ class VerificationError(ArchiveError):
 
 class StoreError(EdgeserveError):
     kind = Kind.INTERNAL
+
+    @classmethod
+    def from_os(cls, exc: OSError, doing: str) -> StoreError:
+        """The error for an ``OSError`` met while ``doing`` (e.g. "cannot write the live
+        set '/var/lib/edgeserve/live.json'"): full and read-only state dirs get their own
+        kinds, so a client is told RESOURCE_EXHAUSTED or FAILED_PRECONDITION, not INTERNAL."""
+        reason = exc.strerror or type(exc).__name__
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StoreFull(f"state dir full: {doing} ({reason}); nothing was changed")
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return StoreReadOnly(f"state dir read-only: {doing} ({reason}); nothing was changed")
+        return StoreError(f"{doing}: {reason}")
+
+
+class StoreFull(StoreError):
+    """No space left in the state dir (ENOSPC, EDQUOT); the operation changed nothing."""
+
+    kind = Kind.OVERLOADED  # RESOURCE_EXHAUSTED: a resource ran out, no work done
+
+
+class StoreReadOnly(StoreError):
+    """The state dir cannot be written (read-only file system, permissions)."""
+
+    kind = Kind.FAILED_PRECONDITION
 
 
 class WarmupFailed(EdgeserveError):
