@@ -76,3 +76,16 @@ def test_the_service_matches_tritons_methods() -> None:
         assert method.output_type.full_name == other.output_type.full_name, method.name
         assert method.client_streaming == other.client_streaming, method.name
         assert method.server_streaming == other.server_streaming, method.name
+
+
+ENUMS = [
+    *pb.DESCRIPTOR.enum_types_by_name.values(),
+    *(e for m in OURS for e in m.enum_types),
+]
+
+
+@pytest.mark.parametrize("ours", ENUMS, ids=lambda e: e.full_name)
+def test_every_enum_value_matches_tritons(ours) -> None:
+    theirs = triton_pb.DESCRIPTOR.pool.FindEnumTypeByName(ours.full_name)
+    for value in ours.values:
+        assert theirs.values_by_name[value.name].number == value.number, value.name
