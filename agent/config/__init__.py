@@ -113,11 +113,15 @@ class RuntimeConfig:
     """Run models in half precision on a GPU (ignored on CPU)."""
     memory_budget_mb: int = 0
     """Refuse a load whose estimated memory would exceed this many MiB in total; 0 = no limit."""
+    load_timeout_s: float = 120.0
+    """Most seconds one load (model load, thread probe, warm-up together) may take, then fails."""
 
     def __post_init__(self) -> None:
         _check_device(self.device, "device")
         if self.memory_budget_mb < 0:
             raise _bad("memory_budget_mb", "must be >= 0", self.memory_budget_mb)
+        if not 0 < self.load_timeout_s <= 86400:
+            raise _bad("load_timeout_s", "must be > 0 and <= 86400", self.load_timeout_s)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 
 from edgeserve.serving.batching import AdaptiveBatcher
 from edgeserve.serving.registry import LiveModel, ModelState
@@ -30,9 +31,19 @@ from edgeserve.serving.worker import (
     default_intra_op_threads,
 )
 from edgeserve.telemetry.recorders import ModelRecorder
-from edgeserve.types import BUILT_IN_BATCHING, BatchingSettings, TensorValue, batches_along_dim0
+from edgeserve.types import (
+    BUILT_IN_BATCHING,
+    BatchingSettings,
+    TensorSpec,
+    TensorValue,
+    batches_along_dim0,
+)
 
 log = logging.getLogger("edgeserve.serving")
+
+# Runs the thread probe off the loop (it runs model code): ``asyncio.to_thread`` unless
+# the caller bounds it in time (``lifecycle`` does, with ``bounded.run_bounded``).
+Offload = Callable[[Callable[[], tuple[int, bool]]], Awaitable[tuple[int, bool]]]
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ async def build(
     recorder: ModelRecorder,
     *,
     started: float,
+    offload: Offload | None = None,
 ) -> ServingStack:
     """The serving stack of ``loaded``; ``started`` is when its load began (monotonic).
 
@@ -62,15 +74,18 @@ async def build(
     batcher are made here, on the loop.
     """
     settings = resolve_batching(loaded.manifest.batching, requested)
-    threads, inline = await asyncio.to_thread(_execution, loaded, settings)
+    measure = partial(_execution, loaded, settings)
+    threads, inline = await (offload(measure) if offload else asyncio.to_thread(measure))
     return _assemble(loaded, replace(settings, intra_op_threads=threads), inline, recorder, started)
 
 
 def _execution(loaded: LoadedModel, settings: BatchingSettings) -> tuple[int, bool]:
     """(intra-op threads, run inline on the loop): configured, else measured here.
 
-    A model whose full batch takes under ``INLINE_MAX_BATCH_S`` on one thread runs on
-    the event loop itself (one instance, no thread hop); see ``thread_budget``.
+    A model runs on the event loop itself (one instance, no thread hop) only when no
+    request can cost more than what was timed: its inputs are bounded (``_bounded``) and
+    its largest batch, timed on one thread, takes under ``INLINE_MAX_BATCH_S``. A cheap
+    sample says nothing about a request whose shape it does not bound.
     """
     if settings.intra_op_threads:
         return settings.intra_op_threads, False
@@ -91,6 +106,7 @@ def _execution(loaded: LoadedModel, settings: BatchingSettings) -> tuple[int, bo
         # Only the built-in tensor handler: a custom or image handler may cost far more
         # per real request than on the sample, and inline work holds the event loop.
         loaded.manifest.handler == "tensor"
+        and _bounded(loaded.inputs, batches)
         and instances == 1
         and choice.threads == 1
         and slowest is not None
@@ -105,6 +121,17 @@ def _execution(loaded: LoadedModel, settings: BatchingSettings) -> tuple[int, bo
         timings,
     )
     return choice.threads, inline
+
+
+def _bounded(inputs: tuple[TensorSpec, ...], batches: bool) -> bool:
+    """Whether the signature bounds every request by the batch the probe times: numeric
+    inputs whose dims are all fixed, but for dim 0 of a batching model (the codec bounds
+    it by ``max_batch_size``). BYTES elements and ``-1`` dims have no upper bound."""
+    return all(
+        spec.datatype != "BYTES"
+        and all(d >= 0 for d in (spec.shape[1:] if batches else spec.shape))
+        for spec in inputs
+    )
 
 
 def _sketching(run: RunFn, recorder: ModelRecorder) -> RunFn:

@@ -72,7 +72,8 @@ def choose_intra_op_threads(
         except BaseException as exc:  # reported to the caller's thread
             failure.append(exc)
 
-    worker = threading.Thread(target=probe, name="edgeserve-thread-probe")
+    # A daemon thread: a model that hangs here must not keep the process from exiting.
+    worker = threading.Thread(target=probe, name="edgeserve-thread-probe", daemon=True)
     worker.start()
     worker.join()
     if failure:
