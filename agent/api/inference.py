@@ -6,7 +6,14 @@ Choices worth knowing (each matches what Triton does, so stock clients behave):
   ``tritonclient``'s ``is_model_ready("nope")`` returns False; ModelMetadata and
   ModelInfer answer NOT_FOUND for them.
 * ModelMetadata lists every live version of the name in ``versions`` and describes the
-  version asked for (the default one when ``version`` is empty).
+  version asked for (the default one when ``version`` is empty); ModelConfig (Triton's
+  model-configuration extension) answers for the same version.
+* ModelStatistics (Triton's statistics extension): an empty ``name`` selects every live
+  version of every model, a name without ``version`` every live version of that name (as
+  Triton does); an unknown name or version is NOT_FOUND, a version without a name
+  INVALID_ARGUMENT. What the figures mean: ``api.triton_extensions``.
+* ServerMetadata lists the Triton extensions implemented (``triton_extensions.EXTENSIONS``)
+  and nothing else.
 * ModelStreamInfer answers each request with one ``ModelStreamInferResponse`` that
   carries the request's ``id``. Requests on one stream run concurrently (each is its own
   task, so the batcher can put them into one batch); responses are written as they
@@ -34,14 +41,17 @@ from edgeserve.api.codec import (
     encode_model_metadata,
     request_uses_raw,
 )
+from edgeserve.api.bounds import InflightBudget, Received, charge_of
 from edgeserve.api.errors import ErrorEvents, describe_error, internal, map_errors, status_of
-from edgeserve.errors import EdgeserveError
+from edgeserve.api.triton_extensions import EXTENSIONS, model_config, model_statistics
+from edgeserve.errors import EdgeserveError, InvalidArgument, NotFound
 from edgeserve.proto import kserve_v2_pb2 as pb
 from edgeserve.proto import kserve_v2_pb2_grpc as pb_grpc
-from edgeserve.serving.registry import ModelRegistry
+from edgeserve.serving.registry import LiveModel, ModelRegistry
 from edgeserve.types import EventSink
 
 DEFAULT_MAX_STREAM_IN_FLIGHT = 1024
+DEFAULT_STREAM_MAX_PENDING_BYTES = 16 << 20
 
 _Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -71,10 +81,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         server_version: str,
         is_ready: Callable[[], bool],
         *,
-        extensions: Sequence[str] = (),
+        extensions: Sequence[str] = EXTENSIONS,
         max_stream_in_flight: int = DEFAULT_MAX_STREAM_IN_FLIGHT,
         max_request_bytes: int | None = None,
         events: EventSink | None = None,
+        stream_max_pending_bytes: int = DEFAULT_STREAM_MAX_PENDING_BYTES,
+        inflight: InflightBudget | None = None,
     ) -> None:
         if max_stream_in_flight < 1:
             raise ValueError(f"max_stream_in_flight must be >= 1, got {max_stream_in_flight}")
@@ -86,6 +98,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._max_stream_in_flight = max_stream_in_flight
         self._max_request_bytes = max_request_bytes
         self._errors = ErrorEvents(events) if events is not None else None
+        self._stream_max_pending_bytes = stream_max_pending_bytes
+        self._inflight = inflight
 
     # -- server and model state -------------------------------------------------------
 
@@ -121,6 +135,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         live = self._registry.get(request.name, request.version or None)
         return encode_model_metadata(live, self._registry.versions(request.name))
 
+    @map_errors
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: _Context
+    ) -> pb.ModelConfigResponse:
+        return model_config(self._registry.get(request.name, request.version or None))
+
+    @map_errors
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: _Context
+    ) -> pb.ModelStatisticsResponse:
+        return model_statistics(self._statistics_selection(request.name, request.version))
+
+    def _statistics_selection(self, name: str, version: str) -> list[LiveModel]:
+        if not name:
+            if version:
+                raise InvalidArgument(f"version '{version}' given without a model name")
+            return self._registry.all()
+        if version:
+            return [self._registry.get(name, version)]
+        versions = self._registry.versions(name)
+        if not versions:
+            raise NotFound.model(name)
+        return [self._registry.get(name, v) for v in versions]
+
     # -- inference --------------------------------------------------------------------
 
     @map_errors
@@ -136,7 +174,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         try:
             request = decode_infer_request(msg, model, deadline, max_bytes=self._max_request_bytes)
+            decoded = time.perf_counter()
             result = await model.infer(request)
+            inferred = time.perf_counter()
             response = encode_infer_response(
                 result,
                 model,
@@ -159,72 +199,146 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise failure from exc
         if model.recorder is not None:
             timings = result.timings
+            finished = time.perf_counter()
             model.recorder.observe_request(
                 "OK",
-                time.perf_counter() - started,
+                finished - started,
                 timings.get("queue_s"),
                 timings.get("compute_s"),
+                decoded - started,
+                finished - inferred,
             )
         return response
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: _Context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        stream = _Stream(self, _deadline(context), self._max_stream_in_flight)
+        self,
+        request_iterator: AsyncIterator[Received | pb.ModelInferRequest],
+        context: _Context,
+    ) -> AsyncIterator[bytes]:
+        """Yields serialized responses: the server registers this method with no response
+        serializer and with ``bounds.parse_request`` items, so each response's size is
+        known exactly (and counted) before it waits for the client to read it."""
+        stream = _Stream(
+            self,
+            _deadline(context),
+            self._max_stream_in_flight,
+            self._stream_max_pending_bytes,
+            self._inflight,
+        )
         async for response in stream.run(request_iterator):
             yield response
 
-    async def _stream_one(
-        self, msg: pb.ModelInferRequest, deadline: float | None
-    ) -> pb.ModelStreamInferResponse:
+    async def _stream_one(self, msg: pb.ModelInferRequest, deadline: float | None) -> bytes:
         try:
             response = await self._infer(msg, deadline, "ModelStreamInfer")
-            return pb.ModelStreamInferResponse(infer_response=response)
+            return pb.ModelStreamInferResponse(infer_response=response).SerializeToString()
         except Exception as exc:
             _, message = describe_error(exc, "ModelStreamInfer")
-            header = pb.ModelInferResponse(
-                model_name=msg.model_name, model_version=msg.model_version, id=msg.id
-            )
-            return pb.ModelStreamInferResponse(error_message=message, infer_response=header)
+            return _stream_error(message, msg)
+
+
+def _stream_error(message: str, msg: pb.ModelInferRequest | None) -> bytes:
+    """A stream message for a request that failed (same text as a unary call's status)."""
+    header = pb.ModelInferResponse()
+    if msg is not None:
+        header = pb.ModelInferResponse(
+            model_name=msg.model_name, model_version=msg.model_version, id=msg.id
+        )
+    return pb.ModelStreamInferResponse(
+        error_message=message, infer_response=header
+    ).SerializeToString()
 
 
 class _Stream:
-    """One ModelStreamInfer call: a reader task fans requests out, the caller writes."""
+    """One ModelStreamInfer call: a reader task fans requests out, the caller writes.
 
-    def __init__(self, servicer: InferenceServicer, deadline: float | None, limit: int) -> None:
+    Reading pauses while ``limit`` requests are unanswered or ``max_pending_bytes`` are
+    pending: the wire bytes of requests still running plus the serialized responses the
+    client has not read yet (one request is always let in when nothing is pending). So a
+    client that writes and never reads pins at most that much. Each request also holds
+    its bytes against the server-wide ``inflight`` budget while it runs; one that does
+    not fit is answered at once with a RESOURCE_EXHAUSTED message.
+    """
+
+    def __init__(
+        self,
+        servicer: InferenceServicer,
+        deadline: float | None,
+        limit: int,
+        max_pending_bytes: int,
+        inflight: InflightBudget | None,
+    ) -> None:
         self._servicer = servicer
         self._deadline = deadline
         self._slots = asyncio.Semaphore(limit)
-        self._tasks: set[asyncio.Task[pb.ModelStreamInferResponse]] = set()
-        self._done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        self._max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0
+        self._freed = asyncio.Event()
+        self._inflight = inflight
+        self._tasks: set[asyncio.Task[bytes]] = set()
+        self._done: asyncio.Queue[bytes | None] = asyncio.Queue()
 
     async def run(
-        self, requests: AsyncIterator[pb.ModelInferRequest]
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self, requests: AsyncIterator[Received | pb.ModelInferRequest]
+    ) -> AsyncIterator[bytes]:
         reader = asyncio.create_task(self._read(requests))
         try:
             while (response := await self._done.get()) is not None:
                 yield response
-                self._slots.release()  # released once the response has been written
+                # Released once the response has been written.
+                self._pending_bytes -= len(response)
+                self._slots.release()
+                self._freed.set()
             await reader  # surfaces a failed read
         finally:
             reader.cancel()
             for task in list(self._tasks):
                 task.cancel()
 
-    async def _read(self, requests: AsyncIterator[pb.ModelInferRequest]) -> None:
+    async def _read(self, requests: AsyncIterator[Received | pb.ModelInferRequest]) -> None:
         try:
-            async for msg in requests:
+            async for item in requests:
+                received = item if type(item) is Received else Received(item, item.ByteSize())
                 await self._slots.acquire()
-                task = asyncio.create_task(self._servicer._stream_one(msg, self._deadline))
-                self._tasks.add(task)
-                task.add_done_callback(self._finished)
+                await self._room_for(received.wire_bytes)
+                if received.problem is not None:
+                    self._answer_now(_stream_error(received.problem, None))
+                    continue
+                self._start(received)
             if self._tasks:
                 await asyncio.wait(list(self._tasks))
         finally:
             self._done.put_nowait(None)
 
-    def _finished(self, task: asyncio.Task[pb.ModelStreamInferResponse]) -> None:
+    async def _room_for(self, nbytes: int) -> None:
+        while self._pending_bytes and self._pending_bytes + nbytes > self._max_pending_bytes:
+            self._freed.clear()
+            await self._freed.wait()
+
+    def _answer_now(self, response: bytes) -> None:
+        self._pending_bytes += len(response)
+        self._done.put_nowait(response)
+
+    def _start(self, received: Received) -> None:
+        msg, wire_bytes = received.message, received.wire_bytes
+        charge = 0
+        if self._inflight is not None:
+            charge = charge_of(received)
+            try:
+                self._inflight.take(charge)
+            except EdgeserveError as exc:
+                self._answer_now(_stream_error(exc.message, msg))
+                return
+        self._pending_bytes += wire_bytes
+        task = asyncio.create_task(self._servicer._stream_one(msg, self._deadline))
+        self._tasks.add(task)
+        task.add_done_callback(lambda done: self._finished(done, wire_bytes, charge))
+
+    def _finished(self, task: asyncio.Task[bytes], wire_bytes: int, charge: int) -> None:
         self._tasks.discard(task)
+        self._pending_bytes -= wire_bytes
+        if self._inflight is not None:
+            self._inflight.give(charge)
         if not task.cancelled():
-            self._done.put_nowait(task.result())
+            self._answer_now(task.result())
+        self._freed.set()

@@ -2,7 +2,9 @@
 
 No I/O and no background thread: the hot path pays a lock, a clock read and a few
 bisects (see ``bench/recorder_overhead.py``). A later rollup turns ``snapshot()`` into
-rows; ``edgeserve status`` and the Prometheus endpoint read the same snapshot.
+rows; ``edgeserve status`` and the Prometheus endpoint read the same snapshot; the
+KServe servicer's ModelStatistics (Triton's statistics extension) reads ``totals()``,
+cumulative counts and durations kept beside the histograms by the same calls.
 
 Who calls what::
 
@@ -10,7 +12,7 @@ Who calls what::
     rec = recorders.for_model("resnet", "2")     # cached; keep the object beside the live model
     rec.set_queue_depth_source(batcher.depth)    # the batcher owns the number; read at snapshot
     rec.observe_load(3.2)                        # lifecycle, after load + warm-up
-    rec.observe_request("OK", total_s, queue_s, compute_s)   # api edge, once per request
+    rec.observe_request("OK", total_s, queue_s, compute_s, decode_s, encode_s)  # api edge
     rec.observe_batch(8, compute_s)              # worker thread, once per batch
     rec.drift.observe_batch(inputs, outputs)     # instance thread, the batch tensors
     recorders.forget("resnet", "1")              # lifecycle, after the old version drained
@@ -39,6 +41,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from edgeserve.telemetry.drift import DriftSketch
@@ -58,6 +61,9 @@ WINDOW_SLOT_S = 10.0
 """Width of one slot of the last-minute ring."""
 WINDOW_SLOTS = 6
 """Slots in the ring: the window is WINDOW_SLOTS * WINDOW_SLOT_S = 60 s."""
+MAX_BATCH_SIZES_ITEMIZED = 256
+"""Distinct batch sizes counted one by one in ``totals()``; a size first seen after that
+many is counted only in the executions (a client chooses its batch sizes: bounded)."""
 
 Clock = Callable[[], float]
 QueueDepthSource = Callable[[], int]
@@ -86,6 +92,23 @@ class _Histogram:
         }
 
 
+class _Sum:
+    """A running count and total duration; not locked itself (its owner's lock covers it)."""
+
+    __slots__ = ("count", "seconds")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+
+    def frozen(self) -> Duration:
+        return Duration(self.count, self.seconds)
+
+
+def _duration(hist: _Histogram) -> Duration:
+    return Duration(sum(hist.counts), hist.sum)
+
+
 def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
     """The q-quantile (0..1) estimated from per-bucket counts; None when there are none.
 
@@ -108,6 +131,37 @@ def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float 
     return float(bounds[-1])
 
 
+@dataclass(frozen=True)
+class Duration:
+    """How many times something happened and how long it took in all."""
+
+    count: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Cumulative figures of one version since it was loaded (``ModelRecorder.totals``).
+
+    Durations of requests: ``served`` (OK, start to reply) with its ``queue``, ``decode``
+    (request to tensors), ``compute`` (its batch's service time) and ``encode`` (outputs
+    to reply) parts, and ``failed`` (any other code). ``executions`` batches ran with
+    ``rows`` rows in all; ``by_batch_size`` maps a batch size to its batches and their
+    service time. ``last_served_at``: epoch seconds of the last OK request, or None.
+    """
+
+    served: Duration
+    failed: Duration
+    queue: Duration
+    decode: Duration
+    compute: Duration
+    encode: Duration
+    executions: int
+    rows: int
+    by_batch_size: dict[int, Duration]
+    last_served_at: float | None
+
+
 class ModelRecorder:
     """Figures of one (model, version). Get it from ``Recorders.for_model``."""
 
@@ -124,6 +178,12 @@ class ModelRecorder:
         self._compute = _Histogram(LATENCY_BOUNDS_S)
         self._batch_size = _Histogram(BATCH_SIZE_BOUNDS)
         self._batch_compute = _Histogram(LATENCY_BOUNDS_S)
+        # For totals(): sums the histograms do not hold.
+        self._failed = _Sum()
+        self._decode = _Sum()
+        self._encode = _Sum()
+        self._by_batch_size: dict[int, _Sum] = {}
+        self._last_ok_at: float | None = None
         self._queue_depth: QueueDepthSource | None = None
         self._load_s: float | None = None
         self._last_load_at: float | None = None
@@ -136,11 +196,19 @@ class ModelRecorder:
         self._slot_codes: list[dict[str, int]] = [{} for _ in range(WINDOW_SLOTS)]
 
     def observe_request(
-        self, status: str, total_s: float, queue_s: float | None, compute_s: float | None
+        self,
+        status: str,
+        total_s: float,
+        queue_s: float | None,
+        compute_s: float | None,
+        decode_s: float | None = None,
+        encode_s: float | None = None,
     ) -> None:
-        """Count one finished request; its times (seconds) enter the histograms if OK."""
+        """Count one finished request; its times (seconds) enter the histograms if OK
+        (``decode_s`` and ``encode_s`` only the totals)."""
         # Written flat, without helper calls: this runs once per request.
-        key = int(self._clock() // WINDOW_SLOT_S)
+        now = self._clock()
+        key = int(now // WINDOW_SLOT_S)
         slot = key % WINDOW_SLOTS
         with self._lock:
             if self._slot_keys[slot] != key:
@@ -152,7 +220,11 @@ class ModelRecorder:
             codes = self._codes
             codes[status] = codes.get(status, 0) + 1
             if status != OK:
+                sums = self._failed
+                sums.count += 1
+                sums.seconds += total_s
                 return
+            self._last_ok_at = now
             bucket = bisect_left(LATENCY_BOUNDS_S, total_s)
             self._slot_latency[slot][bucket] += 1
             hist = self._total
@@ -166,6 +238,14 @@ class ModelRecorder:
                 hist = self._compute
                 hist.counts[bisect_left(LATENCY_BOUNDS_S, compute_s)] += 1
                 hist.sum += compute_s
+            if decode_s is not None:
+                sums = self._decode
+                sums.count += 1
+                sums.seconds += decode_s
+            if encode_s is not None:
+                sums = self._encode
+                sums.count += 1
+                sums.seconds += encode_s
 
     def observe_batch(self, size: int, compute_s: float) -> None:
         """Count one batch the model ran: its size and how long the model took on it."""
@@ -178,6 +258,13 @@ class ModelRecorder:
             hist = self._batch_compute
             hist.counts[compute_bucket] += 1
             hist.sum += compute_s
+            sums = self._by_batch_size.get(size)
+            if sums is None:
+                if len(self._by_batch_size) >= MAX_BATCH_SIZES_ITEMIZED:
+                    return
+                sums = self._by_batch_size[size] = _Sum()
+            sums.count += 1
+            sums.seconds += compute_s
 
     def set_queue_depth_source(self, source: QueueDepthSource | None) -> None:
         """Register the callable that tells the queue depth (read at snapshot time)."""
@@ -217,6 +304,24 @@ class ModelRecorder:
         data["window"] = window
         data["queue_depth"] = self._read_queue_depth()
         return data
+
+    def totals(self) -> Totals:
+        """Cumulative counts and durations (see ``Totals``), read under the lock."""
+        now, wall = self._clock(), self._wall_clock()
+        with self._lock:
+            last = self._last_ok_at
+            return Totals(
+                served=_duration(self._total),
+                failed=self._failed.frozen(),
+                queue=_duration(self._queue),
+                decode=self._decode.frozen(),
+                compute=_duration(self._compute),
+                encode=self._encode.frozen(),
+                executions=sum(self._batch_size.counts),
+                rows=int(self._batch_size.sum),
+                by_batch_size={n: sums.frozen() for n, sums in self._by_batch_size.items()},
+                last_served_at=None if last is None else wall - (now - last),
+            )
 
     def _window(self, now: float) -> dict[str, Any]:
         """Merged figures of the slots still inside the window; the caller holds the lock."""

@@ -36,7 +36,7 @@ def test_server_live_ready_and_metadata(api: Api) -> None:
         meta = client.get_server_metadata()
         assert meta.name == "edgeserve"
         assert meta.version == "9.9.9-test"
-        assert list(meta.extensions) == []
+        assert list(meta.extensions) == ["model_configuration", "statistics"]
 
 
 def test_server_ready_follows_is_ready(api: Api) -> None:
