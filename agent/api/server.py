@@ -12,9 +12,8 @@ Addresses (``listen``):
 
 Messages larger than ``max_message_bytes`` are refused by gRPC itself with
 RESOURCE_EXHAUSTED. ``SO_REUSEPORT`` is off, so a second daemon cannot silently share
-our port. Reflection answers for every service the server hosts: it gets a descriptor
-pool of its own holding our KServe file (from ``edgeserve.proto.POOL``) and the health
-and reflection files (from protobuf's default pool).
+our port. Reflection (v1 and v1alpha, ``api.reflection``) answers for every service the
+server hosts.
 """
 
 from __future__ import annotations
@@ -30,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
-from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edgeserve.api.health import ModelHealth
 from edgeserve.api.inference import InferenceServicer
+from edgeserve.api.reflection import enable_reflection
 from edgeserve.config import grpc_address, is_loopback_host, parse_listen_address
 from edgeserve.errors import ConfigError
 from edgeserve.proto import kserve_v2_pb2 as pb
@@ -141,10 +139,7 @@ class InferenceServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         for binding in self._extra:
             binding.add_to_server(binding.servicer, server)
-        services = self._service_descriptors()
-        reflection.enable_server_reflection(
-            [s.full_name for s in services], server, pool=_reflection_pool(services)
-        )
+        enable_reflection(server, self._service_descriptors())
         try:
             for listener in self._listeners:
                 self._addresses.append(self._bind(server, listener))
@@ -179,7 +174,6 @@ class InferenceServer:
         return [
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
             health_pb2.DESCRIPTOR.services_by_name["Health"],
-            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
             *(binding.descriptor for binding in self._extra),
         ]
 
@@ -227,21 +221,3 @@ def _prepare_socket_path(path: Path) -> None:
     finally:
         probe.close()
     raise ConfigError(LISTEN_KEY, f"another process is listening on '{path}'")
-
-
-def _reflection_pool(services: Sequence[ServiceDescriptor]) -> descriptor_pool.DescriptorPool:
-    """A pool holding the files of ``services`` and their imports, whatever pool they are in."""
-    pool = descriptor_pool.DescriptorPool()
-    added: set[str] = set()
-
-    def add(file: FileDescriptor) -> None:
-        if file.name in added:
-            return
-        for dependency in file.dependencies:
-            add(dependency)
-        pool.AddSerializedFile(file.serialized_pb)
-        added.add(file.name)
-
-    for service in services:
-        add(service.file)
-    return pool
