@@ -10,6 +10,19 @@ telemetry schedule and the uploader stop -> ``offline`` is published and the lin
 flags; the tick loop acts on them (and on SIGHUP's reload flag) and pets the systemd
 watchdog.
 
+Stopping is bounded whatever a model does: a signal during startup cancels it (a load
+under way is abandoned, ``serving.bounded``); the drain steps share one deadline,
+``grace_period_s``; a watchdog thread ends the process ``SHUTDOWN_MARGIN_S`` after that
+(logs flushed, ``os._exit``); a second signal exits at once the same way. Threads left
+running model code are never joined: when there are any, the process ends with
+``os._exit`` once the shutdown is done, since the interpreter would wait for them.
+
+A daemon that can serve starts, degraded rather than not at all: a ``live.json`` that
+cannot be read is moved aside (``live.json.corrupt-<time>``) and the configured models
+load; a read-only state dir serves what is persisted and configured (nothing can be
+installed or persisted; changes answer FAILED_PRECONDITION). Both are problems in
+status (DEGRADED). Temporary files of a live-set write cut short are removed at start.
+
 Telemetry and the fleet link never stand in the way of serving: the buffer is opened and
 written in worker threads, a buffer that cannot be opened leaves telemetry off for this
 run, a broker that is down only leaves the rows in the buffer, and a link that cannot be
@@ -22,7 +35,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -32,7 +48,7 @@ from typing import Any
 
 from edgeserve import __version__
 from edgeserve.api.management import ManagementServer
-from edgeserve.api.server import InferenceServer
+from edgeserve.api.server import InferenceServer, ServerBounds, raise_fd_limit
 from edgeserve.archive.signing import TrustStore
 from edgeserve.config import (
     Config,
@@ -41,7 +57,7 @@ from edgeserve.config import (
     parse_broker_url,
     parse_listen_address,
 )
-from edgeserve.errors import ConfigError, EdgeserveError, NotFound
+from edgeserve.errors import ConfigError, EdgeserveError, NotFound, StoreError
 from edgeserve.fleet.deployer import STAGING, Deployer
 from edgeserve.fleet.documents import parse_root
 from edgeserve.fleet.fetcher import Fetcher
@@ -52,7 +68,7 @@ from edgeserve.logs import PayloadGuard
 from edgeserve.sdnotify import Notifier
 from edgeserve.serving.registry import ModelRegistry, version_sort_key
 from edgeserve.serving.runtime import RuntimeOptions
-from edgeserve.store.model_store import ModelStore
+from edgeserve.store.model_store import LiveEntry, LiveStateCorrupt, ModelStore
 from edgeserve.telemetry.events import EventLog
 from edgeserve.telemetry.pipeline import TelemetryPipeline
 from edgeserve.telemetry.prometheus import MetricsServer, start_metrics_server
@@ -68,6 +84,7 @@ log = logging.getLogger("edgeserve.daemon")
 TICK_SECONDS = 1.0
 STARTUP_LOAD_TIMEOUT_S = 120.0  # EXTEND_TIMEOUT_USEC before each startup load (a model)
 OFFLINE_PUBLISH_S = 2.0  # at shutdown, how long `offline` may take to be acknowledged
+SHUTDOWN_MARGIN_S = 5.0  # after grace_period_s: telemetry close, offline, then os._exit
 
 
 @dataclass
@@ -111,6 +128,7 @@ class Daemon:
             runtime_options=RuntimeOptions(device=config.runtime.device, fp16=config.runtime.fp16),
             memory_budget_mb=config.runtime.memory_budget_mb,
             drain_timeout_s=config.server.grace_period_s,
+            load_timeout_s=config.runtime.load_timeout_s,
             recorders=self.recorders,
             events=sink,
         )
@@ -122,6 +140,14 @@ class Daemon:
             server_version=__version__,
             is_ready=self.is_ready,
             events=sink,
+            bounds=ServerBounds(
+                max_connections=config.server.max_connections,
+                connection_idle_s=config.server.connection_idle_s,
+                connection_max_age_s=config.server.connection_max_age_s,
+                max_concurrent_rpcs=config.server.max_concurrent_rpcs,
+                inflight_bytes_factor=config.server.inflight_bytes_factor,
+                stream_max_pending_bytes=config.server.stream_max_pending_bytes,
+            ),
         )
         # -- telemetry and the fleet link (built here, started in _start_telemetry) ---------
         self.boot_id = uuid.uuid4().hex
@@ -158,6 +184,7 @@ class Daemon:
             errors=self.recent_errors,
             telemetry=self._telemetry_facts,
             fleet=self._fleet_facts,
+            notes=self._degraded_notes,
         )
         self.management = ManagementServer(
             lifecycle=self.lifecycle,
@@ -169,11 +196,15 @@ class Daemon:
             allowed_group=config.management.allowed_group,
             token_file=config.management.token_file,
             socket_mode=config.management.socket_mode,
+            max_connections=config.management.max_connections,
+            idle_timeout_s=config.management.idle_timeout_s,
         )
         # -- end management ------------------------------------------------------------------
         self.metrics: MetricsServer | None = None
         self._flags = _Flags()
         self._ready = False
+        self._start_problems: list[str] = []  # why it started degraded (status notes)
+        self._startup_task: asyncio.Task[None] | None = None
 
     def is_ready(self) -> bool:
         return self._ready and self.registry.all_ready()
@@ -182,26 +213,44 @@ class Daemon:
         """Serve until SIGTERM/SIGINT; return the process exit code."""
         restore = self._install_signal_handlers()
         try:
-            await self._startup()
+            # A task of its own, so that a signal can cut a startup load short.
+            self._startup_task = asyncio.get_running_loop().create_task(self._startup())
+            try:
+                await self._startup_task
+            except asyncio.CancelledError:
+                if not self._flags.should_exit:
+                    raise
+                log.info("stopping during startup")
             await self._tick_loop()
         finally:
             await self._shutdown()
             restore()
+        if self.lifecycle.abandoned():  # the interpreter would wait for those threads
+            _exit_now(0, "exiting; threads still running model code are left behind")
         return 0
 
     # -- startup --------------------------------------------------------------------------
 
     async def _startup(self) -> None:
-        for path in (Path(self.config.state_dir), Path(self.config.run_dir)):
-            path.mkdir(parents=True, exist_ok=True, mode=0o750)
+        raise_fd_limit()  # idle clients must not starve the daemon of descriptors
+        for key in ("state_dir", "run_dir"):
+            path = Path(getattr(self.config, key))
+            try:
+                path.mkdir(parents=True, exist_ok=True, mode=0o750)
+            except OSError as exc:
+                raise ConfigError(key, f"cannot create '{path}': {exc.strerror}") from None
         logging.getLogger("edgeserve").addHandler(self.recent_errors)  # management/status
+        writable = await asyncio.to_thread(self._check_state_dir)
         await self._start_telemetry()
-        await asyncio.to_thread(self.store.collect_garbage)
+        if writable:
+            await asyncio.to_thread(self.store.collect_garbage)
+            await asyncio.to_thread(self.store.remove_live_leftovers)
         # Management first, so a technician sees "starting" rather than "down" while
         # models load; changes it asks for queue behind the restore on lifecycle's lock.
         for address in await self.management.start():
             log.info("serving management on %s", address)
-        problems = await self.lifecycle.restore(self.store.read_live_state(), self._next_load)
+        persisted = await asyncio.to_thread(self._read_live_state, writable)
+        problems = await self.lifecycle.restore(persisted, self._next_load)
         configured = self.config.models
         if configured and self.deployer is not None and self.deployer.owns_live_set:
             log.info(
@@ -212,7 +261,14 @@ class Daemon:
         for model in configured:
             if self._next_load():
                 return
-            await self._load_configured(model)
+            if writable:
+                await self._load_configured(model)
+                continue
+            try:  # degraded: load what is already in the store, skip what is not
+                await self._load_configured(model)
+            except (EdgeserveError, OSError) as exc:
+                what = model.archive or model.name
+                log.error("configured model %s not loaded (state dir read-only): %s", what, exc)
         if self._flags.should_exit:
             return
         await self.server.start()
@@ -225,6 +281,55 @@ class Daemon:
         self.notifier.status(self._status_line(problems))
         if self.deployer is not None:  # after the restore: it may resume a deployment
             self._spawn(self.deployer.run(), "fleet deployer")
+
+    def _check_state_dir(self) -> bool:
+        """Whether the state dir can be written; a read-only one is a start problem."""
+        probe = Path(self.config.state_dir) / f".write-probe-{secrets.token_hex(4)}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+            return True
+        except OSError as exc:
+            problem = f"state dir '{self.config.state_dir}' is read-only ({exc.strerror})"
+            log.error(
+                "%s: serving what is persisted and configured; no change can be saved", problem
+            )
+            self._start_problems.append(f"{problem}: no change can be saved")
+            return False
+
+    def _read_live_state(self, writable: bool) -> list[LiveEntry]:
+        """The persisted live set; one that cannot be read is moved aside and the
+        configured models start without it (a start problem, never a refusal to start)."""
+        try:
+            return self.store.read_live_state()
+        except LiveStateCorrupt as exc:
+            problem = exc.message
+        except StoreError as exc:  # cannot be read at all (permissions, I/O error)
+            log.error("%s; starting without it", exc.message)
+            self._start_problems.append(f"{exc.message}; started without it")
+            return []
+        where = "left in place (state dir read-only)"
+        if writable:
+            try:
+                where = f"moved aside to {self.store.quarantine_live_state()}"
+            except StoreError as exc:
+                where = f"left in place ({exc.message})"
+        log.error("%s; %s; serving the configured models", problem, where)
+        self._start_problems.append(f"{problem}; {where}; serving the configured models")
+        return []
+
+    def _degraded_notes(self) -> list[str]:
+        """Problems status reports besides the models' own (the daemon is DEGRADED)."""
+        notes = list(self._start_problems)
+        stuck = self.lifecycle.abandoned()
+        if stuck:
+            which = ", ".join(f"{s.stage} of {s.model}/{s.version}" for s in stuck[:5])
+            notes.append(
+                f"{len(stuck)} thread(s) abandoned running model code past "
+                f"runtime.load_timeout_s ({which}); their memory is not reclaimable "
+                "until the daemon restarts"
+            )
+        return notes
 
     def _next_load(self) -> bool:
         """Between two startup loads: True when a signal asked to stop; else give the next
@@ -494,10 +599,16 @@ class Daemon:
             await asyncio.gather(self._reloading, return_exceptions=True)
         self.notifier.stopping()
         grace = self.config.server.grace_period_s
-        await self.management.stop(grace)  # management API first: no changes while draining
-        log.info("stopping: draining in-flight requests (up to %.0fs)", grace)
-        await self.server.stop(grace)
-        await self.lifecycle.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+
+        def left() -> float:  # the drain steps share grace_period_s
+            return max(0.0, deadline - loop.time())
+
+        await self.management.stop(left())  # management API first: no changes while draining
+        log.info("stopping: draining in-flight requests (up to %.0fs)", left())
+        await self.server.stop(left())
+        await self.lifecycle.close(left())
         await self._stop_telemetry()
         if self.metrics is not None:
             self.metrics.close()
@@ -524,10 +635,15 @@ class Daemon:
 
         def on_exit() -> None:
             if self._flags.should_exit:
-                log.warning("second signal: exiting without waiting for the drain")
-                raise SystemExit(1)
+                _exit_now(1, "second signal: exiting without waiting for the drain")
             self._flags.should_exit = True
             self._flags.wake.set()
+            limit = self.config.server.grace_period_s + SHUTDOWN_MARGIN_S
+            watchdog = threading.Timer(limit, _exit_now, (1, f"shutdown took over {limit:g} s"))
+            watchdog.daemon = True
+            watchdog.start()
+            if self._startup_task is not None and not self._startup_task.done():
+                self._startup_task.cancel()  # a load under way is abandoned, not awaited
 
         def on_hup() -> None:
             self._flags.reload = True
@@ -543,3 +659,20 @@ class Daemon:
                 loop.remove_signal_handler(sig)
 
         return restore
+
+
+def _exit_now(code: int, why: str) -> None:
+    """End the process now, without joining threads (one may be stuck in model code):
+    log why, flush every log handler and the standard streams, then ``os._exit``."""
+    (log.warning if code == 0 else log.error)("%s", why)
+    for handler in logging.getLogger().handlers + logging.getLogger("edgeserve").handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: S110 (exiting: a broken handler must not stop it)
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: S110
+            pass
+    os._exit(code)

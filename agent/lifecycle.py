@@ -7,8 +7,18 @@ the serving stack itself is ``serving.build``. An unload takes the version out o
 index first (it is DRAINING: new requests go elsewhere or get NOT_FOUND), waits until
 the requests it admitted have finished, then frees its memory (UNLOADED). A persisted
 version that fails to restore is FAILED (``failed``) until it is loaded or unloaded.
-After each change the live set is persisted atomically through the store, so a restart
-(also after kill -9) comes back to the same set.
+
+Persist first, then change memory: each change computes the live set it will leave
+(``_planned``), writes it atomically through the store, and only then touches the
+registry; teardown of what it replaced comes last. A write that fails (state dir full:
+``StoreFull``, read-only: ``StoreReadOnly``) leaves memory as it was (a fresh build is
+closed again), so memory and ``live.json`` never disagree and a restart (also after
+kill -9) comes back to the same set.
+
+Model code run outside a request (load, thread probe, warm-up) has one time bound per
+load, ``load_timeout_s`` (``serving.bounded``): past it the load fails with
+``Expired.stage`` naming the stage, the lock is released, and the thread is abandoned
+and counted (``abandoned()``, in status); a hung model cannot wedge every later change.
 
 Each change is told to the fleet through ``events`` (an ``EventSink``, injected by the
 daemon): ``deployment`` ``{action, model, version, source, ok}`` for every load
@@ -27,15 +37,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
 
-from edgeserve.errors import ManagementError, NotFound, WarmupFailed
+from edgeserve.errors import Expired, ManagementError, NotFound, NotReady, WarmupFailed
 from edgeserve.serving.batching import AdaptiveBatcher
+from edgeserve.serving.bounded import AbandonedStage, AbandonedThreads, run_bounded
 from edgeserve.serving.build import build
-from edgeserve.serving.registry import LiveModel, ModelRegistry, ModelState
+from edgeserve.serving.registry import LiveModel, ModelRegistry, ModelState, version_sort_key
 from edgeserve.serving.runtime import LoadedModel, RuntimeOptions, load_model
 from edgeserve.serving.warmup import WarmupCheckFailed
 from edgeserve.store.model_store import InstalledModel, LiveEntry, ModelStore
@@ -74,6 +86,7 @@ class Lifecycle:
         runtime_options: RuntimeOptions,
         memory_budget_mb: int = 0,
         drain_timeout_s: float = 30.0,
+        load_timeout_s: float = 120.0,
         recorders: Recorders | None = None,
         events: EventSink | None = None,
     ) -> None:
@@ -82,6 +95,8 @@ class Lifecycle:
         self._runtime_options = runtime_options
         self._memory_budget = memory_budget_mb * 1024 * 1024
         self._drain_timeout = drain_timeout_s
+        self._load_timeout = load_timeout_s
+        self._abandoned = AbandonedThreads()
         self._recorders = recorders or Recorders()
         self._events = events
         self._serving: dict[tuple[str, str], _Serving] = {}
@@ -103,13 +118,13 @@ class Lifecycle:
         """Persisted versions that failed to restore (FAILED until loaded or unloaded)."""
         return list(self._unrestored.values())
 
+    def abandoned(self) -> list[AbandonedStage]:
+        """Threads left running model code past ``load_timeout_s`` (still running)."""
+        return self._abandoned.list()
+
     def live_entries(self) -> list[LiveEntry]:
         """What is live (and what should be, but failed to restore), as persisted."""
-        pending = [
-            replace(e, default=e.default and self._registry.default_version(e.name) is None)
-            for e in self._unrestored.values()
-        ]
-        return pending + [self._entry(s) for s in self._serving.values()]
+        return self._planned()
 
     def _entry(self, serving: _Serving) -> LiveEntry:
         live = serving.live
@@ -120,6 +135,38 @@ class Lifecycle:
             settings=serving.settings,
             device=serving.device,
         )
+
+    def _planned(
+        self,
+        *,
+        without: tuple[str, str] | None = None,
+        adding: LiveEntry | None = None,
+        default: tuple[str, str] | None = None,
+    ) -> list[LiveEntry]:
+        """The live set as it will be after a change, before memory changes: ``without``
+        unloaded, ``adding`` loaded (or replacing the entry of its version), ``default``
+        made the default; default versions move as ``ModelRegistry`` moves them."""
+        rows = {key: self._entry(s) for key, s in self._serving.items()}
+        defaults = {n: self._registry.default_version(n) for n in self._registry.names()}
+        pending = dict(self._unrestored)
+        if without is not None:
+            name, version = without
+            rows.pop(without, None)
+            pending.pop(without, None)
+            if defaults.get(name) == version:  # the newest remaining version takes over
+                left = sorted((v for n, v in rows if n == name), key=version_sort_key)
+                defaults[name] = left[-1] if left else None
+        if adding is not None:
+            key = (adding.name, adding.version)
+            rows[key] = adding
+            pending.pop(key, None)
+            if defaults.get(adding.name) is None:
+                defaults[adding.name] = adding.version
+        if default is not None:
+            defaults[default[0]] = default[1]
+        return [
+            replace(e, default=e.default and defaults.get(e.name) is None) for e in pending.values()
+        ] + [replace(e, default=defaults.get(e.name) == e.version) for e in rows.values()]
 
     # -- changes --------------------------------------------------------------------------
 
@@ -160,20 +207,25 @@ class Lifecycle:
 
         async def change() -> LiveModel:
             asked = settings or BatchingSettings()
+            previous = self._registry.default_version(name)
             try:
-                live = await self._load_locked(name, version, asked, device, source)
+                if (name, version) in self._serving:
+                    raise ManagementError(f"model '{name}' version '{version}' is already live")
+                fresh = await self._build(name, version, asked, device, source)
+                entry = LiveEntry(name, version, False, asked, device)
+                planned = self._planned(
+                    adding=entry, default=(name, version) if make_default else None
+                )
+                await self._persist_or_close(planned, fresh)
             except Exception as exc:
                 self._deployed("load", name, version, source, exc)
                 raise
-            previous = self._registry.default_version(name)
-            if make_default:
-                self._registry.set_default(name, version)
+            self._add(fresh, make_default=make_default)
             is_default = self._registry.default_version(name) == version
             self._deployed("load", name, version, source, default=is_default)
             if make_default and previous != version:
                 self._deployed("set_default", name, version, source, previous=previous)
-            await self._persist()
-            return live
+            return fresh.live
 
         return await self._change(change)
 
@@ -183,16 +235,17 @@ class Lifecycle:
         """Take a version out of service; its admitted requests finish first."""
 
         async def change() -> None:
-            if self._unrestored.pop((name, version), None) is not None:
-                await self._persist()
+            key = (name, version)
+            if key not in self._unrestored and key not in self._serving:
+                raise NotFound.model(name, version)
+            # Persisted before the drain: a crash meanwhile must not revive it.
+            await self._persist(self._planned(without=key))
+            if self._unrestored.pop(key, None) is not None:
                 self._deployed("unload", name, version, source)
                 return
-            serving = self._serving.pop((name, version), None)
-            if serving is None:
-                raise NotFound.model(name, version)
+            serving = self._serving.pop(key)
             self._registry.remove(name, version)
-            await self._persist()  # before the drain: a crash meanwhile must not revive it
-            await self._teardown(serving)
+            await self._teardown(serving, self._drain_timeout)
             self._recorders.forget(name, version)
             self._deployed("unload", name, version, source)
 
@@ -203,9 +256,12 @@ class Lifecycle:
     ) -> None:
         async def change() -> None:
             previous = self._registry.default_version(name)
+            live = self._registry.get(name, version)  # NotFound before anything is written
+            if not live.ready:
+                raise NotReady.model(name, version, live.state.value)
+            await self._persist(self._planned(default=(name, version)))
             self._registry.set_default(name, version)
             self._deployed("set_default", name, version, source, previous=previous)
-            await self._persist()
 
         await self._change(change)
 
@@ -231,17 +287,18 @@ class Lifecycle:
                 raise NotFound.model(name, version)
             settings = changes.over(serving.settings)
             was_default = self._registry.default_version(name) == version
+            wanted = device or serving.device
             try:
-                fresh = await self._build(name, version, settings, device or serving.device, source)
+                fresh = await self._build(name, version, settings, wanted, source)
+                entry = LiveEntry(name, version, was_default, settings, wanted)
+                await self._persist_or_close(self._planned(adding=entry), fresh)
             except Exception as exc:
                 self._deployed("scale", name, version, source, exc)
                 raise
             self._deployed("scale", name, version, source, settings=settings.to_dict())
             self._registry.remove(name, version)
-            self._registry.add(fresh.live, make_default=was_default)
-            self._serving[(name, version)] = fresh
-            await self._persist()
-            await self._teardown(serving)
+            self._add(fresh, make_default=was_default)
+            await self._teardown(serving, self._drain_timeout)
             return settings
 
         return await self._change(change)
@@ -292,13 +349,27 @@ class Lifecycle:
                     self._unrestored[(entry.name, entry.version)] = entry
         return problems
 
-    async def close(self) -> None:
-        """Drain and unload everything (daemon shutdown); the persisted set is kept."""
-        if self._changes:  # let changes already under way finish, whoever asked for them
-            await asyncio.gather(*self._changes, return_exceptions=True)
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Drain and unload everything (daemon shutdown); the persisted set is kept.
+
+        Changes under way may finish within ``timeout_s`` (None: no bound), whoever asked
+        for them; then they are cancelled (a stage still running is abandoned). The drain
+        of every version shares what is left of that time.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
+        if self._changes:
+            _, pending = await asyncio.wait(set(self._changes), timeout=left())
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         async with self._lock:
             for name, version in list(self._serving):
-                await self._unload_locked(name, version)
+                await self._unload_locked(name, version, left())
 
     # -- internals ------------------------------------------------------------------------
 
@@ -337,10 +408,14 @@ class Lifecycle:
         if (name, version) in self._serving:
             raise ManagementError(f"model '{name}' version '{version}' is already live")
         serving = await self._build(name, version, settings, device, source)
-        self._registry.add(serving.live)
-        self._serving[(name, version)] = serving
-        self._unrestored.pop((name, version), None)
+        self._add(serving, make_default=False)
         return serving.live
+
+    def _add(self, serving: _Serving, *, make_default: bool) -> None:
+        live = serving.live
+        self._registry.add(live, make_default=make_default)
+        self._serving[(live.name, live.version)] = serving
+        self._unrestored.pop((live.name, live.version), None)
 
     async def _build(
         self,
@@ -356,13 +431,39 @@ class Lifecycle:
         options = self._runtime_options
         if device:
             options = replace(options, device=device)
-        loaded = await asyncio.to_thread(load_model, installed.path, installed.manifest, options)
+        deadline = started + self._load_timeout
+
+        def bounded(
+            stage: str, work: Callable[[], _T], close: Callable[[Any], None]
+        ) -> Awaitable[_T]:
+            return run_bounded(
+                work,
+                model=name,
+                version=version,
+                stage=stage,
+                timeout_s=max(0.0, deadline - time.monotonic()),
+                limit_s=self._load_timeout,
+                abandoned=self._abandoned,
+                on_late=close,
+            )
+
+        load = partial(load_model, installed.path, installed.manifest, options)
+        loaded = await bounded("load", load, lambda late: late and late.close())
+        close_loaded = lambda _: loaded.close()  # noqa: E731 (the stages after the load)
         try:
             if options.warmup:
-                await asyncio.to_thread(loaded.warm_up)
+                await bounded("warm-up", loaded.warm_up, close_loaded)
             recorder = self._recorders.for_model(name, version)
-            stack = await build(loaded, settings, recorder, started=started)
+            stack = await build(
+                loaded,
+                settings,
+                recorder,
+                started=started,
+                offload=lambda measure: bounded("thread probe", measure, close_loaded),
+            )
             return _Serving(stack.live, loaded, stack.batcher, settings, device)
+        except (Expired, asyncio.CancelledError):
+            raise  # a stage's thread still holds the model: its on_late closes it
         except WarmupFailed as exc:
             self._recorders.for_model(name, version).observe_warmup_failure()
             if self._events is not None:
@@ -376,21 +477,23 @@ class Lifecycle:
             await asyncio.to_thread(loaded.close)
             raise
 
-    async def _unload_locked(self, name: str, version: str) -> None:
+    async def _unload_locked(self, name: str, version: str, drain_s: float | None) -> None:
         serving = self._serving.pop((name, version), None)
         if serving is None:
             raise NotFound.model(name, version)
         self._registry.remove(name, version)
-        await self._teardown(serving)
+        limit = self._drain_timeout if drain_s is None else min(drain_s, self._drain_timeout)
+        await self._teardown(serving, limit)
         self._recorders.forget(name, version)
 
-    async def _teardown(self, serving: _Serving) -> None:
+    async def _teardown(self, serving: _Serving, drain_s: float) -> None:
         live = serving.live
         try:
-            await asyncio.wait_for(live.wait_idle(), self._drain_timeout)
+            await asyncio.wait_for(live.wait_idle(), drain_s)
         except TimeoutError:
             log.warning("%s/%s: drain timed out, failing what is left", live.name, live.version)
-        await serving.batcher.close()  # fails leftovers and joins the instance threads
+        # Fails leftovers and joins the instance threads (one stuck in a batch is left).
+        await serving.batcher.close(timeout=min(drain_s, 5.0))
         # No gc.collect() here: a full collection holds the GIL for 0.2-0.8 s under load
         # (measured in the hot-swap test) and the module is freed by reference counting.
         await asyncio.to_thread(serving.loaded.close)
@@ -410,6 +513,15 @@ class Lifecycle:
                 f"{self._memory_budget / 2**20:.0f} MiB budget (runtime.memory_budget_mb)"
             )
 
-    async def _persist(self) -> None:
+    async def _persist(self, entries: list[LiveEntry]) -> None:
         # write + fsync + rename + dir fsync: tens of ms on flash, so off the event loop.
-        await asyncio.to_thread(self._store.write_live_state, self.live_entries())
+        await asyncio.to_thread(self._store.write_live_state, entries)
+
+    async def _persist_or_close(self, entries: list[LiveEntry], fresh: _Serving) -> None:
+        """Persist; when that fails, the fresh stack nobody will serve is closed again."""
+        try:
+            await self._persist(entries)
+        except BaseException:
+            await fresh.batcher.close(timeout=0.0)
+            await asyncio.to_thread(fresh.loaded.close)
+            raise

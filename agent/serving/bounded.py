@@ -82,12 +82,14 @@ async def run_bounded(
     stage: str,
     timeout_s: float,
     abandoned: AbandonedThreads,
+    limit_s: float | None = None,
     on_late: Callable[[_T | None], Any] | None = None,
 ) -> _T:
     """``work()`` on a daemon thread; its result, or ``Expired.stage`` after ``timeout_s``.
 
     Exceptions of ``work`` propagate. On timeout or cancellation the thread is recorded
-    in ``abandoned`` until it returns (then ``on_late`` runs on that thread).
+    in ``abandoned`` until it returns (then ``on_late`` runs on that thread). ``limit_s``
+    is the figure the error quotes (the whole budget when ``timeout_s`` is what is left).
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[_T] = loop.create_future()
@@ -126,7 +128,8 @@ async def run_bounded(
         return await asyncio.wait_for(asyncio.shield(future), timeout_s)
     except TimeoutError:
         _abandon(run, abandoned)
-        raise Expired.stage(model, version, stage, timeout_s) from None
+        limit = timeout_s if limit_s is None else limit_s
+        raise Expired.stage(model, version, stage, limit) from None
     except asyncio.CancelledError:
         _abandon(run, abandoned)
         raise

@@ -6,12 +6,20 @@ Layout (``root`` is ``<state_dir>/models``)::
     <root>/.staging/<random>/     installs in progress; removed by collect_garbage()
     <root>/.lock                  serialises installs and removals across processes
     <state_dir>/live.json         what is live and which version is default
+    <state_dir>/.live.json.<hex>.tmp        a live-set write in progress (removed at start)
+    <state_dir>/live.json.corrupt-<time>    a live set that could not be read, kept aside
 
 An install validates and unpacks into staging (every file and directory fsynced), then
 renames the version directory into place: a crash or a failure leaves no trace outside
 staging, and staging is cleared on the next start. Versions are immutable: installing
 the same name/version again is a no-op when the manifest is identical and an error
 otherwise.
+
+The live set is written the same way (temporary file, fsync, rename, directory fsync);
+a write that fails raises ``StoreFull`` or ``StoreReadOnly`` (``StoreError.from_os``)
+and leaves the previous file in place. It is read with bounds (``jsonsafe``); one that
+cannot be read is ``LiveStateCorrupt``, which the daemon answers by moving it aside
+(``quarantine_live_state``) and starting without it.
 
 A TorchServe ``.mar`` is refused with the command that converts it (``edgeserve package
 --from-mar FILE.mar [--sign-key KEY] -o FILE.esar``): converting runs the model to infer its
@@ -30,6 +38,7 @@ import re
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +48,7 @@ from edgeserve.archive.format import extract_archive, fsync_dir, verify_tree
 from edgeserve.archive.manifest import MANIFEST_NAME, Manifest
 from edgeserve.archive.signing import TrustStore
 from edgeserve.errors import ArchiveError, NotFound, StoreError
+from edgeserve.jsonsafe import parse_json
 from edgeserve.types import BatchingSettings
 
 log = logging.getLogger("edgeserve.store")
@@ -47,6 +57,12 @@ STAGING = ".staging"
 _LOCK = ".lock"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _LIVE_SCHEMA = 1
+_LIVE_MAX_BYTES = 4 * 1024 * 1024  # ~10,000 entries; ours is written by us, so far smaller
+_LIVE_MAX_DEPTH = 8  # {"models": [{"settings": {...}}]} is 4 deep
+
+
+class LiveStateCorrupt(StoreError):
+    """``live.json`` exists but cannot be used (not JSON, wrong schema, bad entries)."""
 
 
 @dataclass(frozen=True)
@@ -156,23 +172,62 @@ class ModelStore:
     # -- live state -----------------------------------------------------------------------
 
     def read_live_state(self) -> builtins.list[LiveEntry]:
-        """The persisted live set; empty when none was written yet."""
+        """The persisted live set; empty when none was written yet; ``LiveStateCorrupt``
+        when it cannot be used."""
         path = self.live_state_path
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as file:
+                raw = file.read(_LIVE_MAX_BYTES + 1)
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise StoreError(f"live state '{path}' cannot be read: {exc.strerror}") from None
         try:
-            data = json.loads(raw)
+            data = parse_json(raw, max_bytes=_LIVE_MAX_BYTES, max_depth=_LIVE_MAX_DEPTH)
             if data.get("schema") != _LIVE_SCHEMA:
-                raise ValueError(f"unsupported schema {data.get('schema')!r}")
+                raise ValueError(f"unsupported schema {str(data.get('schema'))[:32]!r}")
             entries = [_live_entry(e) for e in data["models"]]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise StoreError(f"live state '{path}' is malformed: {exc}") from None
-        _check_live(entries, str(path))
+            _check_live(entries, str(path))
+        except (ValueError, KeyError, TypeError, AttributeError, StoreError) as exc:
+            problem = exc.message if isinstance(exc, StoreError) else str(exc)[:200]
+            raise LiveStateCorrupt(f"live state '{path}' is malformed: {problem}") from None
         return entries
+
+    def quarantine_live_state(self) -> Path:
+        """Move an unusable ``live.json`` aside, kept as ``live.json.corrupt-<UTC time>``."""
+        path = self.live_state_path
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        try:
+            os.replace(path, aside)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise StoreError.from_os(exc, f"cannot move '{path}' aside") from None
+        return aside
+
+    def remove_live_leftovers(self) -> int:
+        """Delete temporary live-set files of writes cut short (kill -9); how many.
+
+        Only our own pattern (``.live.json.<12 hex>.tmp``), only regular files. Call at
+        start, before anything writes the live set.
+        """
+        removed = 0
+        path = self.live_state_path
+        ours = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(path.parent):
+                if not (ours.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)):
+                    continue
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:  # a read-only state dir: nothing can be cleaned
+                    log.warning("store: cannot remove %s: %s", entry.path, exc.strerror)
+                    continue
+                removed += 1
+                log.info("store: removed an interrupted live-set write %s", entry.name)
+        return removed
 
     def write_live_state(self, entries: Sequence[LiveEntry]) -> None:
         """Replace ``live.json`` atomically (temporary file, fsync, rename, fsync dir)."""
@@ -198,18 +253,23 @@ class ModelStore:
             data = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
         except (TypeError, ValueError) as exc:
             raise StoreError(f"live state: settings are not JSON ({exc})") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "xb") as out:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise StoreError.from_os(exc, f"cannot write the live set '{path}'") from None
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise
-        fsync_dir(path.parent)
 
     # -- internals ------------------------------------------------------------------------
 
