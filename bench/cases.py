@@ -37,6 +37,8 @@ from bench.loadgen import LoadPool, LoadResult, LoadSpec
 from bench.server import Server, metrics_batches
 
 ECHO = "echo"
+PYTHON, PERF_ANALYZER = "python", "perf_analyzer"
+CLIENTS = (PYTHON, PERF_ANALYZER)
 TRANSPORTS = ("uds", "tcp")
 CLOSED_LEVELS = (1, 8, 32, 64)
 STREAM_IN_FLIGHT = 32
@@ -147,6 +149,8 @@ class Settings:
     retries: int
     quiet_cores: float
     procs: int
+    client: str = PYTHON
+    """``python`` (bench/loadgen.py) or ``perf_analyzer`` (bench/perf_analyzer.py)."""
 
 
 class CaseRunner:
@@ -157,6 +161,7 @@ class CaseRunner:
         self._work = work
         self._settings = settings
         self._pools: dict[int, LoadPool] = {}
+        self._perf_analyzer: Any = None  # bench.perf_analyzer.Tool, located on first use
         self.edge_hooks: dict[str, Callable[[], Any]] = {}
         """target -> a callable read at the window's edges too (the upload observer);
         its two values land in the figures as ``window_extra``."""
@@ -179,12 +184,17 @@ class CaseRunner:
         *,
         duration_s: float | None = None,
         retries: int | None = None,
+        client: str | None = None,
     ) -> dict[str, Any]:
-        """Run ``case`` (again while the machine is busy); the figures of the quietest try."""
+        """Run ``case`` (again while the machine is busy) with ``client`` (the settings'
+        by default); the figures of the quietest try."""
         attempts: list[dict[str, Any]] = []
         tries = 1 + (self._settings.retries if retries is None else retries)
+        attempt = self._attempt
+        if (client or self._settings.client) == PERF_ANALYZER:
+            attempt = self._attempt_perf_analyzer
         for _ in range(tries):
-            attempts.append(self._attempt(case, capacity, duration_s or self._settings.duration_s))
+            attempts.append(attempt(case, capacity, duration_s or self._settings.duration_s))
             if attempts[-1]["cpu"]["other"] <= self._settings.quiet_cores:
                 break
         best = min(attempts, key=lambda a: a["cpu"]["other"])
@@ -212,7 +222,7 @@ class CaseRunner:
             other.pause()
         try:
             pool = self.pool(case.procs)
-            result = pool.run(spec, server.pid, edges=self._probe(case, server))
+            result = pool.run(spec, server.cpu_seconds, edges=self._probe(case, server))
         finally:
             for other in paused:
                 other.resume()
@@ -225,6 +235,38 @@ class CaseRunner:
             figures.update(_mean_batch(case.target, first, last))
         if "extra" in first:
             figures["window_extra"] = [first["extra"], last["extra"]]
+        return figures
+
+    def _attempt_perf_analyzer(
+        self, case: Case, capacity: float | None, duration_s: float
+    ) -> dict[str, Any]:
+        """The same case driven by perf_analyzer (one process, NVIDIA's C++ client)."""
+        from bench import perf_analyzer
+
+        if self._perf_analyzer is None:
+            self._perf_analyzer = perf_analyzer.locate()
+        server = self._servers[server_of(case)]
+        load = perf_analyzer.Load(
+            url=server.address(case.transport),
+            model=case.model,
+            kind=case.kind,
+            concurrency=case.concurrency,
+            rate=(capacity or 0.0) * case.load,
+            duration_s=duration_s,
+        )
+        probe = self._probe(case, server)
+        first = probe()
+        try:
+            found = perf_analyzer.run(self._perf_analyzer, load, server.cpu_seconds)
+        except RuntimeError as error:  # one failed case is a row, not a lost run
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            failed = lines[0] + (f" {lines[-1].strip()}" if len(lines) > 1 else "")
+            found = {"failed": failed, "throughput": 0.0, "wall_s": 1.0}
+        last = probe()
+        figures = perf_analyzer_figures(found)
+        figures["rss_start_mb"], figures["rss_end_mb"] = first["rss_mb"], last["rss_mb"]
+        if case.target != ECHO:
+            figures.update(_mean_batch(case.target, first, last))
         return figures
 
     def _probe(self, case: Case, server: Server) -> Callable[[], dict[str, Any]]:
@@ -292,6 +334,39 @@ def summarize(result: LoadResult) -> dict[str, Any]:
         # CPU time per served request: a cost the other tenants of the machine hardly skew.
         "server_us_per_request": _per_request(result.cpu.server, result),
         "client_us_per_request": _per_request(result.cpu.client, result),
+    }
+
+
+def perf_analyzer_figures(found: dict[str, Any]) -> dict[str, Any]:
+    """One perf_analyzer run's figures under the keys of ``summarize`` (its CPU figures
+    span the whole run: three windows plus its start-up, a few percent more)."""
+    wall = found["wall_s"]
+    answered = found["throughput"] * wall
+    cpu = {
+        "client": found.get("client_cpu_s", 0.0) / wall,
+        "server": found.get("server_cpu_s", 0.0) / wall,
+        "machine": found.get("busy_cpu_s", 0.0) / wall,
+    }
+    cpu["other"] = max(0.0, cpu["machine"] - cpu["client"] - cpu["server"])
+    per_request = {
+        key: (found.get(f"{key}_cpu_s", 0.0) / answered * 1e6 if answered else None)
+        for key in ("server", "client")
+    }
+    failed = found.get("failed")
+    return {
+        "client": PERF_ANALYZER,
+        "throughput": found["throughput"],
+        "ok": round(answered),
+        "offered": found["throughput"],
+        **{f"p{q}_ms": found.get(f"p{q}_ms") for q in (50, 90, 95, 99)},
+        "errors": {"PERF_ANALYZER_FAILED": 1} if failed else {},
+        "failed": failed,
+        "rejected": 0,
+        "processes": 1,
+        "cpu": cpu,
+        "server_us_per_request": per_request["server"],
+        "client_us_per_request": per_request["client"],
+        "command": found.get("command"),
     }
 
 

@@ -23,7 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.cases import ECHO, QUICK, Case, CaseRunner, Settings, all_cases, select
+from bench.cases import (
+    CLIENTS,
+    ECHO,
+    PERF_ANALYZER,
+    QUICK,
+    Case,
+    CaseRunner,
+    Settings,
+    all_cases,
+    select,
+)
 from bench.catalog import (
     DAEMON_TELEMETRY,
     MODELS,
@@ -42,6 +52,7 @@ DAEMON_TELEMETRY_MODELS = {
 }
 UPLOAD_MODELS = {k for k, m in MODELS.items() if m.daemon == TELEMETRY_UPLOAD}
 MAX_QUEUE_SIZE = 256
+BOTH = "both"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,6 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, help="warm-up seconds per case")
     parser.add_argument("--idle-seconds", type=float, help="idle CPU window (default 10)")
     parser.add_argument("--procs", type=int, default=1, help="load processes (default 1)")
+    parser.add_argument(
+        "--client",
+        choices=[*CLIENTS, BOTH],
+        default=CLIENTS[0],
+        help="load generator: the bench's Python one, NVIDIA's perf_analyzer, or both "
+        "(each case twice, back to back; perf_analyzer's figures in their own table)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -172,16 +190,15 @@ def run_repeat(
         controller = ctx.get("upload") if case.target in UPLOAD_MODELS else None
         before = controller.before(case.phase) if controller is not None else None
         figures = runner.run(case, capacity)
+        if args.client == BOTH:
+            again = runner.run(case, capacity, client=PERF_ANALYZER)
+            repeat.setdefault("perf_analyzer", {})[case.name] = again
+            _print_case(f"{case.name} (pa)", again)
         if controller is not None:
             controller.after(case.phase, before, figures)
             _print_upload(figures["upload"])
         repeat["cases"][case.name] = figures
-        print(
-            f"  {case.name:<24} {figures['throughput']:8.0f}/s  p50 "
-            f"{report._f(figures['p50_ms'], 3)} ms  p99 {report._f(figures['p99_ms'], 3)} ms"
-            f"  other cpu {figures['cpu']['other']:.2f}",
-            flush=True,
-        )
+        _print_case(case.name, figures)
     daemon: Server | None = ctx["servers"].get(DAEMON)
     if daemon is not None:
         repeat["daemon"] = {
@@ -190,6 +207,16 @@ def run_repeat(
             "rss_after_load_mb": daemon.rss() / 2**20,
         }
     return repeat
+
+
+def _print_case(name: str, figures: dict[str, Any]) -> None:
+    failed = f"  FAILED: {figures['failed']}" if figures.get("failed") else ""
+    print(
+        f"  {name:<24} {figures['throughput']:8.0f}/s  p50 "
+        f"{report._f(figures['p50_ms'], 3)} ms  p99 {report._f(figures['p99_ms'], 3)} ms"
+        f"  other cpu {figures['cpu']['other']:.2f}{failed}",
+        flush=True,
+    )
 
 
 def _print_upload(found: dict[str, Any]) -> None:
@@ -271,6 +298,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.report:
         return _report_again(args.report)
+    if args.client != CLIENTS[0]:
+        from bench.perf_analyzer import Unavailable, locate
+
+        try:
+            locate()
+        except Unavailable as error:
+            print(f"bench: --client {args.client}: {error}", file=sys.stderr)
+            return 2
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"edgeserve-bench-{stamp}-"))
@@ -287,7 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building {', '.join(needed)} ...", flush=True)
         meta["archives"] = build_archives(work, private, needed)
         _start_servers(cases, ctx, args)
-        settings = Settings(args.warmup, args.duration, args.retries, args.quiet_cores, args.procs)
+        settings = Settings(
+            args.warmup,
+            args.duration,
+            args.retries,
+            args.quiet_cores,
+            args.procs,
+            client=PERF_ANALYZER if args.client == PERF_ANALYZER else CLIENTS[0],
+        )
         runner = CaseRunner(ctx["servers"], work, settings)
         if "upload" in ctx:
             for key in UPLOAD_MODELS:
@@ -319,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.target_table(summary))
     _print_telemetry(summary)
+    _print_clients(summary, cases)
     print(
         f"\nmedians of {args.repeats} repeat(s); wrote {json_path} and {png_path} "
         f"in {meta['wall_s']:.0f} s"
@@ -338,6 +381,14 @@ def _print_tables(summary: dict[str, Any], cases: list[Case]) -> None:
     print()
     print(report.target_table(summary))
     _print_telemetry(summary)
+    _print_clients(summary, cases)
+
+
+def _print_clients(summary: dict[str, Any], cases: list[Case]) -> None:
+    table = report.client_table(summary, cases)
+    if table:
+        print()
+        print(table)
 
 
 def _print_telemetry(summary: dict[str, Any]) -> None:

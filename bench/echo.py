@@ -10,6 +10,9 @@ loop, so the only difference from the daemon is the work done per request:
   MLP's output (``[1, 10]`` FP32, raw contents).
 * ``ModelStreamInfer``: one response per request, carrying the request's ``id``.
 * ``ServerReady``: always ready (the bench waits on it).
+* ``ServerMetadata``; ``ModelMetadata``, ``ModelConfig``: the tiny MLP's (FP32
+  ``[-1, 64]`` in, ``[-1, 10]`` out, ``max_batch_size`` 32), which perf_analyzer reads
+  before it sends anything.
 
 SIGTERM / SIGINT stop it.
 """
@@ -44,11 +47,38 @@ def fixed_reply(model: str, output: str, shape: list[int]) -> pb.ModelInferRespo
     return reply
 
 
+def describe(model: str, reply: pb.ModelInferResponse, input_shape: list[int]) -> tuple[Any, Any]:
+    """(ModelMetadataResponse, ModelConfigResponse) of a batching FP32 model whose one
+    input ``x`` has ``input_shape`` (without the batch dimension) and whose output is
+    the reply's."""
+    output = reply.outputs[0]
+    meta = pb.ModelMetadataResponse(name=model, versions=["1"], platform="pytorch_libtorch")
+    meta.inputs.add(name="x", datatype="FP32", shape=[-1, *input_shape])
+    meta.outputs.add(name=output.name, datatype="FP32", shape=[-1, *output.shape[1:]])
+    config = pb.ModelConfigResponse()
+    config.config.name, config.config.platform = model, "pytorch_libtorch"
+    config.config.max_batch_size = 32
+    config.config.input.add(name="x", data_type=pb.TYPE_FP32, dims=input_shape)
+    config.config.output.add(name=output.name, data_type=pb.TYPE_FP32, dims=output.shape[1:])
+    config.config.dynamic_batching.max_queue_delay_microseconds = 2000
+    return meta, config
+
+
 class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Fixed replies; no model, no batching, no codec."""
 
-    def __init__(self, reply: pb.ModelInferResponse) -> None:
+    def __init__(self, reply: pb.ModelInferResponse, input_shape: list[int]) -> None:
         self._reply = reply
+        self._meta, self._config = describe(reply.model_name, reply, input_shape)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="echo", version="0")
+
+    async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
+        return self._meta
+
+    async def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
+        return self._config
 
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -69,7 +99,7 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
             yield response
 
 
-async def serve(listen: list[str], reply: pb.ModelInferResponse) -> None:
+async def serve(listen: list[str], reply: pb.ModelInferResponse, input_shape: list[int]) -> None:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
@@ -77,7 +107,7 @@ async def serve(listen: list[str], reply: pb.ModelInferResponse) -> None:
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(reply), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(reply, input_shape), server)
     for address in listen:
         if address.startswith("unix://"):
             with contextlib.suppress(FileNotFoundError):
@@ -99,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mlp", help="model name put in the reply")
     parser.add_argument("--output", default="output__0", help="output name put in the reply")
     parser.add_argument("--shape", default="1,10", help="output shape, comma-separated")
+    parser.add_argument("--input-shape", default="64", help="one input row's shape")
     args = parser.parse_args(argv)
     shape = [int(d) for d in args.shape.split(",")]
-    asyncio.run(serve(args.listen, fixed_reply(args.model, args.output, shape)))
+    input_shape = [int(d) for d in args.input_shape.split(",")]
+    asyncio.run(serve(args.listen, fixed_reply(args.model, args.output, shape), input_shape))
     return 0
 
 

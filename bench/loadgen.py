@@ -162,11 +162,12 @@ class LoadPool:
     def run(
         self,
         spec: LoadSpec,
-        server_pid: int | None,
+        server_cpu: Callable[[], float] | None,
         *,
         edges: Callable[[], Any] | None = None,
     ) -> LoadResult:
-        """Offer ``spec`` and return the merged records of the measured window.
+        """Offer ``spec`` and return the merged records of the measured window;
+        ``server_cpu()`` gives the server's CPU seconds so far (all its processes).
 
         ``edges`` is called at the window's start and end; the two values land in
         ``result.extra["edges"]`` (the bench reads the daemon's batch counters there)."""
@@ -182,12 +183,11 @@ class LoadPool:
         used = self._conns[: len(jobs)]
         for conn, job in zip(used, jobs, strict=True):
             conn.send(("job", job))
-        server = psutil.Process(server_pid) if server_pid else None
         _sleep_until(start_at)
-        before = self._cpu(server, len(jobs))
+        before = self._cpu(server_cpu, len(jobs))
         first = edges() if edges is not None else None
         _sleep_until(end_at)
-        after = self._cpu(server, len(jobs))
+        after = self._cpu(server_cpu, len(jobs))
         last = edges() if edges is not None else None
         records = [self._reply(conn, spec.address) for conn in used]
         result = _merge(records, spec, start_at, _cpu_share(before, after), len(jobs))
@@ -203,10 +203,12 @@ class LoadPool:
             raise RuntimeError(f"load process failed ({what}):\n{value}")
         return value
 
-    def _cpu(self, server: psutil.Process | None, used: int) -> tuple[float, float, float, float]:
+    def _cpu(
+        self, server_cpu: Callable[[], float] | None, used: int
+    ) -> tuple[float, float, float, float]:
         wall = time.monotonic()
         client = sum(_proc_cpu(p) for p in self._ps[:used])
-        served = _proc_cpu(server) if server is not None else 0.0
+        served = server_cpu() if server_cpu is not None else 0.0
         total = psutil.cpu_times()
         busy = sum(total) - total.idle - getattr(total, "iowait", 0.0)
         return wall, client, served, busy

@@ -76,6 +76,7 @@ def summarize_repeats(repeats: list[dict[str, Any]], cases: list[Case]) -> dict[
         "baselines": median_tree([r.get("baselines") for r in repeats]),
         "daemon": median_tree([r.get("daemon") for r in repeats]),
         "telemetry_cost": median_tree([r.get("telemetry_cost") for r in repeats]),
+        "perf_analyzer": median_tree([r.get("perf_analyzer") for r in repeats]),
         "targets": rows,
     }
 
@@ -116,6 +117,38 @@ def case_table(summary: dict[str, Any], cases: list[Case]) -> str:
         "same transport and in-flight count; /raw: throughput against raw torch's best; "
         "srv us: server CPU microseconds per request; cpu c/s/o: cores used by the load "
         "processes / the server / everything else."
+    )
+    return "\n".join(lines)
+
+
+def client_table(summary: dict[str, Any], cases: list[Case]) -> str | None:
+    """``--client both``: each case by the Python load generator and by perf_analyzer,
+    side by side (medians); None when perf_analyzer did not run beside it."""
+    other = summary.get("perf_analyzer")
+    if not other:
+        return None
+    head = (
+        f"{'case':<24}{'python req/s':>13}{'p50':>8}{'p99':>8}{'cli us':>7}"
+        f"{'perf_an req/s':>14}{'p50':>8}{'p99':>8}{'cli us':>7}{'srv us':>7}{'srv us':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for case in cases:
+        py, pa = summary["cases"].get(case.name), other.get(case.name)
+        if not py or not pa:
+            continue
+        lines.append(
+            f"{case.name:<24}{py['throughput']:>13.0f}{_f(py['p50_ms'], 3):>8}"
+            f"{_f(py['p99_ms'], 3):>8}{_f(py.get('client_us_per_request'), 0):>7}"
+            f"{pa['throughput']:>14.0f}{_f(pa['p50_ms'], 3):>8}{_f(pa['p99_ms'], 3):>8}"
+            f"{_f(pa.get('client_us_per_request'), 0):>7}"
+            f"{_f(py.get('server_us_per_request'), 0):>7}"
+            f"{_f(pa.get('server_us_per_request'), 0):>7}"
+            + (f"  FAILED: {pa['failed']}" if pa.get("failed") else "")
+        )
+    lines.append(
+        "the same case driven by the Python load generator and by perf_analyzer, back to "
+        "back; cli us / srv us: client / server CPU microseconds per request (python's, "
+        "then perf_analyzer's)."
     )
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,15 +67,31 @@ class Server:
     def address(self, transport: str) -> str:
         return self.uds if transport == "uds" else self.tcp
 
+    def processes(self) -> list[psutil.Process]:
+        """The server's process and its descendants (TorchServe: the Java front end and
+        its Python workers; a multi-process front end: every process), alive now."""
+        root = psutil.Process(self.pid)
+        try:
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return [root]
+
     def rss(self) -> int:
-        return int(psutil.Process(self.pid).memory_info().rss)
+        """Resident memory of the whole process tree, bytes."""
+        return sum(_quiet(lambda p: p.memory_info().rss, p, 0) for p in self.processes())
+
+    def cpu_seconds(self) -> float:
+        """CPU (user + system) the live process tree has used so far, seconds."""
+        return sum(_quiet(_cpu_of, p, 0.0) for p in self.processes())
 
     def pause(self) -> None:
         """SIGSTOP the server (its threads stop where they are); ``resume`` undoes it."""
-        psutil.Process(self.pid).suspend()
+        for process in self.processes():
+            _quiet(psutil.Process.suspend, process, None)
 
     def resume(self) -> None:
-        psutil.Process(self.pid).resume()
+        for process in self.processes():
+            _quiet(psutil.Process.resume, process, None)
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()
@@ -93,6 +110,19 @@ class Server:
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
         return int(self.process.returncode)
+
+
+def _cpu_of(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _quiet(read: Callable[[psutil.Process], Any], process: psutil.Process, default: Any) -> Any:
+    """``read(process)``, or ``default`` for a process that ended meanwhile."""
+    try:
+        return read(process)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return default
 
 
 def _wait_ready(server: Server, started: float, timeout: float) -> float:

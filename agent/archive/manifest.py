@@ -11,12 +11,20 @@
       "inputs":  [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
       "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
       "batching": {"max_batch_size": 32, "max_queue_delay_ms": 2.0, "preferred_batch_sizes": []},
+                                                # max_batch_size 0: no batch dimension
       "quantization": {"mode": "dynamic", "engine": "fbgemm", "dtype": "qint8"} | null,
       "samples": [{"inputs": {"x": "samples/0/x.npy"}, "outputs": {"y": "samples/0/y.npy"}}],
       "tolerance": {"rtol": 1e-5, "atol": 1e-6},
       "files": {"model.pt": "<sha256 hex>", ...},   # every member except manifest.json
       "created_by": "edgeserve 0.1.0"
     }
+
+Batching: a model with a batch dimension has ``-1`` as dim 0 of every input and output
+and ``max_batch_size`` >= 1 (the most rows per request and per batch). ``max_batch_size``
+0 (Triton's convention) says the model has none: its shapes are whole (any ``-1`` is a
+free dimension, not a batch) and each request runs alone. A manifest whose inputs do not
+all start with ``-1`` has no batch dimension either, whatever its ``max_batch_size``
+(older packagers wrote 1 for such models).
 
 Sample members: ``.npy`` for numeric tensors; for BYTES inputs a raw file holding one
 element (shape [1]); for BYTES outputs a ``.json`` list of UTF-8 strings.
@@ -29,7 +37,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeserve.errors import ArchiveError
-from edgeserve.types import BUILT_IN_BATCHING, DATATYPE_SIZES, BatchingSettings, TensorSpec
+from edgeserve.types import (
+    BUILT_IN_BATCHING,
+    DATATYPE_SIZES,
+    BatchingSettings,
+    TensorSpec,
+    batches_along_dim0,
+)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -63,14 +77,21 @@ class Manifest:
     handler: str = "tensor"
     handler_config: dict[str, Any] = field(default_factory=dict)
     # The archive's layer of batching: these three fields, always set (1, 2.0, () when
-    # the manifest leaves them out).
+    # the manifest leaves them out; max_batch_size 1 when the model has no batch dim).
     batching: BatchingSettings = ARCHIVE_BATCHING
+    batches: bool = True
+    """Whether the model has a batch dimension (dim 0 of every tensor); written as
+    ``max_batch_size`` 0 when it has none."""
     quantization: dict[str, str] | None = None
     samples: tuple[Sample, ...] = ()
     rtol: float = 1e-5
     atol: float = 1e-6
     created_by: str = ""
     schema: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.batches and not batches_along_dim0(self.inputs):
+            object.__setattr__(self, "batches", False)  # dim 0 fixed: not a batch dim
 
     @property
     def label(self) -> str:
@@ -89,7 +110,7 @@ class Manifest:
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
             "batching": {
-                "max_batch_size": self.batching.max_batch_size,
+                "max_batch_size": self.batching.max_batch_size if self.batches else 0,
                 "max_queue_delay_ms": self.batching.max_queue_delay_ms,
                 "preferred_batch_sizes": list(self.batching.preferred_batch_sizes or ()),
             },
@@ -120,7 +141,8 @@ class Manifest:
         model_file = _get(data, "model_file", str)
         if model_file not in files:
             raise _bad("model_file", f"'{model_file}' is not listed in files")
-        batching = _batching(data.get("batching", {}))
+        inputs = _specs(data, "inputs")
+        batching, batches = _batching(data.get("batching", {}), inputs)
         quant = data.get("quantization")
         if quant is not None:
             if not isinstance(quant, dict) or quant.get("mode") not in QUANTIZATION_MODES:
@@ -139,9 +161,10 @@ class Manifest:
             model_file=model_file,
             handler=_get(data, "handler", str),
             handler_config=handler_config,
-            inputs=_specs(data, "inputs"),
+            inputs=inputs,
             outputs=_specs(data, "outputs"),
             batching=batching,
+            batches=batches,
             quantization=quant,
             samples=_samples(data.get("samples", []), files),
             rtol=_number(tol.get("rtol", 1e-5), "tolerance.rtol"),
@@ -204,10 +227,26 @@ def _specs(data: dict[str, Any], key: str) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
-def _batching(raw: Any) -> BatchingSettings:
-    """The archive's batching: the three fields a manifest carries; others are ignored."""
+def _batching(raw: Any, inputs: tuple[TensorSpec, ...]) -> tuple[BatchingSettings, bool]:
+    """The archive's batching (the three fields a manifest carries; others are ignored)
+    and whether the model has a batch dimension. Without one, requests run one at a time:
+    the settings say ``max_batch_size`` 1."""
     if not isinstance(raw, dict):
         raise _bad("batching", "must be an object")
+    size = raw.get("max_batch_size", ARCHIVE_BATCHING.max_batch_size)
+    none = size == 0 and not isinstance(size, bool)
+    if none and raw.get("preferred_batch_sizes"):
+        raise _bad("batching.preferred_batch_sizes", "must be empty when max_batch_size is 0")
+    batches = not none and batches_along_dim0(inputs)
+    if not batches and isinstance(size, int) and not isinstance(size, bool):
+        if size > 1:
+            raise _bad(
+                "batching.max_batch_size",
+                f"{size} needs dim 0 of every input to be -1 (the batch dimension); "
+                "0 says the model has none",
+            )
+        if size == 0:
+            size = 1  # one request at a time (a negative size is refused below)
     pref = raw.get("preferred_batch_sizes", [])
     if not isinstance(pref, list):
         raise _bad("batching.preferred_batch_sizes", f"must be a list, got {pref!r}")
@@ -217,11 +256,11 @@ def _batching(raw: Any) -> BatchingSettings:
     if isinstance(delay, int) and not isinstance(delay, bool):
         delay = float(delay)
     settings = BatchingSettings(
-        max_batch_size=raw.get("max_batch_size", ARCHIVE_BATCHING.max_batch_size),
+        max_batch_size=size,
         max_queue_delay_ms=delay,
         preferred_batch_sizes=tuple(pref),
     )
-    return settings.validate("batching", _bad)
+    return settings.validate("batching", _bad), batches
 
 
 def _samples(raw: Any, files: dict[str, str]) -> tuple[Sample, ...]:

@@ -53,7 +53,9 @@ def register(commands: Any) -> None:
         help="extra member for the archive (labels, vocabularies)",
     )
     sub.add_argument(
-        "--max-batch-size", type=int, help="most rows per request and per batch (1: never combine)"
+        "--max-batch-size",
+        type=int,
+        help="most rows per request and per batch (1: never combine; 0: no batch dimension)",
     )
     sub.add_argument("--max-queue-delay-ms", type=float, help="batching default (ms)")
     sub.add_argument("--sign-key", type=Path, help="Ed25519 private key (PEM) to sign with")

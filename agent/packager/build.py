@@ -18,14 +18,15 @@ Rules this module decides (documented here, reported in the manifest):
 - Batching: whether the model batches along dim 0 is probed by running the examples
   stacked twice (every output's dim 0 must double with them). That alone decides the
   shapes: a model that batches gets ``-1`` as dim 0 of every input and output, one that
-  does not keeps the examples' shapes. The manifest has no field of its own for it; dim 0
-  of the inputs being ``-1`` is the record (``types.batches_along_dim0``).
+  does not keeps the examples' shapes whole and is written with ``max_batch_size`` 0
+  (Triton's convention: no batch dimension; each request runs alone, as declared).
+  ``--max-batch-size 0`` asks for that whatever the probe finds.
 - ``max_batch_size`` is a serving bound, not a shape: the most rows one request may carry
   and the most rows the batcher combines into one model call (1: requests are never
-  combined). It defaults to 8 for a model that batches; one that does not gets 1, and
-  asking it for more is an error. So ``--max-batch-size 1`` on a batching model gives
-  ``-1`` dims and ``max_batch_size`` 1, and an operator may raise it later in the config
-  without repackaging.
+  combined). It defaults to 8 for a model that batches; asking more than 1 of one that
+  does not is an error. So ``--max-batch-size 1`` on a batching model gives ``-1`` dims
+  and ``max_batch_size`` 1, and an operator may raise it later in the config without
+  repackaging.
 - Without example inputs the signature cannot be inferred, except for the
   ``image_classifier`` handler, whose model input is fixed: FP32 ``[-1, 3, H, W]``
   (``handler_config.image_size``, default 224 x 224), probed with zeros. A ``.mar`` with
@@ -161,10 +162,10 @@ def plan_archive(
         module = torch.jit.load(io.BytesIO(build.module_bytes), map_location="cpu").eval()
         if not examples:
             examples = _default_examples(build, model or str(from_mar))
-        batches = _probe_batching(module, examples)
-        batch = _max_batch_size(batches, max_batch_size)
+        batches, batch = _batching(_probe_batching(module, examples), max_batch_size)
         inputs, outputs = _signature(module, examples, batches)
         manifest = _manifest(build, inputs, outputs, batch, max_queue_delay_ms, rtol, atol)
+        manifest = replace(manifest, batches=batches)
         build.members[MODEL_MEMBER] = build.module_bytes
         samples, sample_members = record_samples(
             manifest, module, build.members, sample_inputs, example_inputs
@@ -318,9 +319,18 @@ def _probe_batching(
     )
 
 
+def _batching(batches: bool, requested: int | None) -> tuple[bool, int]:
+    """(whether the model has a batch dimension, max_batch_size) from the probe and
+    ``--max-batch-size`` (0: none, whatever the probe found)."""
+    if requested is not None and requested < 0:
+        raise ArchiveError(f"--max-batch-size: must be >= 0, got {requested}")
+    if requested == 0:
+        log.info("--max-batch-size 0: no batch dimension; the examples' shapes are whole")
+        return False, 1
+    return batches, _max_batch_size(batches, requested)
+
+
 def _max_batch_size(batches: bool, requested: int | None) -> int:
-    if requested is not None and requested < 1:
-        raise ArchiveError(f"--max-batch-size: must be >= 1, got {requested}")
     if batches:
         chosen = requested or DEFAULT_MAX_BATCH_SIZE
         log.info("the model batches along dim 0: dim 0 is -1, max_batch_size %d", chosen)
@@ -328,9 +338,9 @@ def _max_batch_size(batches: bool, requested: int | None) -> int:
     if requested is not None and requested > 1:
         raise ArchiveError(
             f"--max-batch-size {requested}: the model does not batch along "
-            "dim 0 of its example inputs; use --max-batch-size 1"
+            "dim 0 of its example inputs; use --max-batch-size 0 (no batch dimension)"
         )
-    log.info("the model does not batch along dim 0 of its examples: max_batch_size 1")
+    log.info("the model does not batch along dim 0 of its examples: no batch dimension")
     return 1
 
 

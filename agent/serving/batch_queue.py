@@ -74,7 +74,9 @@ class BatchQueue:
     batcher that is let go is freed by reference counting, with the models it holds.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batches: bool = True) -> None:
+        self._batches = batches
+        """False: the model has no batch dimension; every request is one row."""
         self._queues: dict[Hashable, ShapeQueue] = {}
         self.depth = 0
         """Requests queued and not yet taken or removed, across all keys."""
@@ -86,7 +88,7 @@ class BatchQueue:
         q = self._queues.get(key)
         if q is None:
             q = self._queues[key] = ShapeQueue()
-        rows = _rows(inputs)
+        rows = _rows(inputs) if self._batches else 1
         entry = Entry(request, rows, future, now, q)
         q.entries.append(entry)
         q.rows += rows

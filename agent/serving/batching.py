@@ -94,6 +94,8 @@ class AdaptiveBatcher:
     loop after each batch that ran (for recorders). Each result's ``timings`` holds
     ``queue_s`` (enqueue to dispatch) and ``compute_s`` (its batch's service time:
     dispatch to results, so the thread hops, stacking and splitting included).
+    ``batches`` False: the model has no batch dimension; each request is one row (and
+    ``max_batch_size`` 1 keeps requests apart).
     """
 
     def __init__(
@@ -107,12 +109,18 @@ class AdaptiveBatcher:
         fit: ServiceTimeFit | None = None,
         arrivals: ArrivalRate | None = None,
         on_batch: Callable[[int, float], None] | None = None,
+        batches: bool = True,
     ) -> None:
         settings = settings.over(BUILT_IN_BATCHING).validate("batching")
         if len(executors) != settings.instances:
             raise ValueError(
                 f"model '{model}' version '{version}': {len(executors)} executors "
                 f"for {settings.instances} instances"
+            )
+        if not batches and settings.max_batch_size != 1:
+            raise ValueError(
+                f"model '{model}' version '{version}' has no batch dimension: "
+                f"max_batch_size must be 1, got {settings.max_batch_size}"
             )
         self.model = model
         self.version = version
@@ -128,7 +136,7 @@ class AdaptiveBatcher:
         self._fit = fit or ServiceTimeFit()
         self._arrivals = arrivals or ArrivalRate()
         self._on_batch = on_batch
-        self._queue = BatchQueue()
+        self._queue = BatchQueue(batches)
         self._active: set[_Batch] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None

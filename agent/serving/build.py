@@ -36,7 +36,6 @@ from edgeserve.types import (
     BatchingSettings,
     TensorSpec,
     TensorValue,
-    batches_along_dim0,
 )
 
 log = logging.getLogger("edgeserve.serving")
@@ -74,9 +73,19 @@ async def build(
     batcher are made here, on the loop.
     """
     settings = resolve_batching(loaded.manifest.batching, requested)
+    if not loaded.batches:
+        settings = _one_at_a_time(settings, loaded.manifest.label)
     measure = partial(_execution, loaded, settings)
     threads, inline = await (offload(measure) if offload else asyncio.to_thread(measure))
     return _assemble(loaded, replace(settings, intra_op_threads=threads), inline, recorder, started)
+
+
+def _one_at_a_time(settings: BatchingSettings, label: str) -> BatchingSettings:
+    """A model without a batch dimension runs each request alone, whatever the config
+    says (a global ``batching.max_batch_size`` applies to every model)."""
+    if settings.max_batch_size != 1 or settings.preferred_batch_sizes:
+        log.info("%s has no batch dimension: one request per run, batch sizes ignored", label)
+    return replace(settings, max_batch_size=1, preferred_batch_sizes=())
 
 
 def _execution(loaded: LoadedModel, settings: BatchingSettings) -> tuple[int, bool]:
@@ -97,7 +106,7 @@ def _execution(loaded: LoadedModel, settings: BatchingSettings) -> tuple[int, bo
     if sample is None:
         log.info("%s: nothing to time the thread budget with: 1 thread", loaded.manifest.name)
         return 1, False
-    batches = batches_along_dim0(loaded.inputs)
+    batches = loaded.batches
     one = first_row(sample) if batches else sample
     full = full_batch_of(sample, settings.max_batch_size or 1) if batches else None
     choice = choose_intra_op_threads(loaded.run, one, full, share)
@@ -167,7 +176,12 @@ def _assemble(
         ]
     )
     batcher = AdaptiveBatcher(
-        manifest.name, manifest.version, settings, workers, on_batch=recorder.observe_batch
+        manifest.name,
+        manifest.version,
+        settings,
+        workers,
+        on_batch=recorder.observe_batch,
+        batches=loaded.batches,
     )
     recorder.set_queue_depth_source(lambda: batcher.queue_depth)
     took = time.monotonic() - started
@@ -186,6 +200,7 @@ def _assemble(
         loaded_at=time.time(),
         load_seconds=round(took, 3),
         quantization=manifest.quantization,
+        batch_dim=loaded.batches,
     )
     log.info("loaded %s on %s in %.2fs (%d instance(s))", label, loaded.device, took, instances)
     return ServingStack(live, batcher)

@@ -66,6 +66,8 @@ class LiveModel:
     loaded_at: float = 0.0
     load_seconds: float = 0.0
     quantization: dict[str, str] | None = None
+    # False: the model has no batch dimension (manifest max_batch_size 0): shapes are whole.
+    batch_dim: bool = True
     _in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -73,7 +75,9 @@ class LiveModel:
         self._idle.set()
         self._input_index = {spec.name: spec for spec in self.inputs}
         self._output_index = {spec.name: spec for spec in self.outputs}
-        self.batches = self.max_batch_size > 1 or batches_along_dim0(self.inputs)
+        self.batches = self.batch_dim and (
+            self.max_batch_size > 1 or batches_along_dim0(self.inputs)
+        )
 
     def input_spec(self, name: str) -> TensorSpec | None:
         return self._input_index.get(name)

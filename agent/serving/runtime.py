@@ -61,7 +61,7 @@ from edgeserve.handlers._custom import (
 from edgeserve.handlers.base import BaseHandler, HandlerContext, InputRejected
 from edgeserve.serving.torch_dtypes import TORCH_DTYPES
 from edgeserve.serving.warmup import Signature, WarmupReport, last_line, warm_up
-from edgeserve.types import BytesTensor, TensorSpec, TensorValue
+from edgeserve.types import BytesTensor, TensorSpec, TensorValue, batches_along_dim0
 
 __all__ = [
     "LOADERS",
@@ -155,6 +155,9 @@ class LoadedModel:
         self.device = device
         self.inputs, self.outputs = signature
         """The served signature: what clients send and get (handler's, else the model's)."""
+        self.batches = manifest.batches and batches_along_dim0(self.inputs)
+        """Whether dim 0 is a batch dimension: outputs then have the inputs' rows. A model
+        without one (manifest ``max_batch_size`` 0) runs each request whole, as declared."""
         self.compute_dtype = compute_dtype
         self.load_s = load_s
         self._module: torch.jit.ScriptModule | None = module
@@ -181,7 +184,7 @@ class LoadedModel:
         answers with a fixed message); ``InputRejected`` becomes ``InvalidArgument``.
         """
         handler = self.handler
-        batch = _batch_size(inputs)
+        batch = _batch_size(inputs) if self.batches else None
         try:
             with torch.inference_mode():
                 outputs = handler.handle(inputs)

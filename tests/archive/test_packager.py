@@ -222,10 +222,10 @@ def test_batching_detection(models_py: Path, example_npy: Path, tmp_path: Path) 
     )  # fmt: skip
     assert wide.batching.max_batch_size == 32 and (wide.rtol, wide.atol) == (0.5, 0.25)
     assert batches_along_dim0(wide.inputs) and wide.inputs[0].shape == (-1, 16)
-    with pytest.raises(ArchiveError, match="--max-batch-size: must be >= 1, got 0"):
+    with pytest.raises(ArchiveError, match="--max-batch-size: must be >= 0, got -1"):
         build_archive(
             f"{models_py}:build", name="m", version="1", output=tmp_path / "z.esar",
-            example_inputs=[example_npy], max_batch_size=0,
+            example_inputs=[example_npy], max_batch_size=-1,
         )  # fmt: skip
 
 
