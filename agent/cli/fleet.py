@@ -73,9 +73,9 @@ def parse_broker_url(url: str) -> Broker:
     return Broker(parts.hostname, port or (8883 if tls else 1883), tls)
 
 
-def broker_options(parser: argparse.ArgumentParser) -> None:
+def broker_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     parser.add_argument(
-        "--broker", required=True, metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT"
+        "--broker", required=required, metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT"
     )
     parser.add_argument("--client-id", metavar="ID", help="MQTT client id")
     parser.add_argument(

@@ -70,7 +70,7 @@ def _fleet() -> ModuleType:
     return fleet
 
 
-async def _with_link(
+async def with_link(
     args: argparse.Namespace, command: str, body: Callable[[FleetLink], Coroutine[Any, Any, T]]
 ) -> T:
     """Connect (``BrokerUnreachable`` if not), run ``body``, always close the link."""
@@ -212,7 +212,7 @@ def _publish(args: argparse.Namespace) -> int:
         await link.publish(topic, document, qos=1, retain=True)
         return serial
 
-    serial = asyncio.run(_with_link(args, "publish", publish))
+    serial = asyncio.run(with_link(args, "publish", publish))
     total = sum(a.length for a in archives)
     models = f"{len(archives)} model(s), {total} bytes of artifacts"
     print(f"published serial {serial} to {topic} ({models})")
@@ -258,7 +258,7 @@ def _devices(args: argparse.Namespace) -> int:
             link, args.topic_prefix, settle_s=min(SETTLE_S, args.timeout), timeout_s=args.timeout
         )
 
-    view = asyncio.run(_with_link(args, "devices", watch))
+    view = asyncio.run(with_link(args, "devices", watch))
     rows = view.rows()
     if view.skipped:
         print(f"skipped {view.skipped} malformed message(s)", file=sys.stderr)
@@ -344,7 +344,7 @@ def _wait(args: argparse.Namespace) -> int:
         return await wait_for_serial(link, args.topic_prefix, device, args.serial, args.timeout)
 
     try:
-        outcome = asyncio.run(_with_link(args, "wait", wait))
+        outcome = asyncio.run(with_link(args, "wait", wait))
     except WaitTimedOut as exc:
         raise WaitTimeout(str(exc)) from None
     if outcome.committed:

@@ -8,7 +8,9 @@ bytes, so the file is what gets installed on devices (``fleet.root``) and publis
   must meet its own threshold (checked before writing).
 - ``rotate`` writes version N+1 of ``--root``, signed by every ``--sign-key``; it runs the
   device's own check (a threshold of the old keys and of the new ones) on the result and
-  writes nothing when that would refuse it.
+  writes nothing when that would refuse it. With ``--broker`` it then publishes the file
+  retained on ``P/root/<N+1>`` and ``P/root`` (devices walk ``P/root/<version>`` forward
+  one version at a time, ``fleet/roots.py``); exit 3 when the broker is not reachable.
 
 Neither overwrites an existing file. Exit codes: 0 written, 2 usage, unreadable or bad
 key/root files, or a rotation the devices would refuse.
@@ -17,13 +19,14 @@ key/root files, or a rotation the devices would refuse.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeserve.archive.signing import load_private_key, load_public_key
 from edgeserve.cli.common import add_command
@@ -39,6 +42,9 @@ from edgeserve.fleet.verifier import (
     verify_root_rotation,
     verify_self_signed_root,
 )
+
+if TYPE_CHECKING:
+    from edgeserve.fleet.link import FleetLink
 
 DEFAULT_EXPIRES = "365d"
 _AGE = re.compile(r"(\d{1,6})([smhd])")
@@ -114,6 +120,9 @@ def _rotate_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE.key",
         help="a private key of version N or N+1 (repeatable; both thresholds must be met)",
     )
+    from edgeserve.cli.fleet import broker_options  # noqa: PLC0415 - cli/fleet imports us
+
+    broker_options(parser, required=False)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -139,7 +148,27 @@ def _rotate(args: argparse.Namespace) -> int:
         new = verify_root_rotation(current, data, trusted_time=now)
     except DocumentRefused as exc:
         raise UsageError(f"devices would refuse this rotation: {exc}") from None
-    return _write(args.out, data, new, len(keys))
+    if args.broker is not None:
+        from edgeserve.cli.fleet import parse_broker_url  # noqa: PLC0415 - as above
+
+        parse_broker_url(args.broker)  # a usage error before anything is written
+    written = _write(args.out, data, new, len(keys))
+    if args.broker is not None:
+        _publish(args, data, new.version)
+    return written
+
+
+def _publish(args: argparse.Namespace, data: bytes, version: int) -> None:
+    from edgeserve.cli.fleet_control import with_link  # noqa: PLC0415 - it imports us
+
+    topics = [f"{args.topic_prefix}/root/{version}", f"{args.topic_prefix}/root"]
+
+    async def publish(link: FleetLink) -> None:
+        for topic in topics:
+            await link.publish(topic, data, qos=1, retain=True)
+
+    asyncio.run(with_link(args, "root-rotate", publish))
+    print(f"published root v{version} on {' and '.join(topics)}")
 
 
 def _root_signed(args: argparse.Namespace, version: int, now: datetime) -> dict[str, Any]:

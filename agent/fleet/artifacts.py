@@ -57,7 +57,12 @@ class TransferFailed(Exception):
 
 
 class TransferRejected(Exception):
-    """The source sent something other than the document declares (discard, do not retry)."""
+    """The source sent something other than the document declares (discard, do not retry);
+    ``reason`` is the word a deployment is rejected with: ``length`` or ``sha256``."""
+
+    def __init__(self, message: str, reason: str = "length") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ArtifactChanged(EdgeserveError):

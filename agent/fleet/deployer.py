@@ -28,7 +28,13 @@ A restart at each state (``resume``), and why that is safe:
 - ``committed``, ``rejected``, ``rolled_back``: final; the same serial is never retried.
 
 Documents with a serial at or below the committed one or the last one acted on are
-ignored (duplicates and replays of retained messages). Payloads are never logged.
+ignored (duplicates and replays of retained messages), except that one replacing the
+device's *own* desired document is reported ``rejected: rollback`` (replay or rollback
+of that topic) when no deployment is in flight. A newer serial arriving while a
+deployment downloads or waits for its window supersedes it (``rejected: superseded``;
+partial downloads are kept); once a set may be live, it finishes first. A document
+refused for its signatures is looked at again when the trust root rotates
+(``fleet/roots.py``). Payloads are never logged.
 """
 
 from __future__ import annotations
@@ -36,39 +42,57 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import logging
 import os
 import platform
-import secrets
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from edgeserve.archive.format import fsync_dir
+from edgeserve.archive.format import read_manifest
 from edgeserve.config import FleetConfig, parse_activation_window
 from edgeserve.errors import DocumentRefused, EdgeserveError
 from edgeserve.fleet.canonical import parse_envelope
-from edgeserve.fleet.documents import Deployment, DeviceFacts, ModelEntry, Root, parse_time
-from edgeserve.fleet.fetcher import Artifact, Fetcher
+from edgeserve.fleet.deploy_record import (
+    entries_from_json,
+    entries_to_json,
+    inside_window,
+    is_past_download,
+    model_summary,
+    peek_serial,
+)
+from edgeserve.fleet.documents import (
+    Deployment,
+    DeviceFacts,
+    ModelEntry,
+    Root,
+    format_time,
+    parse_time,
+)
+from edgeserve.fleet.fetcher import Artifact, ArtifactRejected, Fetcher
+from edgeserve.fleet.probation import baseline_p99, breach
+from edgeserve.fleet.state_files import read_json as _read
+from edgeserve.fleet.state_files import write_json as _write
 from edgeserve.fleet.verifier import advance_trusted_time, verify_deployment
 from edgeserve.lifecycle import Lifecycle
 from edgeserve.store.model_store import LiveEntry
-from edgeserve.telemetry.recorders import LATENCY_BOUNDS_S, OK, Recorders, quantile
+from edgeserve.telemetry.recorders import Recorders
 from edgeserve.types import BatchingSettings
 
 log = logging.getLogger("edgeserve.fleet")
 
 FINAL = ("committed", "rejected", "rolled_back")
 COUNTED = ("installing", "warming", "probation")  # the candidate may be live: count boots
+MAY_BE_LIVE = ("warming", "probation")  # a refusal here rolls back; earlier, it rejects
 MAX_BOOTS = 3
+HOLD_ENV = "EDGESERVE_FLEET_HOLD_AT"
+SIGNATURE_REASONS = ("unknown_key", "threshold", "bad_signature")
 STAGING = "staging"  # <state_dir>/fleet/staging: the fetcher's dir
-NOT_ERRORS = {OK, "RESOURCE_EXHAUSTED", "CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT"}
 _TICK_S = 1.0
 
 
@@ -79,7 +103,7 @@ class Deployer:
         self,
         *,
         fleet: FleetConfig,
-        root: Root,
+        root: Callable[[], Root],
         device_id: str,
         state_dir: Path,
         lifecycle: Lifecycle,
@@ -92,6 +116,7 @@ class Deployer:
     ) -> None:
         self._fleet = fleet
         self._root = root
+        """The current trust root (``RootKeeper.current``: rotations change it)."""
         self._device_id = device_id
         self._dir = Path(state_dir) / "fleet"
         self._state_dir = Path(state_dir)
@@ -107,7 +132,11 @@ class Deployer:
         self._record: dict[str, Any] | None = None
         self._pending: bytes | None = None
         self._seen: set[str] = set()
+        self._stale: bytes | None = None
+        self._own_topic = fleet.topic(device_id, "desired")
         self._wake = asyncio.Event()
+        self._newer = asyncio.Event()  # a document arrived while one is in flight
+        self._hold_at = os.environ.get(HOLD_ENV)
         self._progress = (0, 0)
 
     # -- before the daemon restores live.json ----------------------------------------------
@@ -131,7 +160,7 @@ class Deployer:
                     MAX_BOOTS,
                 )
                 record["rollback"] = "crash loop"
-                self._write_live_state(_entries(record["previous"]))
+                self._write_live_state(entries_from_json(record["previous"]))
             self._persist()
 
     @property
@@ -150,7 +179,7 @@ class Deployer:
         deployment = None
         if record:
             total = int(record.get("bytes_total") or 0)
-            done = total if _is_past_download(record) else 0
+            done = total if is_past_download(record) else 0
             if record.get("state") == "downloading":
                 done = self._progress[0]
             deployment = {
@@ -162,7 +191,7 @@ class Deployer:
             }
         return {
             "committed_serial": self._committed.get("serial", 0),
-            "root_version": self._root.version,
+            "root_version": self._root().version,
             "live": [
                 {
                     "name": e.name,
@@ -187,16 +216,34 @@ class Deployer:
         if digest in self._seen or not payload:
             return
         self._seen.add(digest)
-        serial = _peek_serial(payload)
+        serial = peek_serial(payload)
         if serial is not None and serial <= self._floor():
             log.info(
                 "fleet: ignoring deployment %s on %s: not above %d", serial, topic, self._floor()
             )
+            if topic == self._own_topic and digest != self._record_digest():
+                self._stale = payload  # the device's own desired state went back: say so
+                self._wake.set()
             return
-        current = _peek_serial(self._pending) if self._pending else None
+        current = peek_serial(self._pending) if self._pending else None
         if self._pending is None or (serial or 0) > (current or 0):
             self._pending = payload
             self._wake.set()
+            self._newer.set()
+
+    def _record_digest(self) -> str | None:
+        document = (self._record or {}).get("document")
+        return hashlib.sha256(base64.b64decode(document)).hexdigest() if document else None
+
+    def root_changed(self) -> None:
+        """The trust root rotated: a document refused for its signatures gets another look
+        (it may be signed by keys that only the new root knows)."""
+        record = self._record or {}
+        if record.get("state") == "rejected" and record.get("reason") in SIGNATURE_REASONS:
+            data = base64.b64decode(record["document"])
+            self._seen.discard(hashlib.sha256(data).hexdigest())
+            self.offer(self._own_topic, data, retained=True)
+        self.on_change()
 
     def _floor(self) -> int:
         record = self._record or {}
@@ -214,15 +261,39 @@ class Deployer:
             while self._pending is not None:
                 data, self._pending = self._pending, None
                 await self._handle(data)
+            if self._stale is not None:
+                data, self._stale = self._stale, None
+                self._refuse_stale(data)
+
+    def _refuse_stale(self, data: bytes) -> None:
+        """A document at or below the committed serial replaced the device's own desired
+        state (replay or rollback): report it refused, unless a deployment is in flight."""
+        if (self._record or {}).get("state") not in (None, *FINAL):
+            return
+        reason = "rollback"
+        try:
+            self._verify_now(data)
+        except DocumentRefused as exc:
+            reason = exc.reason
+        self._record = {
+            "serial": peek_serial(data),
+            "state": "rejected",
+            "reason": reason,
+            "document": base64.b64encode(data).decode("ascii"),
+        }
+        log.warning("fleet: deployment %s refused: %s", self._record["serial"], reason)
+        self._persist()
 
     # -- the steps ---------------------------------------------------------------------------
 
     async def _handle(self, data: bytes) -> None:
-        serial = _peek_serial(data)
+        serial = peek_serial(data)
         if serial is not None and serial <= self._floor():
             return
         committed = self._committed.get("models")
-        previous = committed if committed is not None else _dump(self._lifecycle.live_entries())
+        previous = (
+            committed if committed is not None else entries_to_json(self._lifecycle.live_entries())
+        )
         self._record = {
             "serial": serial,
             "state": "received",
@@ -251,15 +322,18 @@ class Deployer:
             if record.get("rollback"):
                 await self._roll_back(record["rollback"])
                 return
+            await self._hold()
             deployment = self._verify(base64.b64decode(record["document"]))
-            await self._fetch(deployment)
-            await self._wait_for_window(deployment)
-            await self._install(deployment)
-            await self._warm(deployment)
-            await self._probation(deployment)
-            await self._commit(deployment)
+            await self._hold()
+            await self._unless_superseded(self._fetch(deployment))
+            await self._hold()
+            await self._unless_superseded(self._wait_for_window(deployment))
+            for step in (self._install, self._warm, self._probation, self._commit):
+                await self._hold()
+                await step(deployment)
+            await self._hold()
         except _Refused as refusal:
-            if record.get("state") in COUNTED:
+            if record.get("state") in MAY_BE_LIVE:
                 await self._roll_back(refusal.reason)
             else:
                 self._finish("rejected", refusal.reason)
@@ -276,35 +350,47 @@ class Deployer:
                 type(exc).__name__,
                 exc,
             )
-            if record.get("state") in COUNTED:
+            if record.get("state") in MAY_BE_LIVE:
                 await self._roll_back(f"internal: {type(exc).__name__}")
             else:
                 self._finish("rejected", f"internal: {type(exc).__name__}")
+
+    def trusted_time(self) -> datetime:
+        """The newest trustworthy time seen (the clock, never earlier than before), kept in
+        committed.json so a clock reset after a restart does not go back either."""
+        now = datetime.fromtimestamp(int(self._clock()), UTC)
+        try:
+            stored: datetime | None = parse_time(self._committed.get("trusted_time"))
+        except DocumentRefused:  # none yet
+            stored = None
+        trusted = advance_trusted_time(stored, now)
+        if trusted != stored:
+            self._committed["trusted_time"] = format_time(trusted)
+            _write(self._dir / "committed.json", self._committed)
+        return trusted
+
+    def _verify_now(self, data: bytes) -> Deployment:
+        return verify_deployment(
+            data,
+            root=self._root(),
+            committed_serial=int(self._committed.get("serial", 0)),
+            trusted_time=self.trusted_time(),
+            device_id=self._device_id,
+            groups=self._fleet.groups,
+            facts=self._facts(),
+            max_length=self._fleet.max_artifact_bytes,
+        )
 
     def _verify(self, data: bytes) -> Deployment:
         record = self._record
         assert record is not None  # noqa: S101
         if record["state"] in COUNTED:  # verified before; its set may be live: no re-check
             return Deployment.from_signed(parse_envelope(data).signed)
-        now = datetime.fromtimestamp(self._clock(), UTC)
-        stored = self._committed.get("trusted_time")
-        trusted = advance_trusted_time(parse_time(stored) if stored else None, now)
-        self._committed["trusted_time"] = trusted.isoformat().replace("+00:00", "Z")
-        _write(self._dir / "committed.json", self._committed)
-        deployment = verify_deployment(
-            data,
-            root=self._root,
-            committed_serial=int(self._committed.get("serial", 0)),
-            trusted_time=trusted,
-            device_id=self._device_id,
-            groups=self._fleet.groups,
-            facts=self._facts(),
-            max_length=self._fleet.max_artifact_bytes,
-        )
+        deployment = self._verify_now(data)
         if record["state"] == "received":
             record.update(
                 verified=True,
-                models=[_model(m) for m in deployment.models],
+                models=[model_summary(m) for m in deployment.models],
                 bytes_total=sum(m.length for m in deployment.models),
             )
             self._step("verified")
@@ -325,10 +411,14 @@ class Deployer:
 
             try:
                 await self._fetcher.fetch(artifact, self._fleet.topic_prefix, progress=progress)
+            except ArtifactRejected as exc:  # the source sent something else: say what
+                log.warning("fleet: deployment %s: %s", deployment.serial, exc)
+                raise _Refused(exc.reason) from None
             except EdgeserveError as exc:
                 log.warning("fleet: deployment %s: %s", deployment.serial, exc)
                 raise _Refused("fetch") from None
             done += entry.length
+            await self._hold()
         self._progress = (0, 0)
         self._step("downloaded")
 
@@ -338,16 +428,71 @@ class Deployer:
         window = deployment.activation_window or parse_activation_window(
             self._fleet.activation_window, "fleet.activation_window"
         )
-        while window is not None and not _inside(window, self._clock()):
+        while window is not None and not inside_window(window, self._clock()):
             if self._state() != "deferred":
                 self._step("deferred")
-            await asyncio.sleep(30.0)
+            # Look again at the next local minute (the window's resolution), at most 30 s on.
+            await asyncio.sleep(min(30.0, 60.05 - time.localtime(self._clock()).tm_sec))
         self._step("installing")
+
+    async def _unless_superseded(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a step that put nothing live (fetch, wait for the window); a newer serial
+        arriving meanwhile cancels it (partial downloads are kept for a later document
+        naming the same artifact) and rejects this deployment as ``superseded``."""
+        task = asyncio.ensure_future(work)
+        try:
+            while not task.done():
+                self._newer.clear()
+                if self._superseded():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    raise _Refused("superseded")
+                newer = asyncio.ensure_future(self._newer.wait())
+                await asyncio.wait({task, newer}, return_when=asyncio.FIRST_COMPLETED)
+                newer.cancel()
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        task.result()
+
+    def _superseded(self) -> bool:
+        pending = peek_serial(self._pending) if self._pending is not None else None
+        return pending is not None and pending > int((self._record or {}).get("serial") or 0)
+
+    async def _hold(self) -> None:
+        """Crash tests only: with ``EDGESERVE_FLEET_HOLD_AT=<state>`` in the environment the
+        deployer stops for good once that state is persisted (serving goes on), so a test
+        can kill -9 the daemon at exactly that step. Unset in production: a no-op."""
+        if self._hold_at is not None and self._hold_at == self._hold_state():
+            log.warning("fleet: holding at %s (%s is set)", self._hold_at, HOLD_ENV)
+            await asyncio.Event().wait()
+
+    def _hold_state(self) -> str:
+        record = self._record or {}
+        return "rolling_back" if record.get("rollback") else self._state()
 
     async def _install(self, deployment: Deployment) -> None:
         if self._state() != "installing":
             return
-        for entry in deployment.models:
+        for entry in deployment.models:  # every artifact is what the document names...
+            path = self._fetcher_path(entry)
+            try:
+                named = await asyncio.to_thread(read_manifest, path, trust=None)
+            except EdgeserveError as exc:
+                log.warning("fleet: deployment %s: %s", deployment.serial, exc)
+                raise _Refused("install") from None
+            if (named.name, named.version) != (entry.name, entry.version):
+                log.warning(
+                    "fleet: deployment %s: %s is %s %s, not %s %s",
+                    deployment.serial,
+                    entry.sha256[:12],
+                    named.name,
+                    named.version,
+                    entry.name,
+                    entry.version,
+                )
+                raise _Refused("mix_and_match")
+        for entry in deployment.models:  # ...before any of them enters the store
             path = self._fetcher_path(entry)
             try:
                 installed = await self._lifecycle.install(path)
@@ -383,7 +528,7 @@ class Deployer:
                 raise _Refused("warmup") from None
         record = self._record
         assert record is not None  # noqa: S101
-        record["baseline_p99_s"] = self._baseline_p99(record["previous"])
+        record["baseline_p99_s"] = baseline_p99(self._recorders, record["previous"])
         for entry in deployment.models:
             if entry.default:
                 await self._lifecycle.set_default(entry.name, entry.version, source="fleet")
@@ -400,47 +545,13 @@ class Deployer:
         new = [(m.name, m.version) for m in deployment.models if (m.name, m.version) not in old]
         deadline = time.monotonic() + seconds
         while True:
-            breach = self._breach(new, record.get("baseline_p99_s"))
-            if breach is not None:
-                log.warning(
-                    "fleet: deployment %s breached probation: %s", deployment.serial, breach
-                )
-                raise _Refused(breach)
+            why = breach(self._recorders, self._fleet.probation, new, record.get("baseline_p99_s"))
+            if why is not None:
+                log.warning("fleet: deployment %s breached probation: %s", deployment.serial, why)
+                raise _Refused(why)
             if time.monotonic() >= deadline:
                 return
             await asyncio.sleep(min(_TICK_S, max(0.0, deadline - time.monotonic())))
-
-    def _breach(self, new: list[tuple[str, str]], baseline: float | None) -> str | None:
-        limits = self._fleet.probation
-        for name, version in new:
-            snap = self._recorders.for_model(name, version).snapshot()
-            codes: Mapping[str, int] = snap["requests"]
-            total = sum(codes.values())
-            errors = sum(n for code, n in codes.items() if code not in NOT_ERRORS)
-            if total >= limits.min_requests and errors / total > limits.max_error_rate:
-                return f"error_rate {name}/{version} {errors}/{total}"
-            counts = snap["latency_s"]["total"]["counts"]
-            p99 = quantile(LATENCY_BOUNDS_S, counts, 0.99)
-            if (
-                p99 is not None
-                and baseline
-                and sum(counts) >= limits.min_requests
-                and p99 > limits.max_p99_ratio * baseline
-                and p99 * 1000 > limits.p99_floor_ms
-            ):
-                return f"p99 {name}/{version} {p99 * 1000:.1f} ms"
-        return None
-
-    def _baseline_p99(self, previous: list[dict[str, Any]]) -> float | None:
-        worst = None
-        for m in previous:
-            if m.get("default"):
-                p99 = self._recorders.for_model(m["name"], m["version"]).snapshot()["window"][
-                    "p99_s"
-                ]
-                if p99 is not None:
-                    worst = p99 if worst is None else max(worst, p99)
-        return worst
 
     async def _commit(self, deployment: Deployment) -> None:
         wanted = {(m.name, m.version) for m in deployment.models}
@@ -448,11 +559,11 @@ class Deployer:
             if (entry.name, entry.version) not in wanted:
                 await self._lifecycle.unload(entry.name, entry.version, source="fleet")
         shas = {(m.name, m.version): m.sha256 for m in deployment.models}
-        models = _dump(self._lifecycle.live_entries())
+        models = entries_to_json(self._lifecycle.live_entries())
         for m in models:
             m["sha256"] = shas.get((m["name"], m["version"]))
         self._committed.update(
-            serial=deployment.serial, models=models, root_version=self._root.version
+            serial=deployment.serial, models=models, root_version=self._root().version
         )
         await asyncio.to_thread(_write, self._dir / "committed.json", self._committed)
         self._finish("committed", None)
@@ -464,7 +575,8 @@ class Deployer:
         assert record is not None  # noqa: S101
         record["rollback"] = reason
         self._persist()
-        previous = _entries(record["previous"])
+        await self._hold()
+        previous = entries_from_json(record["previous"])
         live = {(e.name, e.version) for e in self._lifecycle.live_entries()}
         for entry in previous:
             if (entry.name, entry.version) not in live:
@@ -523,80 +635,3 @@ class _Refused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def _is_past_download(record: Mapping[str, Any]) -> bool:
-    before = ("received", "verified", "downloading")
-    return bool(record.get("verified")) and record.get("state") not in before
-
-
-def _inside(window: tuple[int, int], now: float) -> bool:
-    local = time.localtime(now)
-    minute = local.tm_hour * 60 + local.tm_min
-    start, end = window
-    return start <= minute < end if start < end else minute >= start or minute < end
-
-
-def _peek_serial(data: bytes | None) -> int | None:
-    """The serial a document claims, unverified (only to order and de-duplicate)."""
-    try:
-        serial = json.loads(data or b"")["signed"]["serial"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return serial if isinstance(serial, int) and not isinstance(serial, bool) else None
-
-
-def _model(entry: ModelEntry) -> dict[str, Any]:
-    return {"name": entry.name, "version": entry.version, "sha256": entry.sha256}
-
-
-def _dump(entries: Sequence[LiveEntry]) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": e.name,
-            "version": e.version,
-            "default": e.default,
-            "settings": e.settings.to_dict(),
-            "device": e.device,
-        }
-        for e in entries
-    ]
-
-
-def _entries(raw: Sequence[Mapping[str, Any]]) -> list[LiveEntry]:
-    return [
-        LiveEntry(
-            str(m["name"]),
-            str(m["version"]),
-            bool(m["default"]),
-            BatchingSettings.from_dict(dict(m.get("settings") or {})),
-            m.get("device"),
-        )
-        for m in raw
-    ]
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.error("fleet: %s unreadable (%s); ignoring it", path, type(exc).__name__)
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write(path: Path, data: Mapping[str, Any]) -> None:
-    """Replace ``path`` atomically: temporary file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "xb") as out:
-            out.write(json.dumps(data, sort_keys=True).encode() + b"\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)

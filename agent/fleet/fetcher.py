@@ -86,10 +86,12 @@ class FetchFailed(FetchError):
 class ArtifactRejected(FetchError):
     kind = Kind.INVALID_ARGUMENT
 
-    def __init__(self, artifact: Artifact, reason: str) -> None:
+    def __init__(self, artifact: Artifact, problem: str, reason: str = "length") -> None:
         super().__init__(
-            f"artifact {artifact.label} rejected: {reason}; partial download discarded"
+            f"artifact {artifact.label} rejected: {problem}; partial download discarded"
         )
+        self.reason = reason
+        """One word for the reported state: ``length`` or ``sha256`` (``TransferRejected``)."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,7 @@ class Fetcher:
                     return final
                 except TransferRejected as exc:
                     self._discard(artifact)
-                    rejected = ArtifactRejected(artifact, str(exc))
+                    rejected = ArtifactRejected(artifact, str(exc), exc.reason)
                     log.warning("fleet: %s", rejected)
                     raise rejected from None
                 except TransferFailed as exc:
@@ -279,7 +281,8 @@ class Fetcher:
         if (sha256, length) != (artifact.sha256, artifact.length):
             raise TransferRejected(
                 f"sha256 mismatch: expected {artifact.sha256} ({artifact.length} bytes), "
-                f"got {sha256} ({length} bytes)"
+                f"got {sha256} ({length} bytes)",
+                reason="sha256",
             )
         await asyncio.to_thread(_publish_file, part, final)
         chunks.unlink(missing_ok=True)

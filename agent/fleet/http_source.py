@@ -55,7 +55,7 @@ def http_attempt(
     if have == length:
         return
     if urlsplit(url).scheme not in ("http", "https"):
-        raise TransferRejected("the source url is not http(s)")
+        raise TransferRejected("the source url is not http(s)", reason="source")
     request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
         url,
         headers={

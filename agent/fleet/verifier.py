@@ -171,7 +171,7 @@ def _check_expiry(expires: datetime, trusted_time: datetime, what: str) -> None:
 
 def verify_root_rotation(current: Root, data: bytes, *, trusted_time: datetime) -> Root:
     """The next root, if ``data`` is a valid rotation from ``current``; else refused."""
-    new = _rotate(current, data)
+    new = verify_root_step(current, data)
     _check_expiry(new.expires, trusted_time, f"root v{new.version}")
     return new
 
@@ -181,13 +181,15 @@ def verify_root_chain(current: Root, documents: Iterable[bytes], *, trusted_time
     only the last root must be unexpired, as an intermediate one may have aged meanwhile."""
     root = current
     for data in documents:
-        root = _rotate(root, data)
+        root = verify_root_step(root, data)
     if root is not current:
         _check_expiry(root.expires, trusted_time, f"root v{root.version}")
     return root
 
 
-def _rotate(current: Root, data: bytes) -> Root:
+def verify_root_step(current: Root, data: bytes) -> Root:
+    """One rotation step (version, both thresholds) without the expiry check: a device
+    walking a chain checks only the expiry of the root it ends on."""
     envelope = parse_envelope(data)
     new = Root.from_signed(envelope.signed)
     if new.version <= current.version:
