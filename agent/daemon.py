@@ -63,6 +63,7 @@ from edgeserve.fleet.documents import parse_root
 from edgeserve.fleet.fetcher import Fetcher
 from edgeserve.fleet.link import FleetLink, LinkTls, Will
 from edgeserve.fleet.reporter import Reporter
+from edgeserve.fleet.roots import RootKeeper, root_topics
 from edgeserve.lifecycle import Lifecycle
 from edgeserve.logs import PayloadGuard
 from edgeserve.sdnotify import Notifier
@@ -392,9 +393,10 @@ class Daemon:
             log.error("fleet: not following deployments: fleet.root %s: %s", fleet.root, exc)
             return
         accelerator = "cuda" if self.config.runtime.device.startswith("cuda") else "none"
+        roots = RootKeeper(root, state_dir / "fleet", trusted_time=lambda: deployer.trusted_time())
         self.deployer = deployer = Deployer(
             fleet=fleet,
-            root=root,
+            root=lambda: roots.current,
             device_id=device_id,
             state_dir=state_dir,
             lifecycle=self.lifecycle,
@@ -412,8 +414,12 @@ class Daemon:
             counters=self.network,
         )
         deployer.on_change = self.reporter.changed
+        roots.on_change = deployer.root_changed
         await asyncio.to_thread(deployer.prepare_boot)
+        await asyncio.to_thread(roots.load)
         self._spawn(self.reporter.run(), "fleet reporter")
+        for topic in root_topics(fleet.topic_prefix):  # rotations before the documents
+            await link.subscribe(topic, roots.offer)
         topics = [fleet.topic(device_id, "desired")]
         topics += [f"{fleet.topic_prefix}/groups/{g}/desired" for g in fleet.groups]
         for topic in topics:
