@@ -8,8 +8,11 @@ changes. Every change is logged with the caller's uid.
 
 LoadModel takes an archive only from inside ``management.archive_dir``: the path is
 resolved, opened with O_NOFOLLOW, and the opened file's real path is checked again, so a
-symlink swapped in meanwhile cannot lead the daemon elsewhere; the store then installs
-it (under state_dir only). URLs are refused: this API never fetches anything.
+symlink swapped in meanwhile cannot lead the daemon elsewhere; it must be a regular file
+(opened O_NONBLOCK, so a FIFO is refused instead of waiting for a writer); the store then
+installs it (under state_dir only). Nothing here blocks the event loop: the open, and the
+install's reading, hashing and writing, run in threads. URLs are refused: this API never
+fetches anything.
 
 UploadModel is LoadModel for an archive the caller holds: the caller streams its bytes,
 ``api/upload.py`` spools them (bounded in size, count and time) into an anonymous file
@@ -38,12 +41,15 @@ import grpc
 
 from edgeserve.api.errors import map_errors
 from edgeserve.api.peercred import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    ROOT_RESERVE,
     AccessPolicy,
     CredentialRelay,
     ManagementGate,
     TokenCheck,
 )
-from edgeserve.api.upload import UploadSpool
+from edgeserve.api.upload import UploadSpool, fd_off_loop
 from edgeserve.config import DEVICE_RE, is_loopback_host, parse_listen_address
 from edgeserve.errors import (
     ArchiveError,
@@ -126,7 +132,8 @@ def version_message(
 
 
 def open_archive(text: str, archive_dir: Path) -> int:
-    """An fd of the archive ``text`` names, proven to lie inside ``archive_dir``."""
+    """An fd of the archive ``text`` names, proven to be a regular file inside
+    ``archive_dir``. File system calls: the servicer runs it in a thread (``fd_off_loop``)."""
     if "://" in text:
         raise PermissionDenied(
             f"archive '{text}' is a URL; the daemon never fetches: copy it into {archive_dir}"
@@ -137,17 +144,38 @@ def open_archive(text: str, archive_dir: Path) -> int:
         raise PermissionDenied(
             f"archive '{text}' is outside the allowed directory {base} (management.archive_dir)"
         )
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; the type is checked next.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(path.resolve(), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path.resolve(), flags)
     except FileNotFoundError:
         raise NotFound(f"archive '{text}' does not exist in {base}") from None
     except OSError as exc:
         raise ArchiveError(f"archive '{text}' cannot be opened: {exc.strerror}") from None
-    real = Path(os.readlink(f"/proc/self/fd/{fd}"))
-    if not stat.S_ISREG(os.fstat(fd).st_mode) or not real.is_relative_to(base):
+    try:
+        mode = os.fstat(fd).st_mode
+        if not Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(base):
+            raise PermissionDenied(f"archive '{text}' is not a file inside {base}")
+        if not stat.S_ISREG(mode):
+            raise ArchiveError(f"archive '{text}' is not a regular file ({_file_kind(mode)})")
+        os.set_blocking(fd, True)
+    except BaseException:
         os.close(fd)
-        raise PermissionDenied(f"archive '{text}' is not a regular file inside {base}")
+        raise
     return fd
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return f"file type {stat.S_IFMT(mode):o}"
 
 
 def _require_version(rpc: str, version: str) -> None:
@@ -221,7 +249,7 @@ class ManagementServicer(pb_grpc.ManagementServicer):
         settings, device = decode_settings(request.settings)
         source = request.WhichOneof("source")
         if source == "archive_path":
-            fd = open_archive(request.archive_path, self._archive_dir)
+            fd = await fd_off_loop(open_archive, request.archive_path, self._archive_dir)
             log.info("management: %s installs %s", _CALLER.get(), request.archive_path)
             # The descriptor is closed by the install itself: the RPC may be cancelled
             # while the store still reads through it.
@@ -335,11 +363,21 @@ class ManagementServer:
         allowed_group: str | None = None,
         token_file: Path | None = None,
         socket_mode: int = 0o660,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
         self._listen = [parse_listen_address(a, "management.listen") for a in listen]
+        self._idle_timeout_s = idle_timeout_s
+        self._max_connections = max_connections
         policy = AccessPolicy(allowed_group)
         self._relays = [
-            CredentialRelay(Path(a[1]), socket_mode=socket_mode, socket_gid=policy.socket_gid())
+            CredentialRelay(
+                Path(a[1]),
+                socket_mode=socket_mode,
+                socket_gid=policy.socket_gid(),
+                max_connections=max_connections,
+                idle_timeout_s=idle_timeout_s,
+            )
             for a in self._listen
             if a[0] == "unix"
         ]
@@ -367,7 +405,7 @@ class ManagementServer:
     async def start(self) -> list[str]:
         self._prepare_archive_dir()
         self._uploads.prepare()
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self._bounds()])
         pb_grpc.add_ManagementServicer_to_server(self.servicer, server)
         try:
             for relay in self._relays:
@@ -388,6 +426,18 @@ class ManagementServer:
             raise
         self._server = server
         return self.addresses
+
+    def _bounds(self) -> list[tuple[str, int]]:
+        """Connection bounds (peercred.py says why): pings during calls keep a long call
+        from looking idle to the relay; idle and silent connections go."""
+        idle_ms = round(self._idle_timeout_s * 1000)
+        return [
+            ("grpc.max_allowed_incoming_connections", self._max_connections + ROOT_RESERVE),
+            ("grpc.max_connection_idle_ms", idle_ms),
+            ("grpc.server_handshake_timeout_ms", min(idle_ms, 5000)),
+            ("grpc.keepalive_time_ms", max(1000, idle_ms // 3)),
+            ("grpc.keepalive_timeout_ms", max(1000, idle_ms // 3)),
+        ]
 
     def _prepare_archive_dir(self) -> None:
         """Create the drop folder (group-writable) when it is ours to make: in state_dir."""

@@ -100,8 +100,7 @@ class SpooledArchive:
             return
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.close(fd)
-            self._on_close()
+            _close_off_loop(fd, self._on_close)
 
     def _close_after(self, write: asyncio.Future[None]) -> None:
         _consume(write)
@@ -158,14 +157,13 @@ class UploadSpool:
                 f"archive '{label}': {self._active} uploads are in progress, the most at "
                 "once; try again when one has finished"
             )
-        free = _free_bytes(self.folder)
-        if size > free:
-            raise ManagementError(
-                f"archive '{label}' ({size_text(size)}) does not fit in {self.folder} "
-                f"({size_text(free)} free)"
-            )
-        spooled = SpooledArchive(self._open(label), on_close=self._closed)
-        self._active += 1
+        self._active += 1  # counted before the first await: the cap holds across it
+        try:
+            fd = await fd_off_loop(self._open, label, size)
+        except BaseException:
+            self._active -= 1
+            raise
+        spooled = SpooledArchive(fd, on_close=self._closed)
         try:
             await self._fill(spooled, label, size, messages)
         except BaseException:
@@ -176,7 +174,14 @@ class UploadSpool:
     def _closed(self) -> None:
         self._active -= 1
 
-    def _open(self, label: str) -> int:
+    def _open(self, label: str, size: int) -> int:
+        """A spool file for ``size`` bytes (file system calls: run in a thread)."""
+        free = _free_bytes(self.folder)
+        if size > free:
+            raise ManagementError(
+                f"archive '{label}' ({size_text(size)}) does not fit in {self.folder} "
+                f"({size_text(free)} free)"
+            )
         try:
             return _anonymous_file(self.folder)
         except OSError as exc:
@@ -223,6 +228,40 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+async def fd_off_loop(opener: Callable[..., int], *args: Any) -> int:
+    """``opener(*args)``, a descriptor, in a thread (opening touches the file system); a
+    caller cancelled meanwhile does not leak it: it is closed when the thread is done."""
+    opening = asyncio.ensure_future(asyncio.to_thread(opener, *args))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+
+
+def _close_opened(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        os.close(opening.result())
+
+
+def _close_off_loop(fd: int, then: Callable[[], None]) -> None:
+    """Close ``fd``, then call ``then``. The last close of a spooled file frees its space,
+    which can take a while for a large one: in a thread when an event loop runs."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        os.close(fd)
+        then()
+        return
+    closing = loop.run_in_executor(None, os.close, fd)
+
+    def closed(future: asyncio.Future[None]) -> None:
+        _consume(future)
+        then()
+
+    closing.add_done_callback(closed)
 
 
 def _consume(future: asyncio.Future[None]) -> None:

@@ -25,7 +25,13 @@ from edgeserve.api.peercred import (
     TokenCheck,
     read_peer_credentials,
 )
-from edgeserve.errors import ConfigError, InvalidArgument, NotFound, PermissionDenied
+from edgeserve.errors import (
+    ArchiveError,
+    ConfigError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from edgeserve.proto import management_pb2 as pb
 from edgeserve.types import BatchingSettings
 
@@ -164,7 +170,6 @@ def test_open_archive_stays_inside_the_directory(tmp_path: Path) -> None:
         "../secret.esar",
         "link.esar",
         "sub/secret.esar",
-        "folder",
         "http://example.com/a.esar",
         "file:///etc/passwd",
     ):
@@ -172,6 +177,8 @@ def test_open_archive_stays_inside_the_directory(tmp_path: Path) -> None:
             os.close(open_archive(bad, allowed))
     with pytest.raises(NotFound):
         open_archive("absent.esar", allowed)
+    with pytest.raises(ArchiveError, match="is not a regular file \\(a directory\\)"):
+        open_archive("folder", allowed)
 
 
 def test_settings_are_checked_and_name_the_field() -> None:
