@@ -36,6 +36,17 @@ from __future__ import annotations
 import enum
 import errno
 
+ECHO_LIMIT = 128
+"""Characters of a client-controlled string (a model, input or parameter name) that an
+error message repeats; longer ones are cut and end in "…", so no request can push a status
+message past gRPC's metadata limit."""
+
+
+def clip(text: object, limit: int = ECHO_LIMIT) -> str:
+    """``text`` as a string of at most ``limit`` characters ("…" marks a cut)."""
+    value = str(text)
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
 
 class Kind(enum.Enum):
     NOT_FOUND = "not_found"
@@ -67,8 +78,8 @@ class NotFound(EdgeserveError):
     @classmethod
     def model(cls, name: str, version: str | None = None) -> NotFound:
         if version:
-            return cls(f"model '{name}' version '{version}' is not loaded")
-        return cls(f"model '{name}' is not loaded")
+            return cls(f"model '{clip(name)}' version '{clip(version)}' is not loaded")
+        return cls(f"model '{clip(name)}' is not loaded")
 
 
 class InvalidArgument(EdgeserveError):
@@ -76,7 +87,7 @@ class InvalidArgument(EdgeserveError):
 
     @classmethod
     def for_input(cls, model: str, input_name: str, problem: str) -> InvalidArgument:
-        return cls(f"model '{model}' input '{input_name}': {problem}")
+        return cls(f"model '{clip(model)}' input '{clip(input_name)}': {problem}")
 
 
 class Overloaded(EdgeserveError):

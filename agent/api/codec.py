@@ -1,19 +1,29 @@
 """KServe v2 protobuf <-> edgeserve types: the one place where messages become tensors.
 
-Requests are validated against the live model's signature before anything is queued,
-and every error names the input (or output) at fault. Two paths:
+Requests are validated against the live model's signature in one pass before anything
+is queued, and every error names the input (or output, or parameter) at fault; names a
+client sent are echoed at most ``errors.ECHO_LIMIT`` characters long. What the signature
+implies is worked out once per live model version (``_Plan``: per input its datatype,
+shape rule, dtypes and typed field; the reply's name and version), not per request.
 
 * raw (``raw_input_contents``, what tritonclient sends): numeric inputs become tensors
   that are views over the request's bytes (``np.frombuffer(...).reshape(shape)`` then
   ``torch.from_numpy``: no copy, the tensor keeps the bytes object alive, and one torch
   call per input where ``torch.frombuffer(...).reshape(...)`` makes two; every such call
-  releases the GIL, which costs a thread switch under load). BYTES inputs are split from the
-  length-prefixed wire format (4-byte little-endian length, then the element). Outputs
-  go back as raw bytes with one copy (``Tensor.numpy().tobytes()``: protobuf's bytes
-  fields accept only ``bytes``, not memoryviews).
-* typed (``contents``): the slow path for hand-written clients; a request that sends
-  typed contents gets typed contents back, unless an output has no typed field (FP16,
-  BF16), in which case every output goes back raw (KServe allows one or the other).
+  releases the GIL, which costs a thread switch under load). BYTES inputs are split from
+  the length-prefixed wire format (``tensor_contents``).
+* typed (``contents``): the path of hand-written clients, decoded without a Python object
+  per element (``tensor_contents.typed_array``).
+* Sizes: a shape's element count is checked (overflow-safe, dims counted as >= 1) before
+  anything is allocated, and ``max_bytes`` bounds what the inputs occupy once decoded
+  (typed contents widen, BYTES elements cost an object each), also before allocating.
+* Triton's request parameters are honoured or refused (``request_parameters``).
+* Replies are raw (``raw_output_contents``) whatever form the request used, as Triton
+  answers: every reader in the ecosystem handles raw, some only raw. A request with the
+  parameter ``typed_output_contents: true`` gets typed ``contents``, unless an output has
+  no typed field (FP16, BF16): then every output goes back raw (KServe allows one or the
+  other). Outputs go back as raw bytes with one copy (``ndarray.tobytes()``: protobuf's
+  bytes fields accept only ``bytes``, not memoryviews).
 
 Tensors over ``bytes`` and torch's warning: torch warns, once per process, that a tensor
 over a read-only buffer is writable anyway (under ``filterwarnings = error`` that first
@@ -27,60 +37,48 @@ alternative, ``bytearray(data)`` per input, is a full copy of every request.
 
 from __future__ import annotations
 
-import math
-import struct
+import time
 import warnings
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
+from edgeserve.api.request_parameters import (
+    check_input_parameters,
+    check_output_parameters,
+    request_timeout_s,
+    wants_typed_output,
+)
+from edgeserve.api.tensor_contents import (
+    MAX_ELEMENTS,
+    TYPED_FIELDS,
+    ContentsError,
+    bytes_cost,
+    element_count,
+    join_elements,
+    split_elements,
+    typed_array,
+)
 from edgeserve.dtypes import NUMPY_DTYPES
-from edgeserve.errors import EdgeserveError, InvalidArgument, MessageTooLarge
+from edgeserve.errors import EdgeserveError, InvalidArgument, MessageTooLarge, clip
 from edgeserve.proto import kserve_v2_pb2 as pb
 from edgeserve.serving.registry import LiveModel
 from edgeserve.serving.torch_dtypes import DATATYPE_OF_TORCH, TORCH_DTYPES
-from edgeserve.types import (
-    DATATYPE_SIZES,
-    BytesTensor,
-    InferRequest,
-    InferResult,
-    TensorSpec,
-    TensorValue,
-)
+from edgeserve.types import DATATYPE_SIZES, BytesTensor, InferRequest, InferResult, TensorValue
 
-# datatype -> the InferTensorContents field that carries it (FP16 / BF16 have none).
-TYPED_FIELDS: dict[str, str] = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-# The numpy dtype each typed field decodes into before narrowing to the datatype.
-_FIELD_DTYPES: dict[str, np.dtype] = {
-    "bool_contents": np.dtype(np.bool_),
-    "int_contents": np.dtype(np.int32),
-    "int64_contents": np.dtype(np.int64),
-    "uint_contents": np.dtype(np.uint32),
-    "fp32_contents": np.dtype(np.float32),
-    "fp64_contents": np.dtype(np.float64),
-}
-_NARROW_RANGES: dict[str, tuple[int, int]] = {
-    "INT8": (-(2**7), 2**7 - 1),
-    "INT16": (-(2**15), 2**15 - 1),
-    "UINT8": (0, 2**8 - 1),
-}
-# numpy views are the cheapest zero-copy route from bytes to a shaped tensor.
-_RAW_DTYPES: dict[str, np.dtype] = NUMPY_DTYPES
-_LENGTH = struct.Struct("<I")
+__all__ = [
+    "TYPED_FIELDS",
+    "decode_infer_request",
+    "encode_infer_response",
+    "encode_model_metadata",
+    "join_elements",
+    "request_uses_raw",
+]
+
 _MIXED_HINT = " (use one or the other for all inputs)"
-_OutputTensor = pb.ModelInferResponse.InferOutputTensor
 _TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
 
 
@@ -94,12 +92,54 @@ def _consume_readonly_buffer_warnings() -> None:
 _consume_readonly_buffer_warnings()
 
 
+# -- what a model's signature implies, once per live version -----------------------------
+
+
+class _Input:
+    """One declared input: what its requests must look like and how they decode."""
+
+    __slots__ = ("name", "datatype", "shape", "tail", "dtype", "itemsize", "torch_dtype")
+
+    def __init__(self, name: str, datatype: str, shape: tuple[int, ...]) -> None:
+        self.name = name
+        self.datatype = datatype
+        self.shape = shape
+        # The common signature [-1, fixed...]: a request matches when its tail is equal.
+        fixed_tail = bool(shape) and shape[0] == -1 and all(d >= 0 for d in shape[1:])
+        self.tail = shape[1:] if fixed_tail else None
+        self.dtype = NUMPY_DTYPES.get("INT16" if datatype == "BF16" else datatype)
+        self.itemsize = DATATYPE_SIZES[datatype]
+        self.torch_dtype = TORCH_DTYPES.get(datatype)
+
+
+class _Plan:
+    """A live model version's inputs by name, and the facts every reply repeats."""
+
+    __slots__ = ("inputs", "count", "declared")
+
+    def __init__(self, model: LiveModel) -> None:
+        self.inputs = {s.name: _Input(s.name, s.datatype, tuple(s.shape)) for s in model.inputs}
+        self.count = len(self.inputs)
+        self.declared = ", ".join(s.name for s in model.inputs) or "none"
+
+
+# One plan per LiveModel, dropped with it (a swap makes a new LiveModel).
+_PLANS: weakref.WeakKeyDictionary[LiveModel, _Plan] = weakref.WeakKeyDictionary()
+
+
+def _plan(model: LiveModel) -> _Plan:
+    plan = _PLANS.get(model)
+    if plan is None:
+        plan = _PLANS[model] = _Plan(model)
+    return plan
+
+
 # -- requests ---------------------------------------------------------------------------
 
 
 def request_uses_raw(msg: pb.ModelInferRequest) -> bool:
-    """True when the reply should carry raw contents (the request did, or had no inputs)."""
-    return bool(msg.raw_input_contents) or not msg.inputs
+    """True unless the request asked for typed contents (``typed_output_contents``)."""
+    return not (msg.parameters and wants_typed_output(msg.parameters))
 
 
 def decode_infer_request(
@@ -111,204 +151,188 @@ def decode_infer_request(
 ) -> InferRequest:
     """Validate ``msg`` against ``model``'s signature and turn it into an InferRequest.
 
-    ``deadline`` is an absolute ``time.monotonic()``; ``max_bytes`` bounds the decoded
-    size of all inputs together (typed contents can expand, e.g. varint -> INT64).
+    ``deadline`` is an absolute ``time.monotonic()`` (a ``timeout`` parameter may bring it
+    closer); ``max_bytes`` bounds the decoded size of all inputs together.
     """
-    tensors, batch = _decode_inputs(msg, model, max_bytes)
+    plan = _plan(model)
+    name = model.name
+    if msg.parameters:
+        timeout = request_timeout_s(msg.parameters, name)
+        if timeout is not None:
+            expires = time.monotonic() + timeout
+            deadline = expires if deadline is None else min(deadline, expires)
+    raw = msg.raw_input_contents
+    inputs = msg.inputs
+    if raw and len(raw) != len(inputs):
+        raise InvalidArgument(
+            f"model '{name}': raw_input_contents has {len(raw)} entries "
+            f"for {len(inputs)} inputs (one entry per input, in order)"
+        )
+    tensors: dict[str, TensorValue] = {}
+    batches = model.batches
+    batch = -1
+    total = 0
+    for i, inp in enumerate(inputs):
+        slot = plan.inputs.get(inp.name)
+        if slot is None or slot.name in tensors:
+            _refuse_name(model, plan, inp.name)
+        if inp.datatype != slot.datatype:
+            problem = f"datatype must be {slot.datatype}, got {clip(inp.datatype) or '(none)'}"
+            raise InvalidArgument.for_input(name, slot.name, problem)
+        shape = tuple(inp.shape)
+        count = _checked_count(model, slot, shape)
+        first = shape[0] if shape else 1
+        if batch < 0:
+            batch = first
+        elif batches and first != batch:
+            problem = (
+                f"batch size {first} differs from {batch} of the first input "
+                "(all inputs of a request share dim 0)"
+            )
+            raise InvalidArgument.for_input(name, slot.name, problem)
+        if inp.parameters:
+            check_input_parameters(inp.parameters, name, slot.name)
+        try:
+            if raw:
+                if inp.HasField("contents"):
+                    problem = "has typed contents while the request uses raw_input_contents"
+                    raise InvalidArgument.for_input(name, slot.name, problem + _MIXED_HINT)
+                tensor, size = _from_raw(slot, shape, count, raw[i], max_bytes, total)
+            else:
+                tensor, size = _from_typed(slot, shape, count, inp.contents, max_bytes, total)
+        except ContentsError as exc:
+            raise InvalidArgument.for_input(name, slot.name, str(exc)) from None
+        except MessageTooLarge:
+            raise MessageTooLarge(
+                f"model '{name}': decoded inputs exceed {max_bytes} bytes at input '{slot.name}'"
+            ) from None
+        total += size
+        tensors[slot.name] = tensor
+    if len(tensors) != plan.count:
+        missing = next(s for s in plan.inputs if s not in tensors)
+        raise InvalidArgument.for_input(name, missing, "is missing from the request")
     return InferRequest(
-        model=model.name,
+        model=name,
         version=model.version,
         inputs=tensors,
         request_id=msg.id,
-        requested_outputs=_requested_outputs(msg, model),
+        requested_outputs=_requested_outputs(msg, model) if msg.outputs else None,
         deadline=deadline,
-        batch_size=batch,
+        batch_size=batch if batch > 0 else 1,
     )
 
 
-def _decode_inputs(
-    msg: pb.ModelInferRequest, model: LiveModel, max_bytes: int | None
-) -> tuple[dict[str, TensorValue], int]:
-    """The validated input tensors by name, and the request's batch size (dim 0)."""
-    raw = msg.raw_input_contents
-    if raw and len(raw) != len(msg.inputs):
-        raise InvalidArgument(
-            f"model '{model.name}': raw_input_contents has {len(raw)} entries "
-            f"for {len(msg.inputs)} inputs (one entry per input, in order)"
-        )
-    tensors: dict[str, TensorValue] = {}
-    batch = total = 0
-    for i, inp in enumerate(msg.inputs):
-        spec = _declared_input(model, inp.name, tensors)
-        shape = _checked_shape(model, spec, inp)
-        batch = _shared_batch(model, spec, shape, batch if i else None)
-        if not raw:
-            tensor = _tensor_from_contents(model.name, spec, shape, inp.contents)
-        elif inp.HasField("contents"):
-            problem = "has typed contents while the request uses raw_input_contents"
-            raise InvalidArgument.for_input(model.name, spec.name, problem + _MIXED_HINT)
-        else:
-            tensor = _tensor_from_raw(model.name, spec, shape, raw[i])
-        tensors[spec.name] = tensor
-        if max_bytes is not None:
-            total += _nbytes(tensor)
-            if total > max_bytes:
-                raise MessageTooLarge(
-                    f"model '{model.name}': decoded inputs exceed {max_bytes} bytes "
-                    f"at input '{spec.name}'"
-                )
-    if len(tensors) != len(model.inputs):
-        missing = [s.name for s in model.inputs if s.name not in tensors]
-        raise InvalidArgument.for_input(model.name, missing[0], "is missing from the request")
-    return tensors, max(batch, 1)
-
-
-def _shared_batch(
-    model: LiveModel, spec: TensorSpec, shape: tuple[int, ...], first: int | None
-) -> int:
-    """dim 0 of this input; when the model batches, it must equal the first input's."""
-    batch = shape[0] if shape else 1
-    if first is None or not model.batches or batch == first:
-        return batch if first is None else first
-    raise InvalidArgument.for_input(
-        model.name,
-        spec.name,
-        f"batch size {batch} differs from {first} of the first input "
-        "(all inputs of a request share dim 0)",
-    )
-
-
-def _declared_input(model: LiveModel, name: str, seen: dict[str, TensorValue]) -> TensorSpec:
-    spec = model.input_spec(name)
-    if spec is None:
-        declared = ", ".join(s.name for s in model.inputs) or "none"
-        raise InvalidArgument.for_input(
-            model.name, name, f"is not an input of this model (inputs: {declared})"
-        )
-    if name in seen:
+def _refuse_name(model: LiveModel, plan: _Plan, name: str) -> NoReturn:
+    if name in plan.inputs:
         raise InvalidArgument.for_input(model.name, name, "appears more than once")
-    return spec
+    problem = f"is not an input of this model (inputs: {plan.declared})"
+    raise InvalidArgument.for_input(model.name, name, problem)
 
 
-def _checked_shape(
-    model: LiveModel, spec: TensorSpec, inp: pb.ModelInferRequest.InferInputTensor
-) -> tuple[int, ...]:
-    if inp.datatype != spec.datatype:
-        problem = f"datatype must be {spec.datatype}, got {inp.datatype or '(none)'}"
-        raise InvalidArgument.for_input(model.name, spec.name, problem)
-    shape = tuple(inp.shape)
-    want = spec.shape
-    if shape != want:
+def _checked_count(model: LiveModel, slot: _Input, shape: tuple[int, ...]) -> int:
+    """The element count of ``shape``, checked against the signature and the bounds."""
+    tail = slot.tail
+    if tail is None or len(shape) != len(slot.shape) or shape[1:] != tail or shape[0] < 0:
+        want = slot.shape
         if len(shape) != len(want):
-            _raise_shape(model, spec, shape)
+            _raise_shape(model, slot, shape)
         for got, exp in zip(shape, want, strict=True):
             if got < 0 or (exp >= 0 and got != exp):
-                _raise_shape(model, spec, shape)
+                _raise_shape(model, slot, shape)
     if shape and model.batches and not 1 <= shape[0] <= model.max_batch_size:
         problem = f"batch size {shape[0]} (dim 0) is outside 1..{model.max_batch_size}"
-        raise InvalidArgument.for_input(model.name, spec.name, problem + " (max_batch_size)")
-    return shape
-
-
-def _raise_shape(model: LiveModel, spec: TensorSpec, shape: tuple[int, ...]) -> NoReturn:
-    problem = f"shape {list(shape)} does not match {list(spec.shape)} (-1 = any size)"
-    raise InvalidArgument.for_input(model.name, spec.name, problem)
-
-
-def _tensor_from_raw(
-    model_name: str, spec: TensorSpec, shape: tuple[int, ...], data: bytes
-) -> TensorValue:
-    count = math.prod(shape)
-    if spec.datatype == "BYTES":
-        return BytesTensor(_split_elements(model_name, spec.name, data, count), shape)
-    expected = count * DATATYPE_SIZES[spec.datatype]
-    if len(data) != expected:
+        raise InvalidArgument.for_input(model.name, slot.name, problem + " (max_batch_size)")
+    count = element_count(shape)
+    if count is None:
         problem = (
-            f"raw_input_contents holds {len(data)} bytes, expected {expected} "
-            f"({count} x {spec.datatype} for shape {list(shape)})"
+            f"shape {clip(list(shape))} has more than {MAX_ELEMENTS} elements "
+            "(each dim counted as at least 1)"
         )
-        raise InvalidArgument.for_input(model_name, spec.name, problem)
+        raise InvalidArgument.for_input(model.name, slot.name, problem)
+    return count
+
+
+def _raise_shape(model: LiveModel, slot: _Input, shape: tuple[int, ...]) -> NoReturn:
+    problem = f"shape {clip(list(shape))} does not match {list(slot.shape)} (-1 = any size)"
+    raise InvalidArgument.for_input(model.name, slot.name, problem)
+
+
+def _charge(size: int, max_bytes: int | None, total: int) -> int:
+    """``size``, once it is known to fit under ``max_bytes`` with what is decoded."""
+    if max_bytes is not None and total + size > max_bytes:
+        raise MessageTooLarge("")  # the caller names the model and input
+    return size
+
+
+def _from_raw(
+    slot: _Input,
+    shape: tuple[int, ...],
+    count: int,
+    data: bytes,
+    max_bytes: int | None,
+    total: int,
+) -> tuple[TensorValue, int]:
+    if slot.dtype is None:  # BYTES
+        size = _charge(bytes_cost(count, len(data)), max_bytes, total)
+        return BytesTensor(split_elements(data, count), shape), size
+    expected = count * slot.itemsize
+    if len(data) != expected:
+        raise ContentsError(
+            f"raw_input_contents holds {len(data)} bytes, expected {expected} "
+            f"({count} x {slot.datatype} for shape {list(shape)})"
+        )
+    size = _charge(expected, max_bytes, total)
     buffer: bytes | bytearray = data
     if expected <= 1:
         if expected == 0:
-            return torch.empty(shape, dtype=TORCH_DTYPES[spec.datatype])
+            return torch.empty(shape, dtype=slot.torch_dtype), 0
         buffer = bytearray(data)  # CPython shares one-byte bytes objects process-wide
-    if spec.datatype == "BF16":  # numpy has no bfloat16: carry the bits as int16
-        array = np.frombuffer(buffer, np.int16).reshape(shape)
-        return torch.from_numpy(array).view(torch.bfloat16)
-    array = np.frombuffer(buffer, _RAW_DTYPES[spec.datatype]).reshape(shape)
-    if spec.datatype == "BOOL" and int(array.view(np.uint8).max()) > 1:
-        raise InvalidArgument.for_input(model_name, spec.name, "BOOL elements must be 0 or 1")
-    return torch.from_numpy(array)
+    array = np.frombuffer(buffer, slot.dtype).reshape(shape)
+    if slot.datatype == "BOOL" and int(array.view(np.uint8).max()) > 1:
+        raise ContentsError("BOOL elements must be 0 or 1")
+    if slot.datatype == "BF16":  # numpy has no bfloat16: the bits travel as int16
+        return torch.from_numpy(array).view(torch.bfloat16), size
+    return torch.from_numpy(array), size
 
 
-def _split_elements(model_name: str, input_name: str, data: bytes, count: int) -> list[bytes]:
-    """Split the KServe length-prefixed BYTES format into ``count`` elements."""
-    items: list[bytes] = []
-    pos, end = 0, len(data)
-    unpack = _LENGTH.unpack_from
-    while pos < end:
-        index = len(items)
-        if index == count:
-            problem = f"raw BYTES data holds more than the {count} elements of its shape"
-            raise InvalidArgument.for_input(model_name, input_name, problem)
-        if pos + 4 > end:
-            problem = f"raw BYTES element {index}: truncated 4-byte length prefix"
-            raise InvalidArgument.for_input(model_name, input_name, problem)
-        (length,) = unpack(data, pos)
-        pos += 4
-        if pos + length > end:
-            problem = (
-                f"raw BYTES element {index} declares {length} bytes but only {end - pos} remain"
-            )
-            raise InvalidArgument.for_input(model_name, input_name, problem)
-        items.append(data[pos : pos + length])
-        pos += length
-    if len(items) != count:
-        problem = f"raw BYTES data holds {len(items)} elements, expected {count}"
-        raise InvalidArgument.for_input(model_name, input_name, problem)
-    return items
-
-
-def _tensor_from_contents(
-    model_name: str, spec: TensorSpec, shape: tuple[int, ...], contents: pb.InferTensorContents
-) -> TensorValue:
-    field = TYPED_FIELDS.get(spec.datatype)
+def _from_typed(
+    slot: _Input,
+    shape: tuple[int, ...],
+    count: int,
+    contents: pb.InferTensorContents,
+    max_bytes: int | None,
+    total: int,
+) -> tuple[TensorValue, int]:
+    field = TYPED_FIELDS.get(slot.datatype)
     if field is None:
-        problem = f"datatype {spec.datatype} has no typed contents field; send it raw"
-        raise InvalidArgument.for_input(model_name, spec.name, problem)
-    values = getattr(contents, field)
-    count = math.prod(shape)
-    if len(values) != count:
-        problem = f"contents.{field} holds {len(values)} elements, expected {count}"
-        raise InvalidArgument.for_input(model_name, spec.name, problem)
-    if field == "bytes_contents":
-        return BytesTensor(list(values), shape)
-    array = np.asarray(values, dtype=_FIELD_DTYPES[field])
-    limits = _NARROW_RANGES.get(spec.datatype)
-    if limits is not None and count and (array.min() < limits[0] or array.max() > limits[1]):
-        problem = f"contents.{field} has values outside the {spec.datatype} range {list(limits)}"
-        raise InvalidArgument.for_input(model_name, spec.name, problem)
-    return torch.from_numpy(array.astype(NUMPY_DTYPES[spec.datatype], copy=False).reshape(shape))
+        raise ContentsError(f"datatype {slot.datatype} has no typed contents field; send it raw")
+    if slot.dtype is None:  # BYTES
+        values = contents.bytes_contents
+        if len(values) != count:
+            raise ContentsError(f"contents.{field} holds {len(values)} elements, expected {count}")
+        size = _charge(bytes_cost(count, contents.ByteSize()), max_bytes, total)
+        return BytesTensor(list(values), shape), size
+    # Charged at the widest step: varints decode into their 4- or 8-byte proto type.
+    size = _charge(count * max(slot.itemsize, 4), max_bytes, total)
+    array = typed_array(contents, slot.datatype, count)
+    if array.dtype != slot.dtype:
+        array = array.astype(slot.dtype)
+    return torch.from_numpy(array.reshape(shape)), size
 
 
-def _requested_outputs(msg: pb.ModelInferRequest, model: LiveModel) -> tuple[str, ...] | None:
-    if not msg.outputs:
-        return None
-    names = tuple(out.name for out in msg.outputs)
-    for name in names:
+def _requested_outputs(msg: pb.ModelInferRequest, model: LiveModel) -> tuple[str, ...]:
+    names = []
+    for out in msg.outputs:
+        name = out.name
         if model.output_spec(name) is None:
             declared = ", ".join(s.name for s in model.outputs) or "none"
             raise InvalidArgument(
-                f"model '{model.name}' has no output '{name}' (outputs: {declared})"
+                f"model '{model.name}' has no output '{clip(name)}' (outputs: {declared})"
             )
-    return names
-
-
-def _nbytes(tensor: TensorValue) -> int:
-    if isinstance(tensor, BytesTensor):
-        return sum(len(item) for item in tensor.items)
-    return tensor.numel() * tensor.element_size()
+        if out.parameters:
+            check_output_parameters(out.parameters, model.name, name)
+        names.append(name)
+    return tuple(names)
 
 
 # -- responses --------------------------------------------------------------------------
@@ -323,23 +347,39 @@ def encode_infer_response(
     request_id: str | None = None,
 ) -> pb.ModelInferResponse:
     """The reply for ``result``: the requested outputs (all when None), raw or typed."""
+    outputs = result.outputs
     response = pb.ModelInferResponse(
         model_name=model.name,
         model_version=model.version,
         id=result.request_id if request_id is None else request_id,
     )
-    names: Iterable[str] = requested or result.outputs.keys()
-    outputs = [(name, _output(model, result, name)) for name in names]
-    if raw or not all(_datatype(model, n, v) in TYPED_FIELDS for n, v in outputs):
-        _add_raw_outputs(response, model, outputs)
-    else:
-        _add_typed_outputs(response, model, outputs)
+    names = requested or outputs.keys()
+    if raw:
+        add = response.outputs.add
+        append = response.raw_output_contents.append
+        for name in names:
+            value = _output(model, outputs, name)
+            if isinstance(value, BytesTensor):
+                add(name=name, datatype="BYTES", shape=value.shape)
+                append(join_elements(value.items))
+                continue
+            add(name=name, datatype=_datatype(model, name, value), shape=value.shape)
+            if value.dtype is torch.bfloat16:  # numpy has no bfloat16: same bits as int16
+                value = value.view(torch.int16)
+            append(value.numpy().tobytes())
+        return response
+    chosen = [(name, _output(model, outputs, name)) for name in names]
+    if not all(_datatype(model, n, v) in TYPED_FIELDS for n, v in chosen):
+        return encode_infer_response(
+            result, model, raw=True, requested=requested, request_id=request_id
+        )
+    _add_typed_outputs(response, model, chosen)
     return response
 
 
-def _output(model: LiveModel, result: InferResult, name: str) -> TensorValue:
+def _output(model: LiveModel, outputs: dict[str, TensorValue], name: str) -> TensorValue:
     try:
-        value = result.outputs[name]
+        value = outputs[name]
     except KeyError:
         raise EdgeserveError(
             f"model '{model.name}' version '{model.version}' produced no output '{name}'"
@@ -367,22 +407,6 @@ def _datatype(model: LiveModel, name: str, value: TensorValue) -> str:
     return datatype
 
 
-def _add_raw_outputs(
-    response: pb.ModelInferResponse, model: LiveModel, outputs: list[tuple[str, TensorValue]]
-) -> None:
-    add = response.outputs.add
-    append = response.raw_output_contents.append
-    for name, value in outputs:
-        if isinstance(value, BytesTensor):
-            add(name=name, datatype="BYTES", shape=value.shape)
-            append(join_elements(value.items))
-            continue
-        add(name=name, datatype=_datatype(model, name, value), shape=tuple(value.shape))
-        if value.dtype is torch.bfloat16:  # numpy has no bfloat16: same bits as int16
-            value = value.view(torch.int16)
-        append(value.numpy().tobytes())
-
-
 def _add_typed_outputs(
     response: pb.ModelInferResponse, model: LiveModel, outputs: list[tuple[str, TensorValue]]
 ) -> None:
@@ -394,17 +418,6 @@ def _add_typed_outputs(
             field.extend(value.items)
         else:
             field.extend(value.reshape(-1).tolist())
-
-
-def join_elements(items: Iterable[bytes | str]) -> bytes:
-    """The KServe length-prefixed BYTES format: per element a <u32 length, then the bytes."""
-    parts: list[bytes] = []
-    pack = _LENGTH.pack
-    for item in items:
-        data = item.encode() if isinstance(item, str) else item
-        parts.append(pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
 
 
 # -- metadata ---------------------------------------------------------------------------
@@ -421,5 +434,5 @@ def encode_model_metadata(model: LiveModel, versions: Sequence[str]) -> pb.Model
     )
 
 
-def _tensor_metadata(spec: TensorSpec) -> Any:
+def _tensor_metadata(spec: Any) -> Any:
     return _TensorMetadata(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))

@@ -84,7 +84,17 @@ def test_typed_inputs_are_copies_and_the_check_can_tell() -> None:
     )
     decoded = decode_infer_request(request, model([("x", "FP32", (-1, 4))]))
     assert not aliases_a_bytes_object(decoded.inputs["x"])
-    assert not request_uses_raw(request)
+    assert decoded.inputs["x"].tolist() == [[1, 2, 3, 4]]
+
+
+def test_replies_are_raw_unless_the_request_asks_for_typed_contents() -> None:
+    typed = pb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1)
+    assert request_uses_raw(typed)  # as Triton answers, whatever form the request used
+    typed.parameters["typed_output_contents"].bool_param = True
+    assert not request_uses_raw(typed)
+    typed.parameters["typed_output_contents"].bool_param = False
+    assert request_uses_raw(typed)
 
 
 def test_one_byte_inputs_never_alias_cpythons_shared_bytes() -> None:

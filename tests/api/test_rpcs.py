@@ -164,6 +164,7 @@ def test_typed_contents_in_typed_contents_out(api: Api, datatype, field, values,
     request = pb.ModelInferRequest(model_name=f"twice_{datatype.lower()}", id="t")
     tensor = request.inputs.add(name="x", datatype=datatype, shape=[2, 2])
     getattr(tensor.contents, field).extend(values)
+    request.parameters["typed_output_contents"].bool_param = True  # replies are raw otherwise
     with api.channel() as channel:
         reply = api.stub(channel).ModelInfer(request, timeout=10)
     assert not reply.raw_output_contents
@@ -178,6 +179,7 @@ def test_typed_bytes_contents(api: Api) -> None:
     request.inputs.add(name="text", datatype="BYTES", shape=[2]).contents.bytes_contents.extend(
         [b"ab", b"cd"]
     )
+    request.parameters["typed_output_contents"].bool_param = True
     with api.channel() as channel:
         reply = api.stub(channel).ModelInfer(request, timeout=10)
     assert list(reply.outputs[0].contents.bytes_contents) == [b"AB", b"CD"]
