@@ -19,9 +19,12 @@ Choices worth knowing (each matches what Triton does, so stock clients behave):
   task, so the batcher can put them into one batch); responses are written as they
   complete, not in request order. A failed request puts the same text a unary call would
   return into ``error_message`` (with ``infer_response`` holding the model, version and
-  id) and the stream goes on. At most ``max_stream_in_flight`` requests of one stream are
-  unanswered at a time (reading pauses beyond that). When the client half-closes, the
-  in-flight requests finish and the stream ends; when it cancels, they are cancelled.
+  id) and the stream goes on, as does a malformed message (no id). At most
+  ``max_stream_in_flight`` requests and ``stream_max_pending_bytes`` (requests running plus
+  responses not yet read by the client) of one stream are pending at a time: reading
+  pauses beyond that, so a client that never reads pins a bounded amount. When the client
+  half-closes, the in-flight requests finish and the stream ends; when it cancels, they
+  are cancelled.
 * A request answered INTERNAL (model code raised, or a bug) may become a telemetry
   ``error`` event through ``events`` (``api.errors.ErrorEvents``: the policy, the body).
 """
@@ -35,13 +38,13 @@ from typing import TypeAlias
 
 import grpc
 
+from edgeserve.api.bounds import InflightBudget, Received, charge_of
 from edgeserve.api.codec import (
     decode_infer_request,
     encode_infer_response,
     encode_model_metadata,
     request_uses_raw,
 )
-from edgeserve.api.bounds import InflightBudget, Received, charge_of
 from edgeserve.api.errors import ErrorEvents, describe_error, internal, map_errors, status_of
 from edgeserve.api.triton_extensions import EXTENSIONS, model_config, model_statistics
 from edgeserve.errors import EdgeserveError, InvalidArgument, NotFound

@@ -19,6 +19,13 @@ the audit log names the uid of every change. Only the daemon's user can reach th
 socket, and an abstract name cannot be reached by connecting to it (nothing listens on
 it), so a peer name cannot be forged.
 
+What one caller can hold is bounded: at most ``max_connections`` relayed connections at
+once, plus ``ROOT_RESERVE`` more that only root gets (so a technician running
+``edgeserve status`` as root always gets in, however many connections others hold); a
+connection past that is closed at accept. A relayed connection that carries no byte in
+either direction for ``idle_timeout_s`` is closed (the management gRPC server pings
+during calls, so a long call is never idle).
+
 Loopback TCP (only when configured) has no peer credentials: every call must carry
 ``authorization: Bearer <token>`` equal (``hmac.compare_digest``) to the token file.
 """
@@ -50,8 +57,11 @@ _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 _UCRED = struct.Struct("3i")
 _ABSTRACT_PREFIX = "unix-abstract:"
 _MAX_UNIX_PATH = 107
-MAX_CONNECTIONS = 64
-"""Relayed connections at once; more are closed at accept."""
+DEFAULT_MAX_CONNECTIONS = 16
+"""Relayed connections at once (``management.max_connections``); more are closed at accept."""
+ROOT_RESERVE = 2
+"""Connections past ``max_connections`` that only root gets."""
+DEFAULT_IDLE_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -176,8 +186,19 @@ class CredentialRelay:
     permissions.
     """
 
-    def __init__(self, public_path: Path, *, socket_mode: int, socket_gid: int) -> None:
+    def __init__(
+        self,
+        public_path: Path,
+        *,
+        socket_mode: int,
+        socket_gid: int,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+    ) -> None:
         self.public_path = public_path
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.clients = 0  # relayed (admitted) connections now
         self._mode = socket_mode
         self._gid = socket_gid
         self._private: Path | None = None
@@ -259,27 +280,43 @@ class CredentialRelay:
             self._tasks.add(task)
         self._writers.add(writer)
         name = f"{self._prefix}{next(self._counter)}"
+        admitted = False
         try:
-            if len(self._writers) > MAX_CONNECTIONS:
-                log.warning("management: more than %d connections; closing one", MAX_CONNECTIONS)
-                return
             peer = read_peer_credentials(writer.get_extra_info("socket"))
+            if not self._admits(peer):
+                log.warning(
+                    "management: %d connections open; closing one from uid %d (pid %d)",
+                    self.clients,
+                    peer.uid,
+                    peer.pid,
+                )
+                return
+            admitted = True
+            self.clients += 1
             self._peers[name] = peer
             inner_reader, inner_writer = await self._connect_inner(name)
             self._writers.add(inner_writer)
             try:
-                await _pump_both(reader, writer, inner_reader, inner_writer)
+                await _pump_both(reader, writer, inner_reader, inner_writer, self.idle_timeout_s)
             finally:
                 self._writers.discard(inner_writer)
                 inner_writer.close()
         except OSError as exc:
             log.warning("management: relayed connection failed: %s", exc)
         finally:
+            if admitted:
+                self.clients -= 1
             self._peers.pop(name, None)
             self._writers.discard(writer)
             writer.close()
             if task is not None:
                 self._tasks.discard(task)
+
+    def _admits(self, peer: PeerCredentials) -> bool:
+        """Below the cap anyone; root also in the reserve above it."""
+        if self.clients < self.max_connections:
+            return True
+        return peer.uid == 0 and self.clients < self.max_connections + ROOT_RESERVE
 
     async def _connect_inner(self, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -298,23 +335,37 @@ async def _pump_both(
     a_writer: asyncio.StreamWriter,
     b_reader: asyncio.StreamReader,
     b_writer: asyncio.StreamWriter,
+    idle_timeout_s: float,
 ) -> None:
-    """Copy both ways until either side closes; then both are closed by the caller."""
+    """Copy both ways until either side closes or no byte moved for ``idle_timeout_s``;
+    then both are closed by the caller."""
+    moved = [0]  # bytes copied either way, so far
     pumps = [
-        asyncio.create_task(_pump(a_reader, b_writer)),
-        asyncio.create_task(_pump(b_reader, a_writer)),
+        asyncio.create_task(_pump(a_reader, b_writer, moved)),
+        asyncio.create_task(_pump(b_reader, a_writer, moved)),
     ]
     try:
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        seen = -1
+        while seen != moved[0]:
+            seen = moved[0]
+            done, _ = await asyncio.wait(
+                pumps, timeout=idle_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                return
+        log.info("management: closing a connection idle for %.0f s", idle_timeout_s)
     finally:
         for pump in pumps:
             pump.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, moved: list[int]
+) -> None:
     with contextlib.suppress(ConnectionError):
         while data := await reader.read(65536):
+            moved[0] += len(data)
             writer.write(data)
             await writer.drain()
 

@@ -72,6 +72,18 @@ class ServerConfig:
     """Largest gRPC message received or sent, in bytes; bigger requests get RESOURCE_EXHAUSTED."""
     grace_period_s: float = 10.0
     """On SIGTERM, how long in-flight and queued requests may take to drain before cancel."""
+    max_connections: int = 512
+    """Connections per listen address; more are closed at accept (lowered to fit the fd limit)."""
+    connection_idle_s: float = 60.0
+    """A connection with no call for this long is closed (clients reconnect on their next call)."""
+    connection_max_age_s: float = 0.0
+    """Close every connection after this long (calls get 30 s more); 0 = no age limit."""
+    max_concurrent_rpcs: int = 256
+    """Calls in progress at once, streams included; more are answered RESOURCE_EXHAUSTED."""
+    inflight_bytes_factor: float = 4.0
+    """Request bytes held at once, as a multiple of max_message_bytes; more: RESOURCE_EXHAUSTED."""
+    stream_max_pending_bytes: int = 16 * MIB
+    """Per stream: bytes of requests running and responses not yet read; then reading pauses."""
 
     def __post_init__(self) -> None:
         _check_addresses(self.listen, "listen", self.allow_non_loopback, hint=_REMOTE_HINT)
@@ -79,6 +91,24 @@ class ServerConfig:
             raise _bad("max_message_bytes", "must be 1024..2147483647", self.max_message_bytes)
         if not 0 <= self.grace_period_s <= 3600:
             raise _bad("grace_period_s", "must be 0..3600", self.grace_period_s)
+        if not 1 <= self.max_connections <= 65536:
+            raise _bad("max_connections", "must be 1..65536", self.max_connections)
+        if not 1 <= self.connection_idle_s <= 86400:
+            raise _bad("connection_idle_s", "must be 1..86400", self.connection_idle_s)
+        if not (self.connection_max_age_s == 0 or 1 <= self.connection_max_age_s <= 31536000):
+            raise _bad(
+                "connection_max_age_s", "must be 0 or 1..31536000", self.connection_max_age_s
+            )
+        if not 1 <= self.max_concurrent_rpcs <= 65536:
+            raise _bad("max_concurrent_rpcs", "must be 1..65536", self.max_concurrent_rpcs)
+        if not 1 <= self.inflight_bytes_factor <= 1024:
+            raise _bad("inflight_bytes_factor", "must be 1..1024", self.inflight_bytes_factor)
+        if not 1024 <= self.stream_max_pending_bytes < 2**31:
+            raise _bad(
+                "stream_max_pending_bytes",
+                "must be 1024..2147483647",
+                self.stream_max_pending_bytes,
+            )
 
 
 @dataclass(frozen=True)
@@ -93,6 +123,10 @@ class ManagementConfig:
     """Permission bits of the Unix socket (write it as YAML octal: 0660); never for others."""
     archive_dir: Path | None = None
     """The only directory LoadModel reads archives from; null = <state_dir>/incoming."""
+    max_connections: int = 16
+    """Connections per management socket at once; one more is always kept for root."""
+    idle_timeout_s: float = 60.0
+    """A management connection that carries no bytes for this long is closed."""
 
     def __post_init__(self) -> None:
         _check_addresses(self.listen, "listen", False, hint="; management is local only")
@@ -103,6 +137,10 @@ class ManagementConfig:
             raise ConfigError("allowed_group", f"not a valid group name: {self.allowed_group!r}")
         if not 0 <= self.socket_mode <= 0o770 or self.socket_mode & 0o007:
             raise _bad("socket_mode", "must be <= 0770, nothing for others", oct(self.socket_mode))
+        if not 1 <= self.max_connections <= 4096:
+            raise _bad("max_connections", "must be 1..4096", self.max_connections)
+        if not 1 <= self.idle_timeout_s <= 86400:
+            raise _bad("idle_timeout_s", "must be 1..86400", self.idle_timeout_s)
 
 
 @dataclass(frozen=True)
