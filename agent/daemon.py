@@ -496,12 +496,17 @@ class Daemon:
         link = self.link
         connected = link is not None and link.connected
         error = self._link_error if link is None else None if connected else link.last_failure
+        report = self.deployer.report() if self.deployer is not None else {}
         return fleet_section(
             device_id=self.device_id,
             broker=self.config.fleet.broker,
             connected=connected,
             since=self._link_since,
             last_error=error if self.config.fleet.broker else None,
+            committed_serial=report.get("committed_serial"),
+            root_version=report.get("root_version"),
+            deployment=report.get("deployment"),
+            network_bytes=self.network.snapshot() if self.link is not None else None,
         )
 
     def _start_metrics(self) -> None:

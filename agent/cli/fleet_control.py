@@ -15,8 +15,7 @@ imports this one).
 - ``wait`` exits 0 when the device reports the serial committed, 1 when it reports it
   rejected or rolled back (the reason printed), 3 on timeout or broker unreachable.
 
-The device-side deployer that answers these is not written yet; the tests play the
-device with a plain MQTT client publishing the documented reported-state JSON.
+The device side that answers them is ``fleet/deployer.py``.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ retained on ``P/devices/<id>/desired`` or ``P/groups/<g>/desired`` and the artif
 retained chunks (``fleet/artifacts.py``); a device writes its reported state retained on
 ``P/devices/<id>/reported`` and ``online``/``offline`` retained on ``P/devices/<id>/online``.
 
-The device side that consumes the deployment and produces the reported state (the
-deployer) is not written yet: this side follows the documented topics and reported-state
-JSON, and its tests play the device with a plain MQTT client that publishes exactly that.
+The device side that consumes the deployment and produces the reported state is
+``fleet/deployer.py``; the controller's own tests play the device with a plain MQTT
+client that publishes exactly the documented reported-state JSON.
 
 Reports come from devices and are not trusted: a payload that is not a bounded JSON
 object, or arrives on a topic without a valid device id, is skipped and counted; fields of
@@ -217,6 +217,7 @@ def parse_report(payload: bytes) -> dict[str, Any] | None:
         return None
     return {
         "committed_serial": _count(report.get("committed_serial")),
+        "root_version": _count(report.get("root_version")),
         "live": _live(report.get("live")),
         "deployment": _deployment(report.get("deployment")),
         "network_bytes": _network(report.get("network_bytes")),
@@ -268,6 +269,7 @@ class FleetView:
                     "device": device,
                     "online": self.online.get(device, False),
                     "committed_serial": report.get("committed_serial"),
+                    "root_version": report.get("root_version"),
                     "live": report.get("live", []),
                     "deployment": report.get("deployment"),
                     "network_bytes": report.get("network_bytes"),

@@ -174,14 +174,25 @@ def fleet_section(
     connected: bool = False,
     since: float | None = None,
     last_error: str | None = None,
+    committed_serial: int | None = None,
+    root_version: int | None = None,
+    deployment: Mapping[str, Any] | None = None,
+    network_bytes: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The ``fleet`` object; ``since`` is when ``connected`` last changed (epoch s)."""
+    """The ``fleet`` object; ``since`` is when ``connected`` last changed (epoch s).
+    ``committed_serial``, ``root_version`` and ``deployment`` (serial, state, reason,
+    bytes_done, bytes_total: the reported state's) come from the deployer, None when the
+    device follows no deployments; ``network_bytes`` counts bytes per purpose."""
     return {
         "device_id": device_id,
         "broker": broker,
         "connected": connected,
         "since": since,
         "last_error": last_error,
+        "committed_serial": committed_serial,
+        "root_version": root_version,
+        "deployment": dict(deployment) if deployment is not None else None,
+        "network_bytes": dict(network_bytes) if network_bytes is not None else None,
     }
 
 
@@ -480,6 +491,29 @@ def _telemetry_lines(
         )
     if fleet is not None:
         lines.append(_link_line(fleet))
+        lines += _deployment_lines(fleet)
+    return lines
+
+
+def _deployment_lines(fleet: Mapping[str, Any]) -> list[str]:
+    """The fleet update lines: committed serial, the deployment's stage, bytes by purpose."""
+    lines = []
+    if fleet.get("committed_serial") is not None:
+        d = fleet.get("deployment") or {}
+        stage = "none yet"
+        if d:
+            stage = f"serial {d.get('serial')} {d.get('state')}"
+            if d.get("reason"):
+                stage += f" ({d['reason']})"
+            if d.get("state") == "downloading" and d.get("bytes_total"):
+                stage += f", {_kib(d.get('bytes_done'))} of {_kib(d.get('bytes_total'))}"
+        lines.append(
+            f"updates: committed serial {fleet['committed_serial']}, root v"
+            f"{fleet.get('root_version')}; deployment {stage}"
+        )
+    counts = fleet.get("network_bytes")
+    if counts:
+        lines.append("network: " + ", ".join(f"{k} {_kib(v)}" for k, v in sorted(counts.items())))
     return lines
 
 

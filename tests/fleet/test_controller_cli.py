@@ -36,6 +36,7 @@ JSON_KEYS = {
     "device",
     "online",
     "committed_serial",
+    "root_version",
     "live",
     "deployment",
     "network_bytes",
