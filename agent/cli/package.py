@@ -37,6 +37,20 @@ def register(commands: Any) -> None:
         metavar="[NAME=]FILE",
         help="warm-up sample (repeatable); expected outputs are recorded",
     )
+    sub.add_argument(
+        "--input-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="name of the model's next input (repeatable, in input order; default input__N)",
+    )
+    sub.add_argument(
+        "--output-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="name of the model's next output (repeatable, in output order; default output__N)",
+    )
     sub.add_argument("--quantize", choices=["dynamic"], help="int8 dynamic quantization")
     sub.add_argument("--handler", help="tensor | image_classifier | path/to/handler.py")
     sub.add_argument(
@@ -100,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         max_queue_delay_ms=args.max_queue_delay_ms,
         sign_key=args.sign_key,
         from_mar=args.from_mar,
+        input_names=args.input_name,
+        output_names=args.output_name,
     )
     signed = " (signed)" if args.sign_key else ""
     print(f"wrote {args.output}: {manifest.name} version {manifest.version}{signed}")

@@ -40,6 +40,9 @@ Rules this module decides (documented here, reported in the manifest):
   ``edgeserve.serving.runtime`` for any other handler.
 - Tolerance: rtol 1e-5 / atol 1e-6 for fp32, 1e-2 / 1e-2 for int8 (the expected outputs
   come from the quantized model: tolerance only absorbs kernel nondeterminism).
+- ``--input-name`` / ``--output-name`` rename the model's inputs and outputs in order
+  (``names``: plain, unique, one each; not with ``NAME=`` examples, a model that returns
+  a dict, or a handler that serves its own signature).
 - Extra files become members named by their base name; a ``.py`` handler becomes
   ``handler.py``; a ``.mar``'s ``index_to_name.json`` is kept as the labels of the image
   classifier.
@@ -62,6 +65,7 @@ from edgeserve.archive.manifest import Manifest
 from edgeserve.archive.mar import mar_handler, read_mar
 from edgeserve.errors import ArchiveError
 from edgeserve.handlers import get_handler_class
+from edgeserve.packager.names import check_served, named
 from edgeserve.packager.samples import InputArg, as_tensor, read_inputs, record_samples
 from edgeserve.packager.scripting import (
     load_torchscript,
@@ -113,6 +117,8 @@ def build_archive(
     from_mar: Path | None = None,
     rtol: float | None = None,
     atol: float | None = None,
+    input_names: Sequence[str] = (),
+    output_names: Sequence[str] = (),
 ) -> Manifest:
     """Build and write one archive (signed with ``sign_key`` when given); its manifest."""
     manifest, members = plan_archive(
@@ -130,6 +136,8 @@ def build_archive(
         from_mar=from_mar,
         rtol=rtol,
         atol=atol,
+        input_names=input_names,
+        output_names=output_names,
     )
     return write_archive(output, manifest, members, sign_key=sign_key)
 
@@ -150,6 +158,8 @@ def plan_archive(
     from_mar: Path | None = None,
     rtol: float | None = None,
     atol: float | None = None,
+    input_names: Sequence[str] = (),
+    output_names: Sequence[str] = (),
 ) -> tuple[Manifest, dict[str, bytes | Path]]:
     """Everything ``build_archive`` does but writing: (manifest without digests, members)."""
     examples = [(f.name, as_tensor(f, "example input")) for f in read_inputs(example_inputs)]
@@ -163,10 +173,12 @@ def plan_archive(
         if not examples:
             examples = _default_examples(build, model or str(from_mar))
         batches, batch = _batching(_probe_batching(module, examples), max_batch_size)
-        inputs, outputs = _signature(module, examples, batches)
+        inputs, outputs = _signature(module, examples, batches, input_names, output_names)
         manifest = _manifest(build, inputs, outputs, batch, max_queue_delay_ms, rtol, atol)
         manifest = replace(manifest, batches=batches)
         build.members[MODEL_MEMBER] = build.module_bytes
+        if input_names or output_names:
+            check_served(manifest, build.members)
         samples, sample_members = record_samples(
             manifest, module, build.members, sample_inputs, example_inputs
         )
@@ -344,10 +356,16 @@ def _max_batch_size(batches: bool, requested: int | None) -> int:
     return 1
 
 
+_NAMED_BY_EXAMPLES = "the inputs are already named by NAME= in --example-input"
+_NAMED_BY_KEYS = "the model returns a dict, whose keys name its outputs"
+
+
 def _signature(
     module: torch.jit.ScriptModule,
     examples: list[tuple[str | None, torch.Tensor]],
     batches: bool,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
 ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     def shape(t: torch.Tensor) -> tuple[int, ...]:
         dims = tuple(int(d) for d in t.shape)
@@ -361,7 +379,12 @@ def _signature(
     outputs = tuple(
         TensorSpec(key, DATATYPE_OF_TORCH[t.dtype], shape(t)) for key, t in _output_items(result)
     )
-    return inputs, outputs
+    by_examples = _NAMED_BY_EXAMPLES if any(n for n, _ in examples) else ""
+    by_keys = _NAMED_BY_KEYS if isinstance(result, Mapping) else ""
+    return (
+        named(inputs, input_names, "input", named_by=by_examples),
+        named(outputs, output_names, "output", named_by=by_keys),
+    )
 
 
 # -- members ------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def record_samples(
                 raise ArchiveError(f"sample {index}: {exc}") from None
             samples.append(_store_sample(recorded, index, inputs, outputs))
         return tuple(samples), recorded
-    with _runtime_model(manifest, members) as loaded:
+    with runtime_model(manifest, members) as loaded:
         own = (loaded.inputs, loaded.outputs) == (manifest.inputs, manifest.outputs)
         files = read_inputs(sample_inputs or (example_inputs if own else ()))
         samples = []
@@ -207,7 +207,7 @@ def record_samples(
 
 
 @contextlib.contextmanager
-def _runtime_model(manifest: Manifest, members: Mapping[str, bytes | Path]) -> Iterator[Any]:
+def runtime_model(manifest: Manifest, members: Mapping[str, bytes | Path]) -> Iterator[Any]:
     """The archive-to-be, unpacked in a temporary directory and loaded by the runtime."""
     from edgeserve.serving.runtime import RuntimeOptions, load_model
 

@@ -299,7 +299,7 @@ def test_a_public_key_is_not_a_signing_key(
     ("option", "fault"),
     [
         (("--handler", "nonesuch"), "--handler: unknown handler 'nonesuch'"),
-        (("--max-batch-size", "0"), "--max-batch-size: must be >= 1, got 0"),
+        (("--max-batch-size", "-1"), "--max-batch-size: must be >= 0, got -1"),
         (("--example-input", "x=/nonexistent/x.npy"), "'/nonexistent/x.npy' cannot be read"),
         (("--extra-file", "/nonexistent/labels.txt"), "'/nonexistent/labels.txt' is not a file"),
     ],
