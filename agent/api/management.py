@@ -59,6 +59,7 @@ from edgeserve.errors import (
     NotFound,
     PermissionDenied,
     Unauthenticated,
+    clip,
 )
 from edgeserve.proto import management_pb2 as pb
 from edgeserve.proto import management_pb2_grpc as pb_grpc
@@ -134,6 +135,8 @@ def version_message(
 def open_archive(text: str, archive_dir: Path) -> int:
     """An fd of the archive ``text`` names, proven to be a regular file inside
     ``archive_dir``. File system calls: the servicer runs it in a thread (``fd_off_loop``)."""
+    if "\x00" in text:  # the OS cannot take it; an outsider can send it
+        raise InvalidArgument(f"archive {clip(ascii(text))}: the path contains a NUL byte")
     if "://" in text:
         raise PermissionDenied(
             f"archive '{text}' is a URL; the daemon never fetches: copy it into {archive_dir}"

@@ -31,9 +31,10 @@ from typing import Any
 from edgeserve.errors import (
     Expired,
     InvalidArgument,
-    ManagementError,
     MessageTooLarge,
     Overloaded,
+    StoreError,
+    StoreFull,
 )
 
 log = logging.getLogger("edgeserve.api")
@@ -178,15 +179,15 @@ class UploadSpool:
         """A spool file for ``size`` bytes (file system calls: run in a thread)."""
         free = _free_bytes(self.folder)
         if size > free:
-            raise ManagementError(
-                f"archive '{label}' ({size_text(size)}) does not fit in {self.folder} "
-                f"({size_text(free)} free)"
+            raise StoreFull(
+                f"state dir full: archive '{label}' ({size_text(size)}) does not fit in "
+                f"{self.folder} ({size_text(free)} free); nothing was changed"
             )
         try:
             return _anonymous_file(self.folder)
         except OSError as exc:
-            raise ManagementError(
-                f"archive '{label}': cannot create a file in {self.folder}: {exc.strerror}"
+            raise StoreError.from_os(
+                exc, f"archive '{label}': cannot create a file in {self.folder}"
             ) from None
 
     async def _fill(
@@ -218,10 +219,8 @@ class UploadSpool:
 async def _write(spooled: SpooledArchive, label: str, data: bytes) -> None:
     try:
         await spooled.write(data)
-    except OSError as exc:
-        raise ManagementError(
-            f"archive '{label}': cannot spool the upload: {exc.strerror}"
-        ) from None
+    except OSError as exc:  # ENOSPC: StoreFull (RESOURCE_EXHAUSTED), the file is dropped
+        raise StoreError.from_os(exc, f"archive '{label}': cannot spool the upload") from None
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from edgeserve import jsonsafe
 from edgeserve.archive.manifest import MANIFEST_NAME, Manifest
+from edgeserve.archive.mar import MAR_MANIFEST
 from edgeserve.archive.safezip import (
     CHUNK,
     DEFAULT_LIMITS,
@@ -40,6 +42,7 @@ from edgeserve.archive.safezip import (
     open_zip,
     read_member,
     scan_members,
+    shown,
 )
 from edgeserve.archive.signing import SIGNATURE_NAME, TrustStore, sign_manifest
 from edgeserve.errors import ArchiveError
@@ -47,6 +50,10 @@ from edgeserve.errors import ArchiveError
 log = logging.getLogger("edgeserve.archive")
 
 RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
+MAR_HINT = (
+    "convert it first (and sign it when trust keys are set): "
+    "edgeserve package --from-mar FILE.mar --sign-key KEY -o FILE.esar"
+)
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 _FILE_ATTR = (stat.S_IFREG | 0o644) << 16
 
@@ -57,8 +64,8 @@ def _fail(source: str, problem: str, what: str = "archive") -> ArchiveError:
 
 def _names(names: list[str]) -> str:
     """Name up to five members, with the verb that agrees: "'a' is", "'a', 'b' are"."""
-    shown = ", ".join(f"'{n}'" for n in names[:5]) + (", ..." if len(names) > 5 else "")
-    return f"{shown} {'is' if len(names) == 1 else 'are'}"
+    listed = ", ".join(f"'{shown(n)}'" for n in names[:5]) + (", ..." if len(names) > 5 else "")
+    return f"{listed} {'is' if len(names) == 1 else 'are'}"
 
 
 def _listed_name_problem(name: str) -> str | None:
@@ -91,7 +98,7 @@ def write_archive(
     source = str(path)
     for name in members:
         if problem := _listed_name_problem(name):
-            raise _fail(source, f"cannot write member '{name}': it {problem}")
+            raise _fail(source, f"cannot write member '{shown(name)}': it {problem}")
     names = sorted(members)
     final = dataclasses.replace(manifest, files={n: _digest_of(members[n]) for n in names})
     data = manifest_bytes(final)
@@ -156,7 +163,9 @@ def _add_member(
             digest.update(chunk)
             out.write(chunk)
     if digest.hexdigest() != expected:
-        raise _fail(source, f"member '{name}' ({content}) changed while it was being written")
+        raise _fail(
+            source, f"member '{shown(name)}' ({content}) changed while it was being written"
+        )
 
 
 def fsync_dir(path: Path) -> None:
@@ -179,9 +188,9 @@ class _Checked:
 
 
 def parse_manifest(data: bytes, source: str, what: str = "archive") -> Manifest:
-    try:
-        parsed = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    try:  # its size is bounded where it is read; the parser bounds its nesting
+        parsed = jsonsafe.parse_json(data, max_bytes=len(data))
+    except jsonsafe.JsonRefused as exc:
         raise _fail(source, f"{MANIFEST_NAME} is not valid JSON ({exc})", what) from None
     try:
         manifest = Manifest.from_dict(parsed)
@@ -189,13 +198,18 @@ def parse_manifest(data: bytes, source: str, what: str = "archive") -> Manifest:
         raise _fail(source, exc.message, what) from None
     for name in manifest.files:
         if problem := _listed_name_problem(name):
-            raise _fail(source, f"manifest lists member '{name}', which {problem}", what)
+            raise _fail(source, f"manifest lists member '{shown(name)}', which {problem}", what)
     return manifest
 
 
 def _validate(
     zf: zipfile.ZipFile, source: str, trust: TrustStore | None, limits: ArchiveLimits
 ) -> _Checked:
+    names = set(zf.namelist())
+    if MAR_MANIFEST in names and MANIFEST_NAME not in names:
+        # Known by content, before its directory entries are refused: a path from
+        # management is an fd's, without the .mar suffix.
+        raise _fail(source, f"is a TorchServe .mar; {MAR_HINT}")
     infos = scan_members(zf, source, limits)
     if MANIFEST_NAME not in infos:
         raise _fail(source, f"has no {MANIFEST_NAME} at its root")
@@ -218,7 +232,7 @@ def _validate(
         if digest.hexdigest() != expected:
             raise _fail(
                 source,
-                f"member '{name}' sha256 mismatch (manifest {expected[:12]}..., "
+                f"member '{shown(name)}' sha256 mismatch (manifest {expected[:12]}..., "
                 f"content {digest.hexdigest()[:12]}...)",
             )
     return _Checked(manifest, data, signature, infos)
@@ -271,7 +285,7 @@ def _write_tree(zf: zipfile.ZipFile, checked: _Checked, root: Path, source: str)
                 dirs.add(parent)
         digest = _write_file(target, iter_member(zf, checked.infos[name], source))
         if digest != expected:
-            raise _fail(source, f"member '{name}' changed while it was being extracted")
+            raise _fail(source, f"member '{shown(name)}' changed while it was being extracted")
     for directory in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
         fsync_dir(directory)
 
@@ -340,8 +354,16 @@ def verify_tree(model_dir: Path, *, trust: TrustStore | None) -> Manifest:
         with os.fdopen(fd, "rb") as f:
             actual = _hash_stream(f)
         if actual != expected:
-            raise _fail(source, f"file '{name}' sha256 mismatch (modified on disk?)", what)
+            raise _fail(source, f"file '{shown(name)}' sha256 mismatch (modified on disk?)", what)
     return manifest
+
+
+def read_tree_manifest(model_dir: Path) -> Manifest:
+    """The manifest of an unpacked archive, bounded and parsed, nothing else checked
+    (listing the store); ``ArchiveError`` or ``OSError`` when it cannot be read."""
+    source = str(model_dir)
+    data = _read_small(model_dir / MANIFEST_NAME, DEFAULT_LIMITS.max_manifest_bytes, source)
+    return parse_manifest(data, source, "model directory")
 
 
 def _walk(root: Path, source: str) -> tuple[set[str], set[str]]:
@@ -359,7 +381,7 @@ def _walk(root: Path, source: str) -> tuple[set[str], set[str]]:
                 files.add(name)
             else:
                 kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
-                raise _fail(source, f"'{name}' is {kind}", "model directory")
+                raise _fail(source, f"'{shown(name)}' is {kind}", "model directory")
     return files, dirs
 
 

@@ -16,10 +16,10 @@ sizes, zip bombs); errors are ``ArchiveError`` naming the ``.mar``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeserve import jsonsafe
 from edgeserve.archive.safezip import (
     DEFAULT_LIMITS,
     ArchiveLimits,
@@ -64,7 +64,7 @@ def read_mar(mar_path: Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) -> MarMo
             raise _fail(source, f"has no {MAR_MANIFEST}")
         raw = read_member(zf, infos[MAR_MANIFEST], source, limits.max_manifest_bytes, _WHAT)
         try:
-            model = json.loads(raw)["model"]
+            model = jsonsafe.parse_json(raw, max_bytes=len(raw))["model"]
             serialized = model["serializedFile"]
             handler = model.get("handler") or ""
             name, version = model.get("modelName") or "", model.get("modelVersion") or "1.0"

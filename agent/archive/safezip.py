@@ -3,7 +3,8 @@
     open_zip(path)                 missing, not a zip, truncated -> ArchiveError
     scan_members(zf, source, lim)  every entry checked before a byte is read:
                                    names (``..``, absolute paths, backslashes, drive
-                                   letters, NUL, duplicates, a file that is also a
+                                   letters, NUL and other control characters,
+                                   duplicates, a file that is also a
                                    directory), types (symlinks and other non-regular
                                    entries, from ``external_attr``), encryption, odd
                                    compression, member count, and zip bombs (a bound on
@@ -12,8 +13,9 @@
     read_member / iter_member      a member's bytes, bounded by its declared size, CRC
                                    checked
 
-Every error is an ``ArchiveError`` naming the file, the problem and the member; ``what``
-says what kind of file it is ("archive", "TorchServe archive"). Both the model archive
+Every error is an ``ArchiveError`` naming the file, the problem and the member (as
+``shown``: control characters escaped, cut at ``errors.ECHO_LIMIT``); ``what`` says what kind of
+file it is ("archive", "TorchServe archive"). Both the model archive
 (``archive``) and TorchServe ``.mar`` import (``mar``) read zips through this module.
 """
 
@@ -28,7 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeserve.errors import ArchiveError
+from edgeserve.errors import ArchiveError, clip
 
 CHUNK = 1 << 20
 """Bytes read or written at a time when streaming members."""
@@ -57,6 +59,12 @@ def _fail(source: str, problem: str, what: str) -> ArchiveError:
     return ArchiveError(f"{what} '{source}': {problem}")
 
 
+def shown(name: str) -> str:
+    """A member name for a message: control characters escaped (a NUL reads ``\\x00``),
+    cut by ``errors.clip``, so a hostile name cannot garble a log line or a status message."""
+    return clip("".join(c if c.isprintable() else ascii(c)[1:-1] for c in name))
+
+
 def member_name_problem(name: str) -> str | None:
     """Why ``name`` is not a safe relative member path, or None when it is."""
     if not name:
@@ -65,6 +73,8 @@ def member_name_problem(name: str) -> str | None:
         return "contains a backslash"
     if "\x00" in name:
         return "contains a NUL byte"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "contains a control character"
     if name.startswith("/") or _DRIVE_RE.match(name):
         return "is an absolute path"
     parts = name.split("/")
@@ -106,14 +116,16 @@ def scan_members(
     seen: set[str] = set()
     total = 0
     for info in entries:
-        raw = info.filename
+        # zipfile cuts a name at its first NUL (``filename``); the name as stored is
+        # ``orig_filename``, and a NUL there is refused, not silently cut away.
+        raw = info.orig_filename
         is_dir = raw.endswith("/")
         name = raw[:-1] if is_dir else raw
         problem = member_name_problem(name) or _entry_problem(info, is_dir, allow_dirs)
         if problem is None and name in seen:
             problem = "is a duplicate name"
         if problem:
-            raise _fail(source, f"member '{raw}' {problem}", what)
+            raise _fail(source, f"member '{shown(raw)}' {problem}", what)
         seen.add(name)
         total += info.file_size
         if not is_dir:
@@ -163,7 +175,9 @@ def _check_no_prefix_clash(files: Mapping[str, object], source: str, what: str) 
         for i in range(1, len(parts)):
             parent = "/".join(parts[:i])
             if parent in files:
-                raise _fail(source, f"member '{parent}' is both a file and a directory", what)
+                raise _fail(
+                    source, f"member '{shown(parent)}' is both a file and a directory", what
+                )
 
 
 def read_member(
@@ -171,11 +185,11 @@ def read_member(
 ) -> bytes:
     """A member's bytes, refusing more than ``limit``."""
     if info.file_size > limit:
-        raise _fail(source, f"member '{info.filename}' is larger than {limit} bytes", what)
+        raise _fail(source, f"member '{shown(info.filename)}' is larger than {limit} bytes", what)
     chunks = list(iter_member(zf, info, source, what))
     data = b"".join(chunks)
     if len(data) > limit:
-        raise _fail(source, f"member '{info.filename}' is larger than {limit} bytes", what)
+        raise _fail(source, f"member '{shown(info.filename)}' is larger than {limit} bytes", what)
     return data
 
 
@@ -189,7 +203,9 @@ def iter_member(
             while chunk := stream.read(CHUNK):
                 read += len(chunk)
                 if read > info.file_size:
-                    raise _fail(source, f"member '{info.filename}' exceeds its declared size", what)
+                    raise _fail(
+                        source, f"member '{shown(info.filename)}' exceeds its declared size", what
+                    )
                 yield chunk
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
-        raise _fail(source, f"member '{info.filename}' is corrupt ({exc})", what) from None
+        raise _fail(source, f"member '{shown(info.filename)}' is corrupt ({exc})", what) from None

@@ -27,10 +27,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgeserve import jsonsafe
 from edgeserve.errors import ConfigError, VerificationError
 
 SIGNATURE_NAME = "signature.ed25519.json"
 _MAX_SIGNATURE_BYTES = 4096
+_MAX_SIGNATURE_DEPTH = 4
+"""One object of two strings: anything nested deeper is not a signature file."""
 
 
 def key_id_of(public_key: Ed25519PublicKey) -> str:
@@ -154,9 +157,11 @@ def _parse_signature(data: bytes, source: str) -> tuple[str, bytes]:
     if len(data) > _MAX_SIGNATURE_BYTES:
         raise bad(f"is larger than {_MAX_SIGNATURE_BYTES} bytes")
     try:
-        document = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise bad("is not JSON") from None
+        document = jsonsafe.parse_json(
+            data, max_bytes=_MAX_SIGNATURE_BYTES, max_depth=_MAX_SIGNATURE_DEPTH
+        )
+    except jsonsafe.JsonRefused as exc:
+        raise bad(f"is not JSON ({exc})") from None
     if not isinstance(document, dict):
         raise bad("must be a JSON object")
     key_id, encoded = document.get("key_id"), document.get("signature")

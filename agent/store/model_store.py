@@ -21,9 +21,13 @@ and leaves the previous file in place. It is read with bounds (``jsonsafe``); on
 cannot be read is ``LiveStateCorrupt``, which the daemon answers by moving it aside
 (``quarantine_live_state``) and starting without it.
 
-A TorchServe ``.mar`` is refused with the command that converts it (``edgeserve package
---from-mar FILE.mar [--sign-key KEY] -o FILE.esar``): converting runs the model to infer its
+A TorchServe ``.mar`` (known by its content: management hands over an fd's path) is refused
+by ``archive.format`` with the command that converts it (``edgeserve package --from-mar
+FILE.mar [--sign-key KEY] -o FILE.esar``): converting runs the model to infer its
 signature, which is the packager's job, and the daemon never imports the packager.
+
+A full or read-only state dir during an install is ``StoreFull`` / ``StoreReadOnly``
+(``StoreError.from_os``), and the install leaves nothing behind: staging is removed.
 """
 
 from __future__ import annotations
@@ -44,8 +48,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeserve.archive.format import extract_archive, fsync_dir, verify_tree
-from edgeserve.archive.manifest import MANIFEST_NAME, Manifest
+from edgeserve.archive.format import (
+    extract_archive,
+    fsync_dir,
+    read_tree_manifest,
+    verify_tree,
+)
+from edgeserve.archive.manifest import Manifest
 from edgeserve.archive.signing import TrustStore
 from edgeserve.errors import ArchiveError, NotFound, StoreError
 from edgeserve.jsonsafe import parse_json
@@ -97,12 +106,15 @@ class ModelStore:
 
     def install(self, archive: Path) -> InstalledModel:
         """Verify ``archive`` and add it; atomic, all or nothing."""
-        with self._locked():
-            staging = self._new_staging()
-            try:
-                return self._install(archive, staging)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+        try:
+            with self._locked():
+                staging = self._new_staging()
+                try:
+                    return self._install(archive, staging)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+        except OSError as exc:  # the lock or staging: the store's trouble, not the archive's
+            raise StoreError.from_os(exc, f"cannot install '{archive}' into the store") from None
 
     def get(self, name: str, version: str) -> InstalledModel:
         """An installed version, re-verified (files, hashes, signature) on every call."""
@@ -127,10 +139,9 @@ class ModelStore:
         found = []
         for name_dir in sorted(self._children(self.root)):
             for version_dir in sorted(self._children(name_dir)):
-                manifest_path = version_dir / MANIFEST_NAME
                 try:
-                    manifest = Manifest.from_dict(json.loads(manifest_path.read_bytes()))
-                except (OSError, ValueError, ArchiveError) as exc:
+                    manifest = read_tree_manifest(version_dir)
+                except (OSError, ArchiveError) as exc:
                     log.warning("store: skipping %s: %s", version_dir, exc)
                     continue
                 found.append(InstalledModel(manifest.name, manifest.version, version_dir, manifest))
@@ -274,14 +285,11 @@ class ModelStore:
     # -- internals ------------------------------------------------------------------------
 
     def _install(self, archive: Path, staging: Path) -> InstalledModel:
-        if archive.suffix == ".mar":
-            self._refuse_mar(archive)
         unpacked = staging / "model"
         try:
             manifest = extract_archive(archive, unpacked, trust=self.trust)
         except OSError as exc:  # disk full, permissions: the store's trouble, not the archive's
-            problem = exc.strerror or str(exc)
-            raise StoreError(f"cannot unpack '{archive}' into the store: {problem}") from None
+            raise StoreError.from_os(exc, f"cannot unpack '{archive}' into the store") from None
         target = self._version_dir(manifest.name, manifest.version)
         if target.exists() or target.is_symlink():
             return self._existing(target, manifest)
@@ -292,9 +300,10 @@ class ModelStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 target.parent.rmdir()  # only succeeds when empty (nothing else there)
-            raise StoreError(
-                f"cannot install model '{manifest.name}' version "
-                f"'{manifest.version}' into '{target}': {exc.strerror}"
+            raise StoreError.from_os(
+                exc,
+                f"cannot install model '{manifest.name}' version '{manifest.version}' "
+                f"into '{target}'",
             ) from None
         fsync_dir(target.parent)
         log.info("store: installed %s %s from %s", manifest.name, manifest.version, archive)
@@ -309,13 +318,6 @@ class ModelStore:
             )
         log.info("store: %s %s already installed", manifest.name, manifest.version)
         return current
-
-    @staticmethod
-    def _refuse_mar(mar: Path) -> None:
-        raise ArchiveError(
-            f"archive '{mar}' is a TorchServe .mar; convert it first (and sign it when "
-            f"trust keys are set): edgeserve package --from-mar {mar} --sign-key KEY -o FILE.esar"
-        )
 
     def _version_dir(self, name: str, version: str) -> Path:
         for what, value in (("name", name), ("version", version)):
