@@ -34,7 +34,7 @@ from typing import TypeVar
 
 import grpc
 
-from edgeserve.errors import EdgeserveError, HandlerFailed, Kind
+from edgeserve.errors import EdgeserveError, HandlerFailed, Kind, clip
 from edgeserve.types import EventSink
 
 log = logging.getLogger("edgeserve.api")
@@ -54,6 +54,12 @@ STATUS_OF_KIND: Mapping[Kind, grpc.StatusCode] = MappingProxyType(
         Kind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     }
 )
+
+MAX_STATUS_MESSAGE = 512
+"""Characters of a status message at most. Client strings in it are clipped where they
+are echoed (``errors.clip``); this bound holds whatever a message lists (a model's many
+inputs, say): percent-encoded on the wire (up to 9 bytes per character), still under
+gRPC's 8 KiB metadata limit."""
 
 _S = TypeVar("_S")
 _Req = TypeVar("_Req")
@@ -96,7 +102,7 @@ def describe_error(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
     Unexpected exceptions are logged here (``internal``). The request is never logged.
     """
     if isinstance(exc, EdgeserveError):
-        return status_of(exc.kind), exc.message
+        return status_of(exc.kind), clip(exc.message, MAX_STATUS_MESSAGE)
     return grpc.StatusCode.INTERNAL, internal(exc, where).message
 
 
