@@ -27,7 +27,14 @@ from edgeserve.telemetry.recorders import ModelRecorder, Recorders
 DRIFT_BATCHES = (1, 32)
 
 
-def _empty(status: str, total_s: float, queue_s: float | None, compute_s: float | None) -> None:
+def _empty(
+    status: str,
+    total_s: float,
+    queue_s: float | None,
+    compute_s: float | None,
+    decode_s: float | None = None,
+    encode_s: float | None = None,
+) -> None:
     return None
 
 
@@ -42,7 +49,7 @@ def _per_call_ns(body: Callable[[int], object], calls: int, repeats: int) -> flo
 
 def _loop_empty(calls: int) -> None:
     for i in range(calls):
-        _empty("OK", 0.0021, 0.0004, 0.0015)
+        _empty("OK", 0.0021, 0.0004, 0.0015, 0.00002, 0.00001)
         _empty("OK", i * 1e-9, None, None)
 
 
@@ -50,7 +57,7 @@ def _loop_requests(recorder: ModelRecorder) -> Callable[[int], None]:
     def run(calls: int) -> None:
         observe, batch = recorder.observe_request, recorder.observe_batch
         for i in range(calls):
-            observe("OK", 0.0021, 0.0004, 0.0015)
+            observe("OK", 0.0021, 0.0004, 0.0015, 0.00002, 0.00001)
             batch(4 + (i & 7), 0.0015)
 
     return run
@@ -110,7 +117,7 @@ def main() -> None:
     snapshot_ns = _per_call_ns(lambda n: [recorder.snapshot() for _ in range(n)], 2_000, 5)
     rows = [
         ("two empty function calls (baseline)", empty, "ns"),
-        ("observe_request(OK, 3 durations) + observe_batch", full, "ns"),
+        ("observe_request(OK, 5 durations) + observe_batch", full, "ns"),
         ("  added by recording", full - empty, "ns"),
         ("  ratio to the baseline", full / empty, "x"),
         ("observe_request(error code) alone", errors, "ns"),
