@@ -128,7 +128,8 @@ class UploadSpool:
     def prepare(self) -> None:
         """Create the folder, private to the daemon's user."""
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.folder, 0o700)
+        if self.folder.stat().st_mode & 0o777 != 0o700:  # a read-only state dir is fine as is
+            os.chmod(self.folder, 0o700)
 
     async def header(self, messages: AsyncIterator[Any]) -> Any:
         """The stream's first message, which must be its header (an ``UploadHeader``)."""
