@@ -8,7 +8,8 @@ One daemon (``edgeserve serve`` in a child process) serves four packaged models:
   named by the batch's rows and sleeping 5 ms so concurrent requests pile up, so the
   test knows every batch size the model saw and compares ModelStatistics with them;
 * ``centre`` (``x - x.mean(0)`` packaged with ``--max-batch-size 0``): no batch dimension;
-* ``mlp_int8``: the MLP dynamically quantized to int8 (its signature stays FP32).
+* ``mlp_int8``: the MLP dynamically quantized to int8 (its signature stays FP32);
+* ``named``: the MLP packaged with ``--input-name INPUT0 --output-name OUTPUT0``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from tests.cli.support import package
+from tests.cli.support import edgeserve_ok, package, package_argv
 from tests.conftest import DaemonFactory, RunningDaemon
 
 CENTRE_SOURCE = """\
@@ -75,6 +76,8 @@ def served(
     tmp_path_factory: pytest.TempPathFactory,
     signing_key: tuple[Path, Path],
     mlp_archive_factory: Callable[..., Path],
+    mlp_source: Path,
+    mlp_example: Path,
 ) -> Iterator[Served]:
     folder = tmp_path_factory.mktemp("triton-ext")
     batch_dir = folder / "batches"
@@ -99,6 +102,18 @@ def served(
         "1", name="batches", handler=str(handler), handler_config={"batch_dir": str(batch_dir)}
     )
     int8 = mlp_archive_factory("1", quantize="dynamic", name="mlp_int8")
+    named = folder / "named.esar"
+    edgeserve_ok(
+        *package_argv(
+            f"{mlp_source}:build",
+            name="named",
+            version="1",
+            output=named,
+            example_inputs=[mlp_example],
+            sign_key=signing_key[0],
+        ),
+        *("--input-name", "INPUT0", "--output-name", "OUTPUT0"),
+    )
     factory = DaemonFactory(folder, signing_key[1])
     config = textwrap.dedent(f"""\
         models:
@@ -110,7 +125,7 @@ def served(
               instances: 2
         """)
     try:
-        daemon = factory.start(recorded, centre, int8, extra_config=config)
+        daemon = factory.start(recorded, centre, int8, named, extra_config=config)
         yield Served(daemon, batch_dir)
     finally:
         factory.stop_all()
@@ -164,9 +179,15 @@ def test_config_of_an_int8_model_keeps_its_float_signature(served: Served) -> No
     assert config.dynamic_batching.max_queue_delay_microseconds == 2000
 
 
+def test_config_shows_the_names_the_user_chose(served: Served) -> None:
+    config = _config(served, "named")
+    assert _tensors(config.input) == [("INPUT0", "TYPE_FP32", [16])]
+    assert _tensors(config.output) == [("OUTPUT0", "TYPE_FP32", [4])]
+
+
 def test_config_and_metadata_agree_with_each_other(served: Served) -> None:
     with served.client() as client:
-        for name in ("mlp", "centre", "mlp_int8", "batches"):
+        for name in ("mlp", "centre", "mlp_int8", "batches", "named"):
             config = client.get_model_config(name).config
             metadata = client.get_model_metadata(name)
             batch = [-1] if config.max_batch_size else []
@@ -264,7 +285,7 @@ def test_statistics_count_what_was_sent_and_the_batches_that_ran(served: Served)
 def test_statistics_of_every_model_and_of_each_version(served: Served) -> None:
     _infer(served.daemon.tcp, "mlp_int8", 1, 2)
     every = {(s.name, s.version) for s in _stats(served)}
-    assert every == {("mlp", "1"), ("batches", "1"), ("centre", "1"), ("mlp_int8", "1")}
+    assert every == {(n, "1") for n in ("mlp", "batches", "centre", "mlp_int8", "named")}
     (int8,) = _stats(served, "mlp_int8")
     assert int8.inference_stats.success.count >= 2
     assert int8.inference_count >= 2 and int8.execution_count >= 1
