@@ -16,6 +16,7 @@ zip rules.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -283,7 +284,10 @@ def _write_tree(zf: zipfile.ZipFile, checked: _Checked, root: Path, source: str)
             if parent not in dirs and parent.is_relative_to(root) and parent != root:
                 parent.mkdir(mode=0o755)
                 dirs.add(parent)
-        digest = _write_file(target, iter_member(zf, checked.infos[name], source))
+        # closing(): a write that fails (disk full) must not leave the member's stream,
+        # and with it the archive's file, open until the garbage collector finds it.
+        with contextlib.closing(iter_member(zf, checked.infos[name], source)) as chunks:
+            digest = _write_file(target, chunks)
         if digest != expected:
             raise _fail(source, f"member '{shown(name)}' changed while it was being extracted")
     for directory in sorted(dirs, key=lambda p: len(p.parts), reverse=True):

@@ -21,6 +21,7 @@ import pytest
 
 from edgeserve.api.client import ClientError
 from edgeserve.cli import main
+from tests.api.support import wait_for
 from tests.management.conftest import drop_in
 
 X = np.ones((1, 16), dtype=np.float32)
@@ -150,6 +151,20 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
+def _spooled(daemon: Any) -> list[str]:
+    """The daemon's open files under <state_dir>/uploads (nameless: only /proc sees them)."""
+    uploads = os.path.realpath(daemon.state_dir / "uploads") + "/"
+    found = []
+    for fd in os.listdir(f"/proc/{daemon.process.pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{daemon.process.pid}/fd/{fd}")
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if target.startswith(uploads):
+            found.append(target)
+    return found
+
+
 def test_an_install_into_a_full_state_dir(
     mdaemons, mlp_archive_factory, client_of, small_state_dir
 ):
@@ -167,7 +182,17 @@ def test_an_install_into_a_full_state_dir(
         assert caught.value.message.startswith("state dir full: "), caught.value.message
         assert caught.value.message.endswith("; nothing was changed"), caught.value.message
     assert (daemon.state_dir / "live.json").read_bytes() == live_before
-    assert not [p for p in (daemon.state_dir / "uploads").iterdir()]
+    assert not _spooled(daemon)
+    _store_is_clean(daemon)
+
+    # Room for the spooled upload but not for unpacking it: refused by the store, and
+    # the spooled file and staging are gone all the same.
+    os.truncate(filler, filler.stat().st_size - 20 * 1024)
+    with pytest.raises(ClientError) as caught:
+        client.upload(archive)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+    assert caught.value.message.startswith(f"state dir full: cannot unpack '{archive}' into")
+    wait_for(lambda: not _spooled(daemon), "the spooled file to be closed")
     _store_is_clean(daemon)
 
     os.unlink(filler)  # space again: the same install goes through
