@@ -10,12 +10,15 @@ problem) and wraps each method so that a malformed message is answered INVALID_A
 decoded, queued, running), against ``factor x max_message_bytes``. A ModelInfer call is
 charged when it arrives and credited when it is answered; a call that does not fit is
 answered RESOURCE_EXHAUSTED at once (a call is always admitted when nothing is held, so
-``factor < expansion`` does not refuse every maximum-size request). Parsed size is
-estimated from the wire size, which is free (reading a bytes field would copy it):
-raw contents become about twice the wire size (the parsed message and the decoded
-tensors), typed contents up to eight times (a one-byte varint becomes an 8-byte int64).
-What grpc core buffers while a message is still arriving is outside this budget; that is
-bounded by ``server.max_concurrent_rpcs x max_message_bytes``.
+``factor < expansion`` does not refuse every maximum-size request). A call that cannot
+fit even at the smallest expansion is refused before its message is parsed. The charge
+is estimated from the wire size, which is free (reading a bytes field would copy it): a
+request with raw contents holds about four times its wire size until it is answered
+(measured: the message as received, the parsed message, the tensors decoded from it, and
+the answer's copies), one with typed contents up to eight times (a one-byte varint
+becomes an 8-byte int64). What grpc core buffers while a message is still arriving is
+outside this budget; that is bounded by ``server.max_concurrent_rpcs x
+max_message_bytes``.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from google.protobuf.message import DecodeError, Message
 
 from edgeserve.errors import Overloaded
 
-RAW_EXPANSION = 2
-"""Bytes held per wire byte of a request with raw contents (parsed message + tensors)."""
+RAW_EXPANSION = 4
+"""Bytes held per wire byte of a request with raw contents, until it is answered."""
 TYPED_EXPANSION = 8
 """Bytes held per wire byte of a request with typed contents (varints widen up to 8x)."""
 
@@ -42,12 +45,18 @@ class Received(NamedTuple):
     message: Any
     wire_bytes: int
     problem: str | None = None
+    busy: bool = False  # refused unparsed: over the in-flight budget
 
 
-def parse_request(parse: Callable[[bytes], Message]) -> Callable[[bytes], Received]:
-    """A request deserializer that never raises: a corrupt message becomes a problem."""
+def parse_request(
+    parse: Callable[[bytes], Message], budget: InflightBudget | None = None
+) -> Callable[[bytes], Received]:
+    """A request deserializer that never raises: a corrupt message becomes a problem; with
+    ``budget``, one that cannot fit is not parsed at all (``busy``)."""
 
     def deserialize(data: bytes) -> Received:
+        if budget is not None and not budget.fits(len(data) * RAW_EXPANSION):
+            return Received(None, len(data), busy=True)
         try:
             return Received(parse(data), len(data))
         except DecodeError:
@@ -73,15 +82,22 @@ class InflightBudget:
         self.limit_bytes = limit_bytes
         self.held_bytes = 0
 
+    def fits(self, nbytes: int) -> bool:
+        held = self.held_bytes
+        return not held or held + nbytes <= self.limit_bytes
+
     def take(self, nbytes: int) -> None:
         """Hold ``nbytes``; ``Overloaded`` (RESOURCE_EXHAUSTED) when they do not fit."""
-        held = self.held_bytes
-        if held and held + nbytes > self.limit_bytes:
-            raise Overloaded(
-                f"server busy: {held} request bytes in flight, limit {self.limit_bytes} "
-                "(server.inflight_bytes_factor x server.max_message_bytes); retry later"
-            )
-        self.held_bytes = held + nbytes
+        if not self.fits(nbytes):
+            raise self.refusal()
+        self.held_bytes += nbytes
+
+    def refusal(self) -> Overloaded:
+        return Overloaded(
+            f"server busy: {self.held_bytes} request bytes in flight, limit "
+            f"{self.limit_bytes} (server.inflight_bytes_factor x server.max_message_bytes); "
+            "retry later"
+        )
 
     def give(self, nbytes: int) -> None:
         self.held_bytes -= nbytes
@@ -129,7 +145,9 @@ def bounded_handlers(
     yield serialized responses (registered without a response serializer)."""
     bounded: dict[str, grpc.RpcMethodHandler] = {}
     for name, handler in handlers.items():
-        deserialize = parse_request(handler.request_deserializer)
+        deserialize = parse_request(
+            handler.request_deserializer, budget if name in charged else None
+        )
         serialize = None if name in stream_aware else handler.response_serializer
         if handler.unary_unary is not None:
             behaviour = _unary(handler.unary_unary, budget if name in charged else None)
@@ -179,10 +197,9 @@ def _unary(behaviour: Any, budget: InflightBudget | None) -> Any:
         if received.problem is not None:
             await _refuse(context, received.problem)
         cost = charge_of(received)
-        try:
-            budget.take(cost)
-        except Overloaded as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
+        if received.busy or not budget.fits(cost):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, budget.refusal().message)
+        budget.take(cost)
         try:
             return await behaviour(received.message, context)
         finally:

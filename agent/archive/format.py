@@ -26,7 +26,7 @@ import secrets
 import shutil
 import stat
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -294,7 +294,7 @@ def _write_tree(zf: zipfile.ZipFile, checked: _Checked, root: Path, source: str)
         fsync_dir(directory)
 
 
-def _write_file(target: Path, chunks: Iterator[bytes] | list[bytes]) -> str:
+def _write_file(target: Path, chunks: Iterable[bytes]) -> str:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(target, flags, 0o644)
     digest = hashlib.sha256()

@@ -26,7 +26,7 @@ import re
 import stat
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,7 +195,7 @@ def read_member(
 
 def iter_member(
     zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, what: str = "archive"
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """Stream a member; more bytes than the header declares, or a bad CRC, is an error."""
     read = 0
     try:

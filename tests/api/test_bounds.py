@@ -140,8 +140,8 @@ def test_a_malformed_message_on_a_stream_is_answered_and_the_stream_goes_on(api:
 
 
 def test_requests_over_the_inflight_budget_are_refused_at_once(bounded) -> None:
-    api, gate = bounded(max_message_bytes=1 << 20, bounds=ServerBounds(inflight_bytes_factor=1))
-    big = np.ones((1, 100_000), np.float32)  # 400 kB on the wire, charged 800 kB of 1 MiB
+    api, gate = bounded(max_message_bytes=1 << 20, bounds=ServerBounds(inflight_bytes_factor=2))
+    big = np.ones((1, 100_000), np.float32)  # 400 kB on the wire, charged 1.6 MB of 2 MiB
     with api.channel() as channel:
         stub = api.stub(channel)
         held = stub.ModelInfer.future(_raw_request("gate", big), timeout=30)
