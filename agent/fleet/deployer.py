@@ -254,6 +254,7 @@ class Deployer:
 
     async def run(self) -> None:
         """Resume what a restart interrupted, then act on documents as they come."""
+        self.on_change()  # the restore is done: report the live set it brought back
         await self._resume()
         while True:
             await self._wake.wait()
@@ -336,6 +337,7 @@ class Deployer:
             if record.get("state") in MAY_BE_LIVE:
                 await self._roll_back(refusal.reason)
             else:
+                log.warning("fleet: deployment %s rejected: %s", record.get("serial"), refusal)
                 self._finish("rejected", refusal.reason)
         except DocumentRefused as exc:
             log.warning("fleet: deployment %s refused: %s", record.get("serial"), exc.detail)
