@@ -218,6 +218,7 @@ class DaemonFactory:
         extra_config: str = "",
         wait: bool = True,
         args: tuple[str, ...] = (),
+        preexec_fn: Callable[[], None] | None = None,
     ) -> RunningDaemon:
         state_dir = state_dir or Path(tempfile.mkdtemp(dir=self.root, prefix="state-"))
         # Unix socket paths must stay under ~108 bytes: keep the run dir short.
@@ -234,7 +235,9 @@ class DaemonFactory:
         log_path = state_dir / "daemon.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with log_path.open("ab") as sink:
-            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+            process = subprocess.Popen(
+                command, stdout=sink, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn
+            )
         daemon = RunningDaemon(process, state_dir, run_dir, uds, tcp, config, log_path)
         self.started.append(daemon)
         if wait:

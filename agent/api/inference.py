@@ -20,11 +20,11 @@ Choices worth knowing (each matches what Triton does, so stock clients behave):
   complete, not in request order. A failed request puts the same text a unary call would
   return into ``error_message`` (with ``infer_response`` holding the model, version and
   id) and the stream goes on, as does a malformed message (no id). At most
-  ``max_stream_in_flight`` requests and ``stream_max_pending_bytes`` (requests running plus
-  responses not yet read by the client) of one stream are pending at a time: reading
-  pauses beyond that, so a client that never reads pins a bounded amount. When the client
-  half-closes, the in-flight requests finish and the stream ends; when it cancels, they
-  are cancelled.
+  ``max_stream_in_flight`` requests and ``stream_max_pending_bytes`` (requests running, as
+  the in-flight budget counts them, plus responses not yet read by the client) of one
+  stream are pending at a time: reading pauses beyond that, so a client that never reads
+  pins a bounded amount. When the client half-closes, the in-flight requests finish and
+  the stream ends; when it cancels, they are cancelled.
 * A request answered INTERNAL (model code raised, or a bug) may become a telemetry
   ``error`` event through ``events`` (``api.errors.ErrorEvents``: the policy, the body).
 """
@@ -256,11 +256,13 @@ class _Stream:
     """One ModelStreamInfer call: a reader task fans requests out, the caller writes.
 
     Reading pauses while ``limit`` requests are unanswered or ``max_pending_bytes`` are
-    pending: the wire bytes of requests still running plus the serialized responses the
-    client has not read yet (one request is always let in when nothing is pending). So a
-    client that writes and never reads pins at most that much. Each request also holds
-    its bytes against the server-wide ``inflight`` budget while it runs; one that does
-    not fit is answered at once with a RESOURCE_EXHAUSTED message.
+    pending: requests still running, counted as the in-flight budget counts them
+    (``bounds.charge_of``: their wire size times what decoding and answering add), plus
+    the serialized responses the client has not read yet (one request is always let in
+    when nothing is pending). So a client that writes and never reads pins about that
+    much. Each request also holds its charge against the server-wide ``inflight`` budget
+    while it runs; one that does not fit is answered at once with a RESOURCE_EXHAUSTED
+    message.
     """
 
     def __init__(
@@ -303,7 +305,7 @@ class _Stream:
             async for item in requests:
                 received = item if type(item) is Received else Received(item, item.ByteSize())
                 await self._slots.acquire()
-                await self._room_for(received.wire_bytes)
+                await self._room_for(charge_of(received))
                 if received.problem is not None:
                     self._answer_now(_stream_error(received.problem, None))
                     continue
@@ -323,23 +325,21 @@ class _Stream:
         self._done.put_nowait(response)
 
     def _start(self, received: Received) -> None:
-        msg, wire_bytes = received.message, received.wire_bytes
-        charge = 0
+        msg, charge = received.message, charge_of(received)
         if self._inflight is not None:
-            charge = charge_of(received)
             try:
                 self._inflight.take(charge)
             except EdgeserveError as exc:
                 self._answer_now(_stream_error(exc.message, msg))
                 return
-        self._pending_bytes += wire_bytes
+        self._pending_bytes += charge
         task = asyncio.create_task(self._servicer._stream_one(msg, self._deadline))
         self._tasks.add(task)
-        task.add_done_callback(lambda done: self._finished(done, wire_bytes, charge))
+        task.add_done_callback(lambda done: self._finished(done, charge))
 
-    def _finished(self, task: asyncio.Task[bytes], wire_bytes: int, charge: int) -> None:
+    def _finished(self, task: asyncio.Task[bytes], charge: int) -> None:
         self._tasks.discard(task)
-        self._pending_bytes -= wire_bytes
+        self._pending_bytes -= charge
         if self._inflight is not None:
             self._inflight.give(charge)
         if not task.cancelled():
