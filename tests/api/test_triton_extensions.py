@@ -7,7 +7,8 @@ One daemon (``edgeserve serve`` in a child process) serves four packaged models:
 * ``batches``: the same MLP behind a handler that writes one file per batch it runs,
   named by the batch's rows and sleeping 5 ms so concurrent requests pile up, so the
   test knows every batch size the model saw and compares ModelStatistics with them;
-* ``centre`` (``x - x.mean(0)`` packaged with ``--max-batch-size 0``): no batch dimension;
+* ``sum0``: ``x.sum(0)`` on a (3, 4) example, packaged with ``--max-batch-size 0``: no
+  batch dimension (Triton's ``max_batch_size: 0``), and not as many output rows as input;
 * ``mlp_int8``: the MLP dynamically quantized to int8 (its signature stays FP32);
 * ``named``: the MLP packaged with ``--input-name INPUT0 --output-name OUTPUT0``.
 """
@@ -31,18 +32,18 @@ from tritonclient.utils import InferenceServerException
 from tests.cli.support import edgeserve_ok, package, package_argv
 from tests.conftest import DaemonFactory, RunningDaemon
 
-CENTRE_SOURCE = """\
+SUM0_SOURCE = """\
 import torch
 from torch import nn
 
 
-class Centre(nn.Module):
+class Sum0(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - x.mean(0, keepdim=True)
+        return x.sum(0)
 
 
 def build() -> nn.Module:
-    return Centre()
+    return Sum0()
 """
 
 BATCH_FILES_HANDLER = """\
@@ -84,15 +85,15 @@ def served(
     batch_dir.mkdir()
     handler = folder / "batch_files.py"
     handler.write_text(BATCH_FILES_HANDLER)
-    source = folder / "centre.py"
-    source.write_text(CENTRE_SOURCE)
+    source = folder / "sum0.py"
+    source.write_text(SUM0_SOURCE)
     example = folder / "x34.npy"
     np.save(example, np.arange(12, dtype=np.float32).reshape(3, 4))
-    centre = package(
+    sum0 = package(
         f"{source}:build",
-        name="centre",
+        name="sum0",
         version="1",
-        output=folder / "centre.esar",
+        output=folder / "sum0.esar",
         example_inputs=[("x", example)],
         max_batch_size=0,
         sign_key=signing_key[0],
@@ -125,7 +126,7 @@ def served(
               instances: 2
         """)
     try:
-        daemon = factory.start(recorded, centre, int8, named, extra_config=config)
+        daemon = factory.start(recorded, sum0, int8, named, extra_config=config)
         yield Served(daemon, batch_dir)
     finally:
         factory.stop_all()
@@ -157,10 +158,10 @@ def test_config_of_a_batching_model_says_how_it_batches(served: Served) -> None:
 
 
 def test_config_of_a_model_without_a_batch_dimension(served: Served) -> None:
-    config = _config(served, "centre")
+    config = _config(served, "sum0")
     assert config.max_batch_size == 0
     assert _tensors(config.input) == [("x", "TYPE_FP32", [3, 4])]
-    assert _tensors(config.output) == [("output__0", "TYPE_FP32", [3, 4])]
+    assert _tensors(config.output) == [("output__0", "TYPE_FP32", [4])]
     # Triton has no dynamic batching without a batch dimension; nor has edgeserve.
     assert config.WhichOneof("scheduling_choice") is None
     (group,) = config.instance_group
@@ -187,7 +188,7 @@ def test_config_shows_the_names_the_user_chose(served: Served) -> None:
 
 def test_config_and_metadata_agree_with_each_other(served: Served) -> None:
     with served.client() as client:
-        for name in ("mlp", "centre", "mlp_int8", "batches", "named"):
+        for name in ("mlp", "sum0", "mlp_int8", "batches", "named"):
             config = client.get_model_config(name).config
             metadata = client.get_model_metadata(name)
             batch = [-1] if config.max_batch_size else []
@@ -282,10 +283,24 @@ def test_statistics_count_what_was_sent_and_the_batches_that_ran(served: Served)
     assert started_ms <= stats.last_inference <= finished_ms
 
 
+def test_a_model_without_a_batch_dimension_counts_one_inference_per_request(
+    served: Served,
+) -> None:
+    with served.client() as client:
+        for _ in range(3):
+            x = triton.InferInput("x", [3, 4], "FP32")
+            x.set_data_from_numpy(np.ones((3, 4), np.float32))
+            assert client.infer("sum0", [x]).as_numpy("output__0").tolist() == [3.0] * 4
+    (stats,) = _stats(served, "sum0")
+    assert stats.inference_stats.success.count == 3
+    assert (stats.inference_count, stats.execution_count) == (3, 3)
+    assert [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(1, 3)]
+
+
 def test_statistics_of_every_model_and_of_each_version(served: Served) -> None:
     _infer(served.daemon.tcp, "mlp_int8", 1, 2)
     every = {(s.name, s.version) for s in _stats(served)}
-    assert every == {(n, "1") for n in ("mlp", "batches", "centre", "mlp_int8", "named")}
+    assert every == {(n, "1") for n in ("mlp", "batches", "sum0", "mlp_int8", "named")}
     (int8,) = _stats(served, "mlp_int8")
     assert int8.inference_stats.success.count >= 2
     assert int8.inference_count >= 2 and int8.execution_count >= 1
