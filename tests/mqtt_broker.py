@@ -163,7 +163,9 @@ class Mosquitto:
     ``users`` (name → password) writes a password file; ``acl`` is the text of an ACL file
     (``user NAME`` / ``topic readwrite FILTER`` lines); ``tls=True`` adds a TLS listener
     (``tls_port``) that requires a client certificate signed by ``tls_files.ca_file``;
-    ``max_packet_size`` sets the broker's limit, which it announces in CONNACK.
+    ``max_packet_size`` sets the broker's limit, which it announces in CONNACK;
+    ``autosave_interval`` (seconds) makes it save its persistence file that often, so
+    retained messages older than that survive ``kill()``.
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class Mosquitto:
         acl: str | None = None,
         tls: bool = False,
         max_packet_size: int | None = None,
+        autosave_interval: int | None = None,
     ) -> None:
         self.binary = find_mosquitto()
         self.directory = directory
@@ -187,10 +190,14 @@ class Mosquitto:
         self.config_file = directory / "mosquitto.conf"
         self.log_file = directory / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
-        self._write_config(allow_anonymous, acl, max_packet_size)
+        self._write_config(allow_anonymous, acl, max_packet_size, autosave_interval)
 
     def _write_config(
-        self, allow_anonymous: bool, acl: str | None, max_packet_size: int | None
+        self,
+        allow_anonymous: bool,
+        acl: str | None,
+        max_packet_size: int | None,
+        autosave_interval: int | None,
     ) -> None:
         persistence = self.directory / "data"
         persistence.mkdir(exist_ok=True)
@@ -209,6 +216,8 @@ class Mosquitto:
         ]
         if max_packet_size is not None:
             lines.append(f"max_packet_size {max_packet_size}")
+        if autosave_interval is not None:  # retained messages survive a SIGKILL after this
+            lines.append(f"autosave_interval {autosave_interval}")
         if self.users:
             passwords = self.directory / "passwords"
             passwords.write_text("".join(password_line(u, p) + "\n" for u, p in self.users.items()))
