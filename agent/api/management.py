@@ -132,35 +132,43 @@ def version_message(
     return message
 
 
+MAX_PATH_BYTES = 4096
+"""The longest archive path LoadModel takes (Linux's PATH_MAX)."""
+
+
 def open_archive(text: str, archive_dir: Path) -> int:
     """An fd of the archive ``text`` names, proven to be a regular file inside
-    ``archive_dir``. File system calls: the servicer runs it in a thread (``fd_off_loop``)."""
+    ``archive_dir``. File system calls: the servicer runs it in a thread (``fd_off_loop``).
+    Messages repeat ``text`` clipped (``errors.clip``): it comes from the caller."""
     if "\x00" in text:  # the OS cannot take it; an outsider can send it
         raise InvalidArgument(f"archive {clip(ascii(text))}: the path contains a NUL byte")
+    shown = clip(text)
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise InvalidArgument(f"archive '{shown}': the path is over {MAX_PATH_BYTES} bytes")
     if "://" in text:
         raise PermissionDenied(
-            f"archive '{text}' is a URL; the daemon never fetches: copy it into {archive_dir}"
+            f"archive '{shown}' is a URL; the daemon never fetches: copy it into {archive_dir}"
         )
     base = archive_dir.resolve()
     path = Path(text) if os.path.isabs(text) else base / text
     if not path.resolve().is_relative_to(base):
         raise PermissionDenied(
-            f"archive '{text}' is outside the allowed directory {base} (management.archive_dir)"
+            f"archive '{shown}' is outside the allowed directory {base} (management.archive_dir)"
         )
     # O_NONBLOCK: opening a FIFO must not wait for a writer; the type is checked next.
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path.resolve(), flags)
     except FileNotFoundError:
-        raise NotFound(f"archive '{text}' does not exist in {base}") from None
+        raise NotFound(f"archive '{shown}' does not exist in {base}") from None
     except OSError as exc:
-        raise ArchiveError(f"archive '{text}' cannot be opened: {exc.strerror}") from None
+        raise ArchiveError(f"archive '{shown}' cannot be opened: {exc.strerror}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(base):
-            raise PermissionDenied(f"archive '{text}' is not a file inside {base}")
+            raise PermissionDenied(f"archive '{shown}' is not a file inside {base}")
         if not stat.S_ISREG(mode):
-            raise ArchiveError(f"archive '{text}' is not a regular file ({_file_kind(mode)})")
+            raise ArchiveError(f"archive '{shown}' is not a regular file ({_file_kind(mode)})")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -253,11 +261,12 @@ class ManagementServicer(pb_grpc.ManagementServicer):
         source = request.WhichOneof("source")
         if source == "archive_path":
             fd = await fd_off_loop(open_archive, request.archive_path, self._archive_dir)
-            log.info("management: %s installs %s", _CALLER.get(), request.archive_path)
+            label = clip(request.archive_path)
+            log.info("management: %s installs %s", _CALLER.get(), label)
             # The descriptor is closed by the install itself: the RPC may be cancelled
             # while the store still reads through it.
             name, version = await self._install(
-                Path(f"/proc/self/fd/{fd}"), request.archive_path, partial(os.close, fd)
+                Path(f"/proc/self/fd/{fd}"), label, partial(os.close, fd)
             )
         elif source == "stored":
             name, version = request.stored.name, request.stored.version
@@ -269,7 +278,7 @@ class ManagementServicer(pb_grpc.ManagementServicer):
     async def UploadModel(self, request: AsyncIterator[Any], context: Any) -> pb.LoadModelResponse:
         header = await self._uploads.header(request)
         settings, device = decode_settings(header.settings)
-        label = header.filename or "upload"
+        label = clip(header.filename or "upload")
         spooled = await self._uploads.receive(label, header.size, request)
         log.info("management: %s installs upload %r (%d bytes)", _CALLER.get(), label, header.size)
         # As LoadModel: the install reads the file through its fd and closes it.

@@ -60,7 +60,7 @@ def _store_is_clean(daemon: Any) -> None:
     assert served == "1" and outputs["output__0"].shape == (1, 4)
 
 
-def test_nul_bytes_in_an_archive_path_or_member_name(
+def test_nul_bytes_and_long_names_in_an_archive_path_or_member_name(
     mdaemons, mlp_archive_factory, client_of, tmp_path
 ):
     daemon = mdaemons.start(mlp_archive_factory("1"))
@@ -70,6 +70,18 @@ def test_nul_bytes_in_an_archive_path_or_member_name(
         client.load(archive="mlp\x00.esar")
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT, caught.value
     assert caught.value.message == "archive 'mlp\\x00.esar': the path contains a NUL byte"
+
+    for long in ("d/" * 10_000 + "mlp.esar", "m" * 20_000 + ".esar"):
+        with pytest.raises(ClientError) as caught:
+            client.load(archive=long)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+        assert caught.value.message.endswith("…': the path is over 4096 bytes")
+        assert len(caught.value.message) < 200
+    for long in ("m" * 300 + ".esar", "../" + "m" * 300):  # under PATH_MAX, still clipped
+        with pytest.raises(ClientError) as caught:
+            client.load(archive=long)
+        assert caught.value.code != grpc.StatusCode.INTERNAL, caught.value
+        assert len(caught.value.message) < 300, caught.value.message
 
     # zipfile cuts a name at its NUL: the member must be refused under its stored name.
     members = _members(mlp_archive_factory("2"))
