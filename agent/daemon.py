@@ -616,9 +616,10 @@ class Daemon:
         def left() -> float:  # the drain steps share grace_period_s
             return max(0.0, deadline - loop.time())
 
-        await self.management.stop(left())  # management API first: no changes while draining
-        log.info("stopping: draining in-flight requests (up to %.0fs)", left())
-        await self.server.stop(left())
+        log.info("stopping: draining in-flight requests (up to %.0fs)", grace)
+        # Both stop accepting at once (no change starts while draining), then drain side
+        # by side: a slow management call must not eat the inference drain's time.
+        await asyncio.gather(self.management.stop(left()), self.server.stop(left()))
         await self.lifecycle.close(left())
         await self._stop_telemetry()
         if self.metrics is not None:

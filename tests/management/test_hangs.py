@@ -108,7 +108,7 @@ def test_sigterm_ends_a_daemon_whose_load_hangs(
         mlp_archive_factory("1"),
         state_dir=tmp_path / "state",
         home=tmp_path / "home",
-        sections={"runtime": {"load_timeout_s": 600}, "server": {"grace_period_s": GRACE_S}},
+        sections={"server": {"grace_period_s": GRACE_S}},  # load_timeout_s: 120 s, the default
     )
     answers: list[BaseException] = []
 
@@ -142,7 +142,7 @@ def test_sigterm_during_startup_with_a_hung_configured_model(
         hang,
         state_dir=tmp_path / "state",
         home=tmp_path / "home",
-        sections={"runtime": {"load_timeout_s": 600}, "server": {"grace_period_s": GRACE_S}},
+        sections={"server": {"grace_period_s": GRACE_S}},  # load_timeout_s: 120 s, the default
         wait=False,
     )
     _wait_entered(flag)
@@ -162,7 +162,7 @@ def test_a_second_signal_exits_at_once(daemons, mlp_archive_factory, tmp_path: P
         hang,
         state_dir=tmp_path / "state",
         home=tmp_path / "home",
-        sections={"runtime": {"load_timeout_s": 600}, "server": {"grace_period_s": 300}},
+        sections={"server": {"grace_period_s": 300}},
         wait=False,
     )
     _wait_entered(flag)
