@@ -148,6 +148,8 @@ def _read_yaml(path: Path, sources: dict[str, str]) -> dict[str, Any]:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(str(path), f"invalid YAML at {where}{problem}") from None
+    except RecursionError:  # the YAML parsers recurse once per level of nesting
+        raise ConfigError(str(path), "invalid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
