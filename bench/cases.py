@@ -24,8 +24,10 @@ attempt is kept; every attempt's "other" load is recorded.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from bench.catalog import MODELS, read_counters
+from bench.drivers import INFER_METHOD
 from bench.loadgen import LoadPool, LoadResult, LoadSpec
 from bench.server import Server, metrics_batches
 
@@ -65,6 +68,9 @@ class Case:
     phase: str = ""
     """The telemetry upload case's broker state: ``idle`` (down) or ``upload`` (up,
     the backlog draining); empty elsewhere."""
+    cpus: int = 0
+    """The scaling curve: the server's threads pinned to its first ``cpus`` CPUs for the
+    window (``taskset -a``); 0: not pinned."""
 
     @property
     def model(self) -> str:
@@ -115,10 +121,34 @@ def all_cases() -> list[Case]:
         _closed("mlp-teloff", "uds", 32),
     ]
     cases += [_closed("mlp-telup", "uds", 8, phase=p) for p in ("idle", "upload")]
+    cases += [c for c in peer_cases() if c.target != ECHO]  # the echo's run above
+    cases += [Case(f"mlp-uds-c64-cpu{n}", "mlp", "uds", "closed", 64, cpus=n) for n in SCALING_CPUS]
     return cases
 
 
-GROUPS = {"telemetry": "mlp-telon-*,mlp-teloff-*", "telemetry-upload": "mlp-telup-*"}
+SCALING_CPUS = (1, 2)
+"""The scaling curve's core counts (issue 12), where the machine has them."""
+
+
+def peer_cases() -> list[Case]:
+    """Issue 12's cells (``--peers torchserve``): each model at 1 and 32 in flight over
+    TCP (TorchServe's gRPC has no Unix socket), edgeserve beside TorchServe's two
+    configurations, level by level, with the echo ceiling at the same levels first."""
+    cases: list[Case] = []
+    for level in (1, 32):
+        cases.append(_closed(ECHO, "tcp", level))
+        for kind in ("mlp", "cnn"):
+            targets = [f"{kind}-peer", f"ts-{kind}-b32", f"ts-{kind}-nb"]
+            cases += [_closed(target, "tcp", level) for target in targets]
+    return cases
+
+
+GROUPS = {
+    "telemetry": "mlp-telon-*,mlp-teloff-*",
+    "telemetry-upload": "mlp-telup-*",
+    "peers": ",".join(c.name for c in peer_cases()),
+    "scaling": "mlp-uds-c64-cpu*",
+}
 """Names ``--only`` accepts for a set of cases."""
 
 
@@ -133,7 +163,9 @@ def select(cases: list[Case], only: str | None) -> list[Case]:
     """Cases whose name matches one of the comma-separated globs or group names (all but
     the opt-in ones when None)."""
     if not only:
-        return [c for c in cases if c.target == ECHO or not MODELS[c.target].opt_in]
+        return [
+            c for c in cases if (c.target == ECHO or not MODELS[c.target].opt_in) and not c.cpus
+        ]
     named = [GROUPS.get(p.strip(), p.strip()) for p in only.split(",")]
     patterns = [p for group in named for p in group.split(",") if p]
     chosen = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
@@ -162,6 +194,9 @@ class CaseRunner:
         self._settings = settings
         self._pools: dict[int, LoadPool] = {}
         self._perf_analyzer: Any = None  # bench.perf_analyzer.Tool, located on first use
+        self.requests: dict[str, tuple[bytes, str]] = {}
+        """target -> (serialized request, method) where not a KServe ModelInferRequest
+        (the TorchServe registrations: set by the caller once TorchServe runs)."""
         self.edge_hooks: dict[str, Callable[[], Any]] = {}
         """target -> a callable read at the window's edges too (the upload observer);
         its two values land in the figures as ``window_extra``."""
@@ -204,10 +239,12 @@ class CaseRunner:
 
     def _attempt(self, case: Case, capacity: float | None, duration_s: float) -> dict[str, Any]:
         server = self._servers[server_of(case)]
+        payload, method = self.requests.get(case.model) or (MODELS[case.model].payload(), "")
         spec = LoadSpec(
             address=server.address(case.transport),
             kind=case.kind,
-            payload=MODELS[case.model].payload(),
+            payload=payload,
+            method=method or INFER_METHOD,
             concurrency=case.concurrency,
             rate=(capacity or 0.0) * case.load,
             warmup_s=self._settings.warmup_s,
@@ -221,8 +258,9 @@ class CaseRunner:
         for other in paused:
             other.pause()
         try:
-            pool = self.pool(case.procs)
-            result = pool.run(spec, server.cpu_seconds, edges=self._probe(case, server))
+            with pinned(server, case.cpus):
+                pool = self.pool(case.procs)
+                result = pool.run(spec, server.cpu_seconds, edges=self._probe(case, server))
         finally:
             for other in paused:
                 other.resume()
@@ -246,6 +284,9 @@ class CaseRunner:
         if self._perf_analyzer is None:
             self._perf_analyzer = perf_analyzer.locate()
         server = self._servers[server_of(case)]
+        if case.target in self.requests or case.kind == "open" and not capacity:
+            why = "not a KServe v2 server" if case.target in self.requests else "no capacity"
+            return perf_analyzer_figures({"failed": why, "throughput": 0.0, "wall_s": 1.0})
         load = perf_analyzer.Load(
             url=server.address(case.transport),
             model=case.model,
@@ -257,7 +298,8 @@ class CaseRunner:
         probe = self._probe(case, server)
         first = probe()
         try:
-            found = perf_analyzer.run(self._perf_analyzer, load, server.cpu_seconds)
+            with pinned(server, case.cpus):
+                found = perf_analyzer.run(self._perf_analyzer, load, server.cpu_seconds)
         except RuntimeError as error:  # one failed case is a row, not a lost run
             lines = [line for line in str(error).splitlines() if line.strip()]
             failed = lines[0] + (f" {lines[-1].strip()}" if len(lines) > 1 else "")
@@ -285,6 +327,30 @@ class CaseRunner:
             return found
 
         return probe
+
+
+@contextlib.contextmanager
+def pinned(server: Server, cpus: int) -> Iterator[None]:
+    """Every thread of the server's processes on its first ``cpus`` CPUs (``taskset -a``)
+    for the block, then back on all of them; ``cpus`` 0: nothing changes."""
+    if not cpus:
+        yield
+        return
+    every = sorted(os.sched_getaffinity(0))
+    if cpus > len(every):
+        raise SystemExit(f"bench: {cpus} CPUs asked for, this machine lets us use {len(every)}")
+    _set_affinity(server, set(every[:cpus]))
+    try:
+        yield
+    finally:
+        _set_affinity(server, set(every))
+
+
+def _set_affinity(server: Server, cpus: set[int]) -> None:
+    for process in server.processes():
+        for thread in Path(f"/proc/{process.pid}/task").glob("*"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                os.sched_setaffinity(int(thread.name), cpus)
 
 
 def _mean_batch(model: str, first: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,10 @@ MAX_BATCH_SIZE = 32
 VARIANTS = "edgeserve-1thread"
 TELEMETRY_ON, TELEMETRY_OFF = "edgeserve-telemetry-on", "edgeserve-telemetry-off"
 TELEMETRY_UPLOAD = "edgeserve-telemetry-upload"
+PEERS = "edgeserve-peers"
+"""The daemon of issue 12's two models alone (their idle RSS is compared with TorchServe's)."""
+TORCHSERVE = "torchserve"
+"""Served by TorchServe (bench/torchserve.py), not by edgeserve."""
 DAEMON_TELEMETRY: dict[str, dict[str, Any]] = {
     # Conservative: a rollup every second and a sample every 0.1 s (the smallest allowed),
     # 10x and 10x more often than the defaults; no broker, so the buffer only fills.
@@ -71,6 +75,14 @@ class ModelSpec:
     """The other servers are paused (SIGSTOP) during its windows: an idle daemon that
     samples 10 times a second would otherwise load the machine of the case it is
     compared with."""
+    peer_of: str | None = None
+    """TorchServe registrations: the edgeserve model whose TorchScript file it serves."""
+    peer_batch: tuple[int, int] = (1, 0)
+    """TorchServe registrations: (batchSize, maxBatchDelay ms); (1, 0): no batching."""
+
+    @property
+    def on_torchserve(self) -> bool:
+        return self.daemon == TORCHSERVE
 
     @property
     def raw_key(self) -> str:
@@ -151,6 +163,25 @@ MODELS: dict[str, ModelSpec] = {
             opt_in=True,
             isolated=True,
         ),
+        # Issue 12's models on a daemon of their own, and on TorchServe in its two
+        # configurations (batch 32 / 5 ms and no batching; one worker each).
+        ModelSpec("mlp-peer", "build_peer_mlp", (1, 256), (1, 10), daemon=PEERS, opt_in=True),
+        ModelSpec("cnn-peer", "build_peer_cnn", (1, 3, 64, 64), (1, 10), daemon=PEERS, opt_in=True),
+        *[
+            ModelSpec(
+                f"ts-{kind}-{label}",
+                f"build_peer_{kind}",
+                shape,
+                (1, 10),
+                raw_as=f"{kind}-peer",
+                daemon=TORCHSERVE,
+                opt_in=True,
+                peer_of=f"{kind}-peer",
+                peer_batch=batch,
+            )
+            for kind, shape in (("mlp", (1, 256)), ("cnn", (1, 3, 64, 64)))
+            for label, batch in (("b32", (32, 5)), ("nb", (1, 0)))
+        ],
         # Inference while the telemetry backlog uploads vs upload idle (issue 9).
         ModelSpec(
             "mlp-telup",

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import peers, report
 from bench.cases import (
     CLIENTS,
     ECHO,
@@ -37,9 +37,11 @@ from bench.cases import (
 from bench.catalog import (
     DAEMON_TELEMETRY,
     MODELS,
+    PEERS,
     TELEMETRY_OFF,
     TELEMETRY_ON,
     TELEMETRY_UPLOAD,
+    TORCHSERVE,
     build_archives,
 )
 from bench.references import baselines, idle_daemon, raw_torch, telemetry_cost
@@ -122,6 +124,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="after the repeats, profile the daemon with py-spy (bench/profile.py)",
     )
     parser.add_argument("--profile-cases", default="mlp-uds-c1,mlp-uds-c32,echo-uds-c32")
+    parser.add_argument(
+        "--peers",
+        choices=["torchserve"],
+        help="add issue 12's cells: edgeserve beside TorchServe 0.12 (its own venv, made "
+        "on first use in the bench's cache) and the echo ceiling",
+    )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument(
         "--report", type=Path, help="re-print the tables and re-plot from a bench JSON; no run"
@@ -139,9 +147,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def chosen_cases(args: argparse.Namespace) -> list[Case]:
+    """``--only``'s cases (the default set without it), and with ``--peers`` the peer
+    cells too, in run order."""
+    cases = select(all_cases(), args.only)
+    if args.peers:
+        peers = {c.name for c in select(all_cases(), "peers")}
+        cases = [c for c in all_cases() if c in cases or c.name in peers]
+    return cases
+
+
 def _models_needed(cases: list[Case], idle: bool) -> list[str]:
-    """Models the daemon serves (the cases' targets), plus the tiny MLP for the idle step."""
-    keys = {c.target for c in cases} | ({"mlp"} if idle else set())
+    """Models edgeserve serves (the cases' targets; for a TorchServe registration, the
+    model whose TorchScript file it serves), plus the tiny MLP for the idle step."""
+    keys = {MODELS[c.target].peer_of or c.target for c in cases if c.target != ECHO}
+    keys |= {"mlp"} if idle else set()
     return [k for k in MODELS if k in keys]
 
 
@@ -171,6 +191,11 @@ def run_repeat(
             ctx["work"], ctx["public"], args.daemon_threads, args.idle_seconds
         )
         repeat["baselines"] = baselines()
+    if PEERS in ctx["servers"]:
+        print("  idle: edgeserve's peer daemon and TorchServe ...", flush=True)
+        repeat["peers_idle"] = peers.idle(
+            ctx["servers"][PEERS], ctx["servers"].get(TORCHSERVE), args.idle_seconds
+        )
     if any(c.target in DAEMON_TELEMETRY_MODELS for c in cases):
         print("  telemetry buffer writes ...", flush=True)
         repeat["telemetry_cost"] = telemetry_cost(args.telemetry_intervals)
@@ -257,6 +282,10 @@ def _start_servers(cases: list[Case], ctx: dict[str, Any], args: argparse.Namesp
     groups: dict[str, list[str]] = {}
     for key in ctx["served"]:
         groups.setdefault(MODELS[key].daemon, []).append(key)
+    registrations = peers.registrations(cases)
+    if registrations:
+        server, ctx["requests"] = peers.start_torchserve(ctx["work"], registrations)
+        ctx["servers"][TORCHSERVE] = server
     for name, keys in groups.items():
         fleet = _start_broker(ctx, args) if name == TELEMETRY_UPLOAD else None
         setup = DaemonSetup(
@@ -292,7 +321,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cases = select(all_cases(), args.only)
+    cases = chosen_cases(args)
     if args.list:
         print("\n".join(c.name for c in all_cases()))
         return 0
@@ -331,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             client=PERF_ANALYZER if args.client == PERF_ANALYZER else CLIENTS[0],
         )
         runner = CaseRunner(ctx["servers"], work, settings)
+        runner.requests.update(ctx.get("requests", {}))
         if "upload" in ctx:
             for key in UPLOAD_MODELS:
                 runner.edge_hooks[key] = ctx["upload"].edges
@@ -385,10 +415,10 @@ def _print_tables(summary: dict[str, Any], cases: list[Case]) -> None:
 
 
 def _print_clients(summary: dict[str, Any], cases: list[Case]) -> None:
-    table = report.client_table(summary, cases)
-    if table:
-        print()
-        print(table)
+    for table in (report.peer_table(summary), report.client_table(summary, cases)):
+        if table:
+            print()
+            print(table)
 
 
 def _print_telemetry(summary: dict[str, Any]) -> None:

@@ -66,6 +66,8 @@ class Job:
     timeout_s: float = 10.0
     max_outstanding: int = 4096
     seed: int = 0
+    method: str = INFER_METHOD
+    """The unary method called (TorchServe's Predictions for the peer)."""
 
 
 def with_id(payload: bytes, request_id: bytes) -> bytes:
@@ -82,7 +84,7 @@ class _Closed:
     """Closed loop: ``share`` calls in flight; each reply issues the next call."""
 
     def __init__(self, channel: grpc.Channel, job: Job) -> None:
-        self._call = channel.unary_unary(INFER_METHOD)
+        self._call = channel.unary_unary(job.method)
         self._job = job
         self._live = job.share
         self._lock = threading.Lock()
@@ -122,7 +124,7 @@ class _Open:
     *issued* inside the window, whenever its reply comes."""
 
     def __init__(self, channel: grpc.Channel, job: Job) -> None:
-        self._call = channel.unary_unary(INFER_METHOD)
+        self._call = channel.unary_unary(job.method)
         self._job = job
         self._issued = 0  # written by the scheduling thread only
         self._completed = 0  # written by the callback thread only

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.drivers import OK, Job, Recording, drive
+from bench.drivers import INFER_METHOD, OK, Job, Recording, drive
 
 _SETUP_S = 0.3  # time the processes get to receive the job before the warm-up starts
 
@@ -41,6 +41,7 @@ class LoadSpec:
     warmup_s: float = 0.5
     duration_s: float = 3.0
     timeout_s: float = 10.0
+    method: str = INFER_METHOD
 
 
 @dataclass
@@ -240,6 +241,7 @@ def _split(spec: LoadSpec, procs: int, start_at: float, end_at: float) -> list[J
         start_at=start_at,
         end_at=end_at,
         timeout_s=spec.timeout_s,
+        method=spec.method,
     )
     if spec.kind == "open":
         return [

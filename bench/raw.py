@@ -8,7 +8,9 @@ intra-op budget) and, under ``torch.inference_mode()``, measures:
 
 * batch 1: the latency of single calls (p50/p99) and their rate;
 * every batch size of the sweep: the time of one call (median of short chunks), hence
-  samples/s; the best batch is the one with the most samples/s.
+  samples/s, and its CPU time (every thread of the process: the model's own compute,
+  which the bench subtracts from a server's CPU per request); the best batch is the one
+  with the most samples/s.
 
 Prints one JSON line. Runs in its own process so that its OpenMP threads are gone
 before the load cases start.
@@ -62,17 +64,23 @@ def _batch_one(module: torch.jit.ScriptModule, x: torch.Tensor, seconds: float) 
     }
 
 
-def _per_call_s(module: torch.jit.ScriptModule, x: torch.Tensor, seconds: float) -> float:
+def _per_call_s(
+    module: torch.jit.ScriptModule, x: torch.Tensor, seconds: float
+) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process, i.e. every intra-op thread) of
+    one call: medians over short chunks."""
     chunks: list[float] = []
+    cpu: list[float] = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(chunks) < 3:
         calls = 0
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         while (elapsed := time.perf_counter() - started) < _CHUNK_S or calls == 0:
             module(x)
             calls += 1
         chunks.append(elapsed / calls)
-    return statistics.median(chunks)
+        cpu.append((time.process_time() - cpu_started) / calls)
+    return statistics.median(chunks), statistics.median(cpu)
 
 
 def _busy() -> tuple[float, float, float]:
@@ -95,8 +103,12 @@ def measure(archive: Path, threads: int, batches: list[int], seconds: float) -> 
         start = _busy()
         single = _batch_one(module, torch.randn(1, *sample_shape), per_batch_s)
         for size in batches:
-            call_s = _per_call_s(module, torch.randn(size, *sample_shape), per_batch_s)
-            sweep[str(size)] = {"call_ms": call_s * 1e3, "samples_per_s": size / call_s}
+            call_s, cpu_s = _per_call_s(module, torch.randn(size, *sample_shape), per_batch_s)
+            sweep[str(size)] = {
+                "call_ms": call_s * 1e3,
+                "cpu_ms": cpu_s * 1e3,
+                "samples_per_s": size / call_s,
+            }
         end = _busy()
     wall = end[0] - start[0]
     best = max(sweep, key=lambda size: sweep[size]["samples_per_s"])

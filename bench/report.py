@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cases import ECHO, Case
-from bench.targets import case_ratios, targets
+from bench.targets import case_ratios, net_cpu_us, targets, torchserve_best
 
 
 def median_tree(values: Sequence[Any]) -> Any:
@@ -77,6 +77,7 @@ def summarize_repeats(repeats: list[dict[str, Any]], cases: list[Case]) -> dict[
         "daemon": median_tree([r.get("daemon") for r in repeats]),
         "telemetry_cost": median_tree([r.get("telemetry_cost") for r in repeats]),
         "perf_analyzer": median_tree([r.get("perf_analyzer") for r in repeats]),
+        "peers_idle": median_tree([r.get("peers_idle") for r in repeats]),
         "targets": rows,
     }
 
@@ -92,7 +93,8 @@ def _f(value: Any, digits: int = 2, suffix: str = "") -> str:
 def case_table(summary: dict[str, Any], cases: list[Case]) -> str:
     head = (
         f"{'case':<24}{'req/s':>8}{'p50':>8}{'p95':>8}{'p99':>8}{'batch':>7}"
-        f"{'/echo':>7}{'d50echo':>8}{'/raw':>7}{'srv us':>7}{'cpu c/s/o':>16}  errors"
+        f"{'/echo':>7}{'d50echo':>8}{'/raw':>7}{'srv us':>7}{'net us':>7}{'cpu c/s/o':>16}"
+        "  errors"
     )
     lines = [head, "-" * len(head)]
     for case in cases:
@@ -109,14 +111,88 @@ def case_table(summary: dict[str, Any], cases: list[Case]) -> str:
             f"{_f(ratio.get('vs_echo_p50_delta_ms'), 3):>8}"
             f"{_f(ratio.get('vs_raw_throughput')):>7}"
             f"{_f(fig.get('server_us_per_request'), 0):>7}"
+            f"{_f(ratio.get('server_net_us_per_request'), 0):>7}"
             f"{cpu['client']:>6.2f}/{cpu['server']:.2f}/{cpu['other']:.2f}  {errors}"
         )
     lines.append(
         "req/s: OK replies per second; p50/p95/p99 in ms; batch: mean rows per batch; /echo, "
         "d50echo: throughput ratio and p50 difference (ms) against the echo case with the "
         "same transport and in-flight count; /raw: throughput against raw torch's best; "
-        "srv us: server CPU microseconds per request; cpu c/s/o: cores used by the load "
-        "processes / the server / everything else."
+        "srv us: server CPU microseconds per request (every process of the server), net us: "
+        "the same minus the model's own CPU at the case's mean batch (raw torch's); "
+        "cpu c/s/o: cores used by the load processes / the server / everything else."
+    )
+    return "\n".join(lines)
+
+
+_PEER_ROWS = (
+    # label, model, level, figure key, target key
+    ("MLP c=1 p50 ms", "mlp", 1, "p50_ms", "peer_mlp_c1_p50"),
+    ("MLP c=32 req/s", "mlp", 32, "throughput", "peer_mlp_c32_throughput"),
+    ("CNN c=1 p50 ms", "cnn", 1, "p50_ms", "peer_cnn_c1_p50"),
+    ("CNN c=32 req/s", "cnn", 32, "throughput", "peer_cnn_c32_throughput"),
+    ("CNN c=32 p99 ms", "cnn", 32, "p99_ms", "peer_cnn_c32_p99"),
+    ("MLP c=1 server CPU us/req (net)", "mlp", 1, "net_cpu", "peer_mlp_c1_cpu"),
+    ("MLP c=32 server CPU us/req (net)", "mlp", 32, "net_cpu", "peer_mlp_c32_cpu"),
+    ("CNN c=1 server CPU us/req (net)", "cnn", 1, "net_cpu", "peer_cnn_c1_cpu"),
+    ("CNN c=32 server CPU us/req (net)", "cnn", 32, "net_cpu", "peer_cnn_c32_cpu"),
+)
+
+
+def _raw_cell(raw: dict[str, Any] | None, key: str) -> float | None:
+    if not raw:
+        return None
+    return {"p50_ms": raw["batch1"]["p50_ms"], "throughput": raw["best_throughput"]}.get(key)
+
+
+def peer_table(summary: dict[str, Any]) -> str | None:
+    """Issue 12's cells: edgeserve, TorchServe's best configuration (which one), the
+    echo ceiling and raw torch (medians), and the target ratio (median of per-repeat
+    ratios); None when TorchServe did not run."""
+    cases = summary["cases"]
+    if not any(name.startswith("ts-") for name in cases):
+        return None
+    medians = {"cases": cases, "raw": summary.get("raw") or {}}
+    verdicts = {row["key"]: row for row in summary["targets"]}
+    head = (
+        f"{'cell':<34}{'edgeserve':>10}{'TorchServe':>11}{'(config)':>9}{'echo':>9}"
+        f"{'raw':>9}{'ratio':>8}  {'wanted':<9}verdict"
+    )
+    lines = [head, "-" * len(head)]
+    for label, kind, level, key, target in _PEER_ROWS:
+        peer = f"{kind}-peer-tcp-c{level}"
+        best = torchserve_best(medians, kind, level, key)
+        mine = net_cpu_us(medians, peer) if key == "net_cpu" else (cases.get(peer) or {}).get(key)
+        echo_case = f"{ECHO}-tcp-c{level}"
+        echo = (
+            net_cpu_us(medians, echo_case)
+            if key == "net_cpu"
+            else (cases.get(echo_case) or {}).get(key)
+        )
+        raw = None if key == "net_cpu" else _raw_cell(medians["raw"].get(f"{kind}-peer"), key)
+        row = verdicts.get(target, {})
+        digits = 3 if key.endswith("ms") else 0
+        lines.append(
+            f"{label:<34}{_f(mine, digits):>10}{_f(best[0] if best else None, digits):>11}"
+            f"{(best[1] if best else '-'):>9}{_f(echo, digits):>9}{_f(raw, digits):>9}"
+            f"{_f(row.get('value'), 3):>8}  {row.get('threshold', ''):<9}{row.get('verdict', '')}"
+        )
+    idle = summary.get("peers_idle") or {}
+    for label, target, mine, theirs in (
+        ("idle RSS MiB, both models", "peer_idle_rss", "edgeserve_rss_mb", "torchserve_rss_mb"),
+        ("idle CPU %", "peer_idle_cpu", "edgeserve_cpu_percent", "torchserve_cpu_percent"),
+    ):
+        row = verdicts.get(target, {})
+        lines.append(
+            f"{label:<34}{_f(idle.get(mine), 1):>10}{_f(idle.get(theirs), 1):>11}{'':>9}"
+            f"{'':>9}{'':>9}{_f(row.get('value'), 3):>8}  {row.get('threshold', ''):<9}"
+            f"{row.get('verdict', '')}"
+        )
+    lines.append(
+        "TorchServe 0.12 at its best per cell of (b32: batch 32 / 5 ms, nb: no batching; "
+        "one worker); all over loopback TCP (TorchServe's gRPC). Server CPU per request: "
+        "the server's processes' CPU over the window / requests answered, minus the "
+        "model's own CPU at the case's mean batch (raw torch, in-process)."
     )
     return "\n".join(lines)
 
@@ -243,7 +319,27 @@ def reference_table(summary: dict[str, Any]) -> str:
             f"bench daemon ({daemon.get('models')} models): READY {daemon['ready_s']:.2f} s; "
             f"RSS after load {_f(daemon.get('rss_after_load_mb'), 0)} MiB"
         )
+    lines += _scaling_lines(summary["cases"])
     return "\n".join(lines)
+
+
+def _scaling_lines(cases: dict[str, Any]) -> list[str]:
+    """The scaling curve: tiny MLP c=64 with the server's threads on 1, 2, ... CPUs."""
+    points = sorted(
+        (int(name.rsplit("cpu", 1)[1]), fig)
+        for name, fig in cases.items()
+        if name.startswith("mlp-uds-c64-cpu")
+    )
+    if not points:
+        return []
+    base = points[0][1]["throughput"]
+    cells = [
+        f"{n} CPU{'s' if n > 1 else ''} {fig['throughput']:.0f} req/s "
+        f"({_f(fig['throughput'] / base if base else None, 2)}x, p99 {_f(fig['p99_ms'], 1)} ms, "
+        f"server {fig['cpu']['server']:.2f} cores)"
+        for n, fig in points
+    ]
+    return ["scaling, tiny MLP c=64 over UDS, server pinned (taskset -a): " + "; ".join(cells)]
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:

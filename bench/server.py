@@ -11,6 +11,7 @@ daemon serves one (``edgeserve_batch_size`` histogram); None when it does not an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -59,10 +60,13 @@ class Server:
     ready_s: float = 0.0
     metrics_port: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    root_pid: int | None = None
+    """The server's own process when ``process`` is a launcher (TorchServe's Python
+    launcher runs its Java front end as a child); None: ``process`` is the server."""
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.root_pid or self.process.pid
 
     def address(self, transport: str) -> str:
         return self.uds if transport == "uds" else self.tcp
@@ -98,7 +102,11 @@ class Server:
         return "\n".join(text[-lines:])
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, wait (SIGKILL after ``timeout``), remove the socket folder."""
+        """SIGTERM, wait (SIGKILL after ``timeout``), remove the socket folder. A launched
+        server is signalled itself first (its launcher exits when it does)."""
+        if self.root_pid is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.root_pid, signal.SIGTERM)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

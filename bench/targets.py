@@ -9,6 +9,7 @@ the medians of different runs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,8 +70,14 @@ def case_ratios(repeat: Repeat, case: Case) -> dict[str, float | None]:
         idle = case.name.removesuffix("-upload") + "-idle"
         for key in ("throughput", "p50_ms", "p99_ms"):
             out[f"vs_idle_{key}"] = _div(_get(repeat, case.name, key), _get(repeat, idle, key))
+    gross = _get(repeat, case.name, "server_us_per_request")
+    if case.target == ECHO:
+        out["server_net_us_per_request"] = gross
     raw = repeat.get("raw", {}).get(MODELS[case.model].raw_key)
     if raw and case.target != ECHO:
+        model_us = model_cpu_us(raw, _get(repeat, case.name, "mean_batch"))
+        out["model_cpu_us_per_request"] = model_us
+        out["server_net_us_per_request"] = _sub(gross, model_us)
         out["vs_raw_throughput"] = _div(
             _get(repeat, case.name, "throughput"), raw["best_throughput"]
         )
@@ -78,6 +85,27 @@ def case_ratios(repeat: Repeat, case: Case) -> dict[str, float | None]:
             _get(repeat, case.name, "p50_ms"), raw["batch1"]["p50_ms"]
         )
     return out
+
+
+def model_cpu_us(raw: dict[str, Any], mean_batch: float | None) -> float | None:
+    """The model's own CPU per request (microseconds) at a mean batch size: raw torch's
+    CPU time of one call per row, interpolated between the sweep's batch sizes (on
+    log2 of the size), clamped to the sweep's ends; batch 1 when the batch is unknown."""
+    points = sorted(
+        (int(size), entry["cpu_ms"] * 1e3 / int(size))
+        for size, entry in raw.get("sweep", {}).items()
+        if "cpu_ms" in entry
+    )
+    if not points:
+        return None
+    batch = max(1.0, mean_batch or 1.0)
+    if batch <= points[0][0]:
+        return points[0][1]
+    for (lo, lo_us), (hi, hi_us) in zip(points, points[1:], strict=False):
+        if batch <= hi:
+            share = (math.log2(batch) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+            return lo_us + share * (hi_us - lo_us)
+    return points[-1][1]
 
 
 @dataclass(frozen=True)
@@ -184,6 +212,127 @@ def _raw_ratio(case: str) -> Callable[[Repeat], float | None]:
     return measure
 
 
+TS_CONFIGS = ("b32", "nb")
+"""TorchServe's two configurations per model: batch 32 / 5 ms, no batching."""
+
+
+def net_cpu_us(repeat: Repeat, case: str) -> float | None:
+    """Server CPU per request minus the model's own (raw torch at the case's mean
+    batch); the echo ceiling has no model."""
+    gross = _get(repeat, case, "server_us_per_request")
+    target = case.rsplit("-", 2)[0]
+    if target == ECHO:
+        return gross
+    raw = repeat.get("raw", {}).get(MODELS[target].raw_key)
+    model_us = model_cpu_us(raw, _get(repeat, case, "mean_batch")) if raw else None
+    return _sub(gross, model_us)
+
+
+def _figure(repeat: Repeat, case: str, key: str) -> float | None:
+    return net_cpu_us(repeat, case) if key == "net_cpu" else _get(repeat, case, key)
+
+
+def torchserve_best(repeat: Repeat, kind: str, level: int, key: str) -> tuple[float, str] | None:
+    """TorchServe's best value of ``key`` over its two configurations at one cell, and
+    which configuration gave it (highest throughput, lowest anything else)."""
+    found = [
+        (value, config)
+        for config in TS_CONFIGS
+        if (value := _figure(repeat, f"ts-{kind}-{config}-tcp-c{level}", key)) is not None
+    ]
+    if not found:
+        return None
+    return max(found) if key == "throughput" else min(found)
+
+
+def _vs_torchserve(kind: str, level: int, key: str) -> Callable[[Repeat], float | None]:
+    def measure(repeat: Repeat) -> float | None:
+        best = torchserve_best(repeat, kind, level, key)
+        return _div(_figure(repeat, f"{kind}-peer-tcp-c{level}", key), best[0] if best else None)
+
+    return measure
+
+
+def _peer_idle(key: str, other: str | None = None) -> Callable[[Repeat], float | None]:
+    def measure(repeat: Repeat) -> float | None:
+        idle = repeat.get("peers_idle") or {}
+        return _div(idle.get(key), idle.get(other)) if other else idle.get(key)
+
+    return measure
+
+
+def _peer_raw(repeat: Repeat) -> float | None:
+    raw = repeat.get("raw", {}).get("cnn-peer")
+    return _div(
+        _get(repeat, "cnn-peer-tcp-c32", "throughput"), raw["best_throughput"] if raw else None
+    )
+
+
+def peer_targets() -> list[Target]:
+    """Issue 12's targets against TorchServe's best configuration per cell."""
+    rows = []
+    for kind in ("mlp", "cnn"):
+        rows += [
+            Target(
+                f"peer_{kind}_c1_p50",
+                f"{kind.upper()} c=1 p50, edgeserve / TorchServe's best, tcp",
+                "<= 0.66",
+                _vs_torchserve(kind, 1, "p50_ms"),
+                lambda v: v <= 0.66,
+            ),
+            Target(
+                f"peer_{kind}_c32_throughput",
+                f"{kind.upper()} c=32 throughput, edgeserve / TorchServe's best, tcp",
+                ">= 1.25",
+                _vs_torchserve(kind, 32, "throughput"),
+                lambda v: v >= 1.25,
+            ),
+        ]
+        rows += [
+            Target(
+                f"peer_{kind}_c{level}_cpu",
+                f"{kind.upper()} c={level} server CPU/request net of the model, "
+                "edgeserve / TorchServe's best",
+                "<= 0.5",
+                _vs_torchserve(kind, level, "net_cpu"),
+                lambda v: v <= 0.5,
+            )
+            for level in (1, 32)
+        ]
+    rows += [
+        Target(
+            "peer_cnn_c32_p99",
+            "CNN c=32 p99, edgeserve / TorchServe's best, tcp",
+            "<= 0.5",
+            _vs_torchserve("cnn", 32, "p99_ms"),
+            lambda v: v <= 0.5,
+        ),
+        Target(
+            "peer_cnn_raw",
+            "CNN (issue 12's) c=32 / raw torch best, tcp",
+            ">= 0.85",
+            _peer_raw,
+            lambda v: v >= 0.85,
+        ),
+        Target(
+            "peer_idle_rss",
+            "idle RSS, both models: edgeserve / TorchServe (front end + 2 workers)",
+            "<= 0.5",
+            _peer_idle("edgeserve_rss_mb", "torchserve_rss_mb"),
+            lambda v: v <= 0.5,
+        ),
+        Target(
+            "peer_idle_cpu",
+            "idle CPU, edgeserve with both models",
+            "< 1 % of a core",
+            _peer_idle("edgeserve_cpu_percent"),
+            lambda v: v < 1.0,
+            " %",
+        ),
+    ]
+    return rows
+
+
 def targets() -> list[Target]:
     """Issue 3's targets (DESIGN.md section 9), each as a measurable number."""
     rows = [
@@ -233,6 +382,13 @@ def targets() -> list[Target]:
                 ">= 2.0",
                 _ratio(f"mlp-{t}-stream32", f"echo-{t}-c32", "throughput"),
                 lambda v: v >= 2.0,
+            ),
+            Target(
+                f"stream_vs_unary_{t}",
+                f"ModelStreamInfer 32 in flight / own unary c=32, {t}",
+                ">= 1.5",
+                _ratio(f"mlp-{t}-stream32", f"mlp-{t}-c32", "throughput"),
+                lambda v: v >= 1.5,
             ),
             Target(
                 f"cnn_c32_{t}",
@@ -324,4 +480,4 @@ def targets() -> list[Target]:
             " %",
         ),
     ]
-    return rows
+    return rows + peer_targets()
