@@ -7,8 +7,9 @@ bounded by ``max_queue_size``; the caller awaits a future that is resolved exact
 
 - with its outputs, split back from the batch (views, no copies);
 - ``Overloaded`` at once when the queue is full (nothing queued, no work done);
-- ``Expired`` when its deadline passes while queued (a timer fails it at the deadline,
-  and dispatch re-checks; an expired request never runs);
+- ``Expired`` when its deadline passes while queued (one timer per batcher, at the
+  earliest deadline queued, fails it then, and dispatch re-checks; an expired request
+  never runs);
 - ``HandlerFailed`` (the original exception as ``__cause__``, logged with the same
   correlation id) or the ``EdgeserveError`` itself when its batch raised: a failing
   batch fails only its own requests;
@@ -50,7 +51,14 @@ from edgeserve.errors import (
     Overloaded,
 )
 from edgeserve.serving.batch_policy import ArrivalRate, ServiceTimeFit, Wait, decide
-from edgeserve.serving.batch_queue import FINISHED, QUEUED, BatchQueue, Entry, Tensors
+from edgeserve.serving.batch_queue import (
+    FINISHED,
+    QUEUED,
+    BatchQueue,
+    Deadlines,
+    Entry,
+    Tensors,
+)
 from edgeserve.types import (
     BUILT_IN_BATCHING,
     BatchingSettings,
@@ -141,6 +149,9 @@ class AdaptiveBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._deadlines = Deadlines()
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
         self._quiet: asyncio.Event | None = None
         self._state = "ready"
         self._running = 0
@@ -185,8 +196,11 @@ class AdaptiveBatcher:
     def _enqueue(self, request: InferRequest, now: float, loop: asyncio.AbstractEventLoop) -> Entry:
         entry = self._queue.push(request, loop.create_future(), now)
         self._arrivals.record(now, entry.rows)
-        if request.deadline is not None:
-            entry.timer = loop.call_later(request.deadline - now, self._expire, entry)
+        deadline = request.deadline
+        if deadline is not None:
+            self._deadlines.add(deadline, entry, self._queue.depth)
+            if deadline < self._expiry_at:
+                self._arm_expiry(deadline, now, loop)
         return entry
 
     def _kick(self) -> None:
@@ -287,11 +301,25 @@ class AdaptiveBatcher:
         """``BatchQueue.take`` found ``entry`` past its deadline (it left the queue)."""
         entry.fail(Expired.while_queued(self.model, self.version))
 
-    def _expire(self, entry: Entry) -> None:
-        entry.timer = None
-        if entry.state == QUEUED:
+    def _arm_expiry(self, at: float, now: float, loop: asyncio.AbstractEventLoop) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = at
+        self._expiry = loop.call_later(max(at - now, 0.0), self._on_expiry)
+
+    def _on_expiry(self) -> None:
+        """Fail the queued requests whose deadline has come; arm for the next one."""
+        self._expiry = None
+        self._expiry_at = math.inf
+        now = self._clock()
+        expired = self._deadlines.due(now)
+        for entry in expired:
             self._queue.remove(entry)
             entry.fail(Expired.while_queued(self.model, self.version))
+        following = self._deadlines.earliest()
+        if following != math.inf and self._loop is not None:
+            self._arm_expiry(following, now, self._loop)
+        if expired:
             self._check_quiet()
 
     def _arm_timer(self, now: float, until: float) -> None:
@@ -321,9 +349,11 @@ class AdaptiveBatcher:
         if self._state == "closed":
             return
         self._state = "closed"
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._expiry):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._expiry = None
+        self._deadlines.clear()
         self._fail_all("closed")
         idle = await self._wait_quiet(timeout)
         for executor in self._executors:

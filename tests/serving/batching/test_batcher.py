@@ -4,10 +4,12 @@ backpressure, shapes, failure isolation, instances, close."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -118,6 +120,43 @@ def test_a_request_expires_while_the_only_instance_is_busy_and_never_runs():
             recorder.release()
             await first
         assert 7.0 not in recorder.markers
+
+    run(main())
+
+
+def test_an_earlier_deadline_queued_behind_a_later_one_expires_on_time():
+    async def main():
+        recorder = Recorder()
+        async with serving(recorder) as batcher:
+            first = await occupy(batcher, recorder)
+            started = time.monotonic()
+            patient = asyncio.ensure_future(batcher.submit(request(3.0, deadline=started + 60)))
+            hasty = asyncio.ensure_future(batcher.submit(request(4.0, deadline=started + 0.05)))
+            with pytest.raises(Expired):
+                await hasty
+            assert time.monotonic() - started < 2.0
+            assert batcher.queue_depth == 1 and not patient.done()
+            recorder.release()
+            await first
+            await patient
+        assert 3.0 in recorder.markers and 4.0 not in recorder.markers
+
+    run(main())
+
+
+def test_finished_requests_with_far_deadlines_leave_nothing_behind():
+    """A request that ran is not held until its deadline (its inputs are freed at once)."""
+
+    async def main():
+        async with serving(Recorder()) as batcher:
+            freed = []
+            for i in range(300):
+                sent = request(float(i), deadline=time.monotonic() + 3600)
+                freed.append(weakref.ref(sent.inputs["x"]))
+                await batcher.submit(sent)
+                del sent
+            gc.collect()  # the test's own frames only: nothing here is cyclic
+            assert sum(ref() is not None for ref in freed) <= 1
 
     run(main())
 
