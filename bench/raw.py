@@ -8,9 +8,9 @@ intra-op budget) and, under ``torch.inference_mode()``, measures:
 
 * batch 1: the latency of single calls (p50/p99) and their rate;
 * every batch size of the sweep: the time of one call (median of short chunks), hence
-  samples/s, and its CPU time (every thread of the process: the model's own compute,
-  which the bench subtracts from a server's CPU per request); the best batch is the one
-  with the most samples/s.
+  samples/s, its CPU time with the intra-op threads (``cpu_ms_threads``) and with one
+  thread (``cpu_ms``: the model's own compute, which the bench subtracts from a server's
+  CPU per request); the best batch is the one with the most samples/s.
 
 Prints one JSON line. Runs in its own process so that its OpenMP threads are gone
 before the load cases start.
@@ -106,10 +106,17 @@ def measure(archive: Path, threads: int, batches: list[int], seconds: float) -> 
             call_s, cpu_s = _per_call_s(module, torch.randn(size, *sample_shape), per_batch_s)
             sweep[str(size)] = {
                 "call_ms": call_s * 1e3,
-                "cpu_ms": cpu_s * 1e3,
+                "cpu_ms_threads": cpu_s * 1e3,
                 "samples_per_s": size / call_s,
             }
         end = _busy()
+        # The model's own compute, as the bench subtracts it from a server's CPU: one
+        # thread's CPU time per call, which neither OpenMP's spinning at its barriers nor
+        # other tenants of the cores inflate (measured last: it leaves one thread set).
+        torch.set_num_threads(1)
+        for size in batches:
+            x = torch.randn(size, *sample_shape)
+            sweep[str(size)]["cpu_ms"] = _per_call_s(module, x, per_batch_s / 2)[1] * 1e3
     wall = end[0] - start[0]
     best = max(sweep, key=lambda size: sweep[size]["samples_per_s"])
     return {

@@ -175,7 +175,7 @@ def peer_table(summary: dict[str, Any]) -> str | None:
         lines.append(
             f"{label:<34}{_f(mine, digits):>10}{_f(best[0] if best else None, digits):>11}"
             f"{(best[1] if best else '-'):>9}{_f(echo, digits):>9}{_f(raw, digits):>9}"
-            f"{_f(row.get('value'), 3):>8}  {row.get('threshold', ''):<9}{row.get('verdict', '')}"
+            f"{_f(row.get('value'), 3):>8}  {row.get('threshold', ''):<9} {row.get('verdict', '')}"
         )
     idle = summary.get("peers_idle") or {}
     for label, target, mine, theirs in (
@@ -192,7 +192,8 @@ def peer_table(summary: dict[str, Any]) -> str | None:
         "TorchServe 0.12 at its best per cell of (b32: batch 32 / 5 ms, nb: no batching; "
         "one worker); all over loopback TCP (TorchServe's gRPC). Server CPU per request: "
         "the server's processes' CPU over the window / requests answered, minus the "
-        "model's own CPU at the case's mean batch (raw torch, in-process)."
+        "model's own compute at the case's mean batch (raw torch in-process, one thread's "
+        "CPU time per call)."
     )
     return "\n".join(lines)
 

@@ -89,8 +89,9 @@ def case_ratios(repeat: Repeat, case: Case) -> dict[str, float | None]:
 
 def model_cpu_us(raw: dict[str, Any], mean_batch: float | None) -> float | None:
     """The model's own CPU per request (microseconds) at a mean batch size: raw torch's
-    CPU time of one call per row, interpolated between the sweep's batch sizes (on
-    log2 of the size), clamped to the sweep's ends; batch 1 when the batch is unknown."""
+    one-thread CPU time of one call per row (``cpu_ms``), interpolated between the
+    sweep's batch sizes (on log2 of the size), clamped to the sweep's ends; batch 1 when
+    the batch is unknown."""
     points = sorted(
         (int(size), entry["cpu_ms"] * 1e3 / int(size))
         for size, entry in raw.get("sweep", {}).items()
