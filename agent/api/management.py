@@ -25,6 +25,7 @@ The client (``ManagementClient``, ``ClientError``) is ``api/management_client.py
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import functools
@@ -415,8 +416,9 @@ class ManagementServer:
         self.addresses: list[str] = []
 
     async def start(self) -> list[str]:
-        self._prepare_archive_dir()
-        self._uploads.prepare()
+        # The inference server is already serving on this loop: folders in a thread.
+        await asyncio.to_thread(self._prepare_archive_dir)
+        await asyncio.to_thread(self._uploads.prepare)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self._bounds()])
         pb_grpc.add_ManagementServicer_to_server(self.servicer, server)
         try:
