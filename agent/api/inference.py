@@ -303,7 +303,10 @@ class _Stream:
     async def _read(self, requests: AsyncIterator[Received | pb.ModelInferRequest]) -> None:
         try:
             async for item in requests:
-                received = item if type(item) is Received else Received(item, item.ByteSize())
+                if isinstance(item, Received):
+                    received = item
+                else:  # a servicer registered without bounds.parse_request
+                    received = Received(item, item.ByteSize())
                 await self._slots.acquire()
                 await self._room_for(charge_of(received))
                 if received.problem is not None:
