@@ -39,7 +39,7 @@ README = ROOT / "README.md"
 CI_SCRIPT = ROOT / ".ci" / "run"
 ADDRESS = "127.0.0.1:8001"  # the README's inference address; each daemon here gets a free port
 # Every loopback address the README may use; each is swapped for a free port of its own.
-ADDRESSES = (ADDRESS, "127.0.0.1:8002", "127.0.0.1:1883")
+ADDRESSES = (ADDRESS, "127.0.0.1:8002", "127.0.0.1:8003", "127.0.0.1:1883")
 REFERENCE_PATHS = {  # configuration reference: system path -> folder below the working folder
     "/etc/edgeserve/keys/release.pub": "release.pub",
     "/var/lib/edgeserve": "reference/state",

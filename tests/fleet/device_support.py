@@ -159,6 +159,7 @@ class Load:
 
     def __init__(self, daemon: RunningDaemon, model: str = "mlp") -> None:
         self.ok = 0
+        self.max_latency_s = 0.0
         self.failures: list[str] = []
         self.versions: set[str] = set()
         self._stop = threading.Event()
@@ -168,11 +169,13 @@ class Load:
     def _run(self, daemon: RunningDaemon, model: str) -> None:
         with daemon.client() as client:
             while not self._stop.is_set():
+                started = time.perf_counter()
                 try:
                     version, _ = client.infer(model, {"x": X})
                     with self._lock:
                         self.ok += 1
                         self.versions.add(str(version))
+                        self.max_latency_s = max(self.max_latency_s, time.perf_counter() - started)
                 except ClientError as exc:
                     with self._lock:
                         self.failures.append(str(exc)[:200])

@@ -3,135 +3,42 @@ controller side through ``edgeserve fleet publish`` and ``edgeserve fleet wait``
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from edgeserve.api.client import ClientError
-from tests.cli.support import Outcome, edgeserve, edgeserve_ok, keygen
-from tests.conftest import PICKY_MARK, DaemonFactory, RunningDaemon
+from tests.conftest import PICKY_MARK, DaemonFactory
+from tests.fleet.device_support import Load, X, fleet_config, live, publish, reported, wait
 from tests.mqtt_broker import Mosquitto
 
 pytestmark = pytest.mark.slow
-
-X = np.ones((2, 16), dtype=np.float32)
-
-
-@pytest.fixture(scope="module")
-def fleet_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """root.key/.pub and root.json (threshold 1), stranger.key (not in the root)."""
-    folder = tmp_path_factory.mktemp("fleet-keys")
-    keygen(folder / "root")
-    keygen(folder / "stranger")
-    edgeserve_ok(
-        "fleet", "root", "init", "--key", folder / "root.pub", "--threshold", "1",
-        "-o", folder / "root.json",
-    )  # fmt: skip
-    return folder
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"d{uuid.uuid4().hex[:10]}/v1"
-
-
-def broker_args(broker: Mosquitto, prefix: str) -> list[str]:
-    return ["--broker", f"mqtt://{broker.host}:{broker.port}", "--topic-prefix", prefix]
-
-
-def fleet_config(broker: Mosquitto, prefix: str, keys: Path, probation_s: float = 2) -> str:
-    return (
-        "fleet:\n"
-        f"  broker: mqtt://{broker.host}:{broker.port}\n"
-        "  device_id: dev-1\n"
-        f"  topic_prefix: {prefix}\n"
-        f"  root: {keys / 'root.json'}\n"
-        f"  probation_s: {probation_s}\n"
-        "  probation: {min_requests: 5}\n"
-    )
-
-
-def publish(broker: Mosquitto, prefix: str, key: Path, *extra: str | Path) -> Outcome:
-    return edgeserve(
-        "fleet", "publish", *broker_args(broker, prefix), "--device", "dev-1",
-        "--sign-key", key, *extra,
-    )  # fmt: skip
-
-
-def wait(broker: Mosquitto, prefix: str, serial: int, timeout: float = 90) -> Outcome:
-    return edgeserve(
-        "fleet", "wait", *broker_args(broker, prefix), "--device", "dev-1",
-        "--serial", str(serial), "--timeout", str(timeout),
-    )  # fmt: skip
-
-
-def reported(broker: Mosquitto, prefix: str) -> dict[str, Any]:
-    out = edgeserve_ok("fleet", "devices", *broker_args(broker, prefix), "--json")
-    [row] = [r for r in json.loads(out) if r["device"] == "dev-1"]
-    return row
-
-
-def live(row: dict[str, Any]) -> set[tuple[str, str, bool]]:
-    return {(m["name"], m["version"], m["default"]) for m in row["live"]}
-
-
-class Load:
-    """Four client threads calling the default version until stopped."""
-
-    def __init__(self, daemon: RunningDaemon, model: str = "mlp") -> None:
-        self.ok = 0
-        self.failures: list[str] = []
-        self.versions: set[str] = set()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(daemon, model)) for _ in range(4)]
-
-    def _run(self, daemon: RunningDaemon, model: str) -> None:
-        with daemon.client() as client:
-            while not self._stop.is_set():
-                try:
-                    version, _ = client.infer(model, {"x": X})
-                    with self._lock:
-                        self.ok += 1
-                        self.versions.add(str(version))
-                except ClientError as exc:
-                    with self._lock:
-                        self.failures.append(str(exc)[:200])
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
 
 
 def test_happy_path_under_load_commits_with_zero_failed_requests(
     daemons: DaemonFactory,
     mosquitto: Mosquitto,
     prefix: str,
-    fleet_keys: Path,
+    device_keys: Path,
     mlp_archive_factory: Any,
 ) -> None:
     daemon = daemons.start(
-        mlp_archive_factory("1"), extra_config=fleet_config(mosquitto, prefix, fleet_keys)
+        mlp_archive_factory("1"),
+        extra_config=fleet_config(mosquitto, prefix, device_keys / "root.json"),
     )
     with Load(daemon) as load:
-        done = publish(mosquitto, prefix, fleet_keys / "root.key", "--model",
+        done = publish(mosquitto, prefix, device_keys / "root.key", "--model",
                        mlp_archive_factory("2"))  # fmt: skip
         assert done.code == 0, done.err
         waited = wait(mosquitto, prefix, 1)
         assert waited.code == 0, waited.err + waited.out + daemon.log()[-3000:]
+    print(  # the swap figures under load, for the record (pytest -s)
+        f"swap under load: {load.ok} requests, {len(load.failures)} failed, "
+        f"max latency {load.max_latency_s * 1000:.1f} ms"
+    )
     assert load.failures == []
     assert load.ok > 0 and load.versions == {"1", "2"}
     row = reported(mosquitto, prefix)
@@ -145,7 +52,7 @@ def test_happy_path_under_load_commits_with_zero_failed_requests(
     again = daemons.start(
         mlp_archive_factory("1"),
         state_dir=daemon.state_dir,
-        extra_config=fleet_config(mosquitto, prefix, fleet_keys),
+        extra_config=fleet_config(mosquitto, prefix, device_keys / "root.json"),
     )
     with again.client() as client:
         assert str(client.infer("mlp", {"x": X})[0]) == "2"
@@ -164,15 +71,15 @@ def test_a_refused_document_leaves_the_live_set_and_is_reported(
     daemons: DaemonFactory,
     mosquitto: Mosquitto,
     prefix: str,
-    fleet_keys: Path,
+    device_keys: Path,
     mlp_archive_factory: Any,
     extra: Any,
     reason: str,
 ) -> None:
-    key = fleet_keys / "root.key"
+    key = device_keys / "root.key"
     argv = ["--model", mlp_archive_factory("2"), "--serial", "1"]
     if extra == "stranger":
-        key = fleet_keys / "stranger.key"
+        key = device_keys / "stranger.key"
     elif extra == "expired":  # published while the device was away; it expired meanwhile
         expires = datetime.now(UTC) + timedelta(seconds=2)
         argv += ["--expires", expires.strftime("%Y-%m-%dT%H:%M:%SZ")]
@@ -182,7 +89,8 @@ def test_a_refused_document_leaves_the_live_set_and_is_reported(
     if extra == "expired":
         time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds() + 1))
     daemon = daemons.start(
-        mlp_archive_factory("1"), extra_config=fleet_config(mosquitto, prefix, fleet_keys)
+        mlp_archive_factory("1"),
+        extra_config=fleet_config(mosquitto, prefix, device_keys / "root.json"),
     )
     waited = wait(mosquitto, prefix, 1)
     assert waited.code == 1, waited.err + waited.out
@@ -197,14 +105,16 @@ def test_a_refused_document_leaves_the_live_set_and_is_reported(
 
 
 def test_a_candidate_that_fails_warm_up_is_never_activated(
-    daemons: DaemonFactory, mosquitto: Mosquitto, prefix: str, fleet_keys: Path, picky_archive: Any
+    daemons: DaemonFactory, mosquitto: Mosquitto, prefix: str, device_keys: Path, picky_archive: Any
 ) -> None:
     first, _ = picky_archive("1")
     broken, flag = picky_archive("2")
     flag.touch()
-    daemon = daemons.start(first, extra_config=fleet_config(mosquitto, prefix, fleet_keys))
+    daemon = daemons.start(
+        first, extra_config=fleet_config(mosquitto, prefix, device_keys / "root.json")
+    )
     with Load(daemon, "picky") as load:
-        assert publish(mosquitto, prefix, fleet_keys / "root.key", "--model", broken).code == 0
+        assert publish(mosquitto, prefix, device_keys / "root.key", "--model", broken).code == 0
         waited = wait(mosquitto, prefix, 1)
     assert waited.code == 1 and "warmup" in waited.out + waited.err
     assert load.failures == [] and load.versions == {"1"}
@@ -214,13 +124,13 @@ def test_a_candidate_that_fails_warm_up_is_never_activated(
 
 
 def test_errors_on_live_traffic_during_probation_roll_back(
-    daemons: DaemonFactory, mosquitto: Mosquitto, prefix: str, fleet_keys: Path, picky_archive: Any
+    daemons: DaemonFactory, mosquitto: Mosquitto, prefix: str, device_keys: Path, picky_archive: Any
 ) -> None:
     first, _ = picky_archive("1")
     second, flag = picky_archive("2")
-    config = fleet_config(mosquitto, prefix, fleet_keys, probation_s=30)
+    config = fleet_config(mosquitto, prefix, device_keys / "root.json", probation_s=30)
     daemon = daemons.start(first, extra_config=config)
-    assert publish(mosquitto, prefix, fleet_keys / "root.key", "--model", second).code == 0
+    assert publish(mosquitto, prefix, device_keys / "root.key", "--model", second).code == 0
     bad = X.copy()
     bad[0, 0] = PICKY_MARK
     with daemon.client() as client:
@@ -242,12 +152,12 @@ def test_kill_9_during_probation_resumes_then_the_third_start_rolls_back(
     daemons: DaemonFactory,
     mosquitto: Mosquitto,
     prefix: str,
-    fleet_keys: Path,
+    device_keys: Path,
     mlp_archive_factory: Any,
 ) -> None:
-    config = fleet_config(mosquitto, prefix, fleet_keys, probation_s=600)
+    config = fleet_config(mosquitto, prefix, device_keys / "root.json", probation_s=600)
     daemon = daemons.start(mlp_archive_factory("1"), extra_config=config)
-    assert publish(mosquitto, prefix, fleet_keys / "root.key", "--model",
+    assert publish(mosquitto, prefix, device_keys / "root.key", "--model",
                    mlp_archive_factory("2")).code == 0  # fmt: skip
     for start in range(4):
         state = None
