@@ -16,6 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from edgeserve.api.server import ServerBounds
+from edgeserve.config import load_config
+from edgeserve.errors import ConfigError
 from edgeserve.proto import kserve_v2_pb2 as pb
 from edgeserve.serving.registry import ModelRegistry
 from edgeserve.types import InferRequest, InferResult
@@ -232,3 +234,28 @@ def _closed_by_peer(sock: socket.socket) -> bool:
         return False
     except ConnectionResetError:
         return True
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("server.max_connections", 0),
+        ("server.connection_idle_s", 0),
+        ("server.connection_max_age_s", 0.5),
+        ("server.max_concurrent_rpcs", 0),
+        ("server.inflight_bytes_factor", 0.5),
+        ("server.stream_max_pending_bytes", 10),
+        ("management.max_connections", 0),
+        ("management.idle_timeout_s", 0),
+    ],
+)
+def test_each_bound_is_checked_and_named(tmp_path: Path, key: str, value: float) -> None:
+    section, name = key.split(".")
+    path = tmp_path / "config.yaml"
+    path.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={}, overrides={"run_dir": "/run/es-test"})
+    assert str(caught.value).startswith(f"{key}: must be"), caught.value
