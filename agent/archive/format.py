@@ -354,7 +354,7 @@ def verify_tree(model_dir: Path, *, trust: TrustStore | None) -> Manifest:
     if extra_dirs := sorted(dirs - wanted_dirs):
         raise _fail(source, f"directory {_names(extra_dirs)} not part of the archive", what)
     for name, expected in sorted(manifest.files.items()):
-        fd = os.open(model_dir.joinpath(*name.split("/")), os.O_RDONLY | os.O_NOFOLLOW)
+        fd = _open_regular(model_dir.joinpath(*name.split("/")), source)
         with os.fdopen(fd, "rb") as f:
             actual = _hash_stream(f)
         if actual != expected:
@@ -389,8 +389,19 @@ def _walk(root: Path, source: str) -> tuple[set[str], set[str]]:
     return files, dirs
 
 
+def _open_regular(path: Path, source: str) -> int:
+    """An fd of ``path``, a regular file: a FIFO swapped in since the walk is refused at
+    once (O_NONBLOCK), not waited on with the store's lock held."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _fail(source, f"'{shown(path.name)}' is not a regular file", "model directory")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def _read_small(path: Path, limit: int, source: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = _open_regular(path, source)
     with os.fdopen(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +15,16 @@ from pathlib import Path
 import pytest
 from archive_helpers import hand_archive, manifest_json, rewrite, tree_snapshot, write_zip
 
-from edgeserve.archive.format import extract_archive, read_manifest, verify_tree
+from edgeserve.archive.format import (
+    extract_archive,
+    read_manifest,
+    read_tree_manifest,
+    verify_tree,
+)
 from edgeserve.archive.safezip import shown
 from edgeserve.archive.signing import TrustStore
 from edgeserve.errors import ECHO_LIMIT, ArchiveError, VerificationError
+from edgeserve.store.model_store import ModelStore
 
 MODEL = b"not really torchscript, the format does not care"
 
@@ -131,3 +138,33 @@ def test_a_full_disk_mid_extract_closes_the_archive_at_once(
     assert caught.value.errno == errno.ENOSPC
     assert str(archive) not in _open_files(), "the archive is still open"
     assert tree_snapshot(small_disk) == []
+
+
+def test_a_fifo_in_the_store_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """``store.list`` (and ``verify_tree``, after its walk) open files from the store: a
+    FIFO there must not hang the thread that holds the store's lock."""
+    version_dir = tmp_path / "models" / "mlp" / "1"
+    version_dir.mkdir(parents=True)
+    fifo = version_dir / "manifest.json"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            read_tree_manifest(version_dir)
+        except BaseException as exc:  # what it raised is the result
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(5)
+    if worker.is_alive():  # the bug: open() waits for a writer; give it one
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(5)
+        pytest.fail("reading a FIFO manifest waited for a writer")
+    assert isinstance(outcome[0], ArchiveError)
+    assert "'manifest.json' is not a regular file" in str(outcome[0])
+    store = ModelStore(tmp_path / "models", None, live_state_path=tmp_path / "live.json")
+    assert store.list() == []
