@@ -42,6 +42,9 @@ QUEUED, RUNNING, FINISHED = 0, 1, 2
 _KEEP_EMPTY_QUEUES = 16
 # Compact a queue once its dead entries outnumber the live ones by this much.
 _COMPACT_SLACK = 16
+# Rebuild the deadline heap past twice the queue's depth plus this many (dead items are
+# small: the entries are held weakly).
+_DEADLINE_SLACK = 256
 
 
 @dataclass(slots=True, eq=False)
@@ -201,7 +204,7 @@ class Deadlines:
     Entries are held weakly, with an insertion counter as tie-break: an entry that ran,
     was removed or expired is skipped when met, and one that is gone frees its inputs at
     once. The heap is rebuilt from the live entries once it holds more than twice the
-    queue's depth plus ``_COMPACT_SLACK`` (many long deadlines on short-lived requests).
+    queue's depth plus ``_DEADLINE_SLACK`` (many long deadlines on short-lived requests).
     """
 
     def __init__(self) -> None:
@@ -211,7 +214,7 @@ class Deadlines:
     def add(self, deadline: float, entry: Entry, depth: int) -> None:
         heap = self._heap
         heapq.heappush(heap, (deadline, next(self._order), weakref.ref(entry)))
-        if len(heap) > 2 * depth + _COMPACT_SLACK:
+        if len(heap) > 2 * depth + _DEADLINE_SLACK:
             self._heap = [item for item in heap if _queued(item[2])]
             heapq.heapify(self._heap)
 
