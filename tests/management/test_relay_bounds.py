@@ -46,7 +46,7 @@ _HOLDER = textwrap.dedent("""\
     """)
 
 
-def _hold(account, path: Path, count: int) -> subprocess.Popen[str]:  # noqa: ANN001
+def hold_connections(account, path: Path, count: int) -> subprocess.Popen[str]:  # noqa: ANN001
     ids = [str(account.uid), str(account.gid), json.dumps(list(account.groups))]
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, *ids, str(path), str(count)],
@@ -63,14 +63,14 @@ def _hold(account, path: Path, count: int) -> subprocess.Popen[str]:  # noqa: AN
     return holder
 
 
-def _closed_count(holder: subprocess.Popen[str]) -> int:
+def closed_count(holder: subprocess.Popen[str]) -> int:
     assert holder.stdin is not None and holder.stdout is not None
     holder.stdin.write("count\n")
     holder.stdin.flush()
     return int(holder.stdout.readline())
 
 
-def _answers(done: subprocess.CompletedProcess[str]) -> bool:
+def answers(done: subprocess.CompletedProcess[str]) -> bool:
     return done.returncode == 0 and "unreachable" not in (done.stdout + done.stderr)
 
 
@@ -82,19 +82,19 @@ def test_idle_connections_cannot_lock_root_out(mdaemons, mlp_archive_factory, ac
     )
     open_run_dir(daemon, accounts.gid)
     at = ("--management", management_address(daemon))
-    holder = _hold(accounts.insider, daemon.run_dir / "management.sock", IDLE)
+    holder = hold_connections(accounts.insider, daemon.run_dir / "management.sock", IDLE)
     opened = time.monotonic()
     try:
         time.sleep(1)
-        assert _closed_count(holder) == IDLE - 16, "past the cap, closed at accept"
+        assert closed_count(holder) == IDLE - 16, "past the cap, closed at accept"
         root = run_cli("status", "--config", str(daemon.config))
-        assert _answers(root), root
+        assert answers(root), root
         assert time.monotonic() - opened < idle_s, "root got in only after the idle timeout"
         assert "closing one from uid" in daemon.log()
         # Past the idle timeout every idle connection is closed, and members get in again.
         time.sleep(max(0.0, opened + idle_s + 1 - time.monotonic()))
-        assert _closed_count(holder) == IDLE
-        assert _answers(accounts.insider.run_cli("status", *at))
+        assert closed_count(holder) == IDLE
+        assert answers(accounts.insider.run_cli("status", *at))
     finally:
         holder.kill()
         holder.communicate()
