@@ -21,12 +21,13 @@ file it is ("archive", "TorchServe archive"). Both the model archive
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 import zipfile
 import zlib
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,19 +86,33 @@ def member_name_problem(name: str) -> str | None:
     return None
 
 
-def open_zip(path: Path, what: str = "archive") -> zipfile.ZipFile:
-    """Open ``path`` as a zip; ArchiveError when it is missing, not a zip or truncated."""
+@contextlib.contextmanager
+def open_zip(path: Path, what: str = "archive") -> Iterator[zipfile.ZipFile]:
+    """``path`` open as a zip (closed on exit); ArchiveError when it is missing, not a
+    regular file, not a zip or truncated. Opened O_NONBLOCK and checked with fstat first,
+    so a FIFO is refused at once instead of waiting for a writer."""
     source = str(path)
     try:
-        return zipfile.ZipFile(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise _fail(source, "does not exist", what) from None
-    except IsADirectoryError:
-        raise _fail(source, "is a directory, not an archive file", what) from None
-    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
-        raise _fail(source, f"is not a zip file or is truncated ({exc})", what) from None
     except OSError as exc:
         raise _fail(source, f"cannot be read ({exc.strerror})", what) from None
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise _fail(source, "is a directory, not an archive file", what)
+        if not stat.S_ISREG(mode):
+            raise _fail(source, "is not a regular file", what)
+        os.set_blocking(fd, True)
+        try:
+            zf = zipfile.ZipFile(file)
+        except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+            raise _fail(source, f"is not a zip file or is truncated ({exc})", what) from None
+        except OSError as exc:
+            raise _fail(source, f"cannot be read ({exc.strerror})", what) from None
+        with zf:
+            yield zf
 
 
 def scan_members(

@@ -9,7 +9,7 @@ import os
 import subprocess
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -140,6 +140,37 @@ def test_a_full_disk_mid_extract_closes_the_archive_at_once(
     assert tree_snapshot(small_disk) == []
 
 
+def _refused_at_once(fifo: Path, read: Callable[[], object]) -> BaseException:
+    """What ``read`` raised, within 5 s; fails (after releasing it) if it waited on the FIFO."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            read()
+        except BaseException as exc:  # what it raised is the result
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(5)
+    if worker.is_alive():  # the bug: open() waits for a writer; give it one
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(5)
+        pytest.fail(f"reading {fifo.name} waited for a writer")
+    assert outcome[0] is not None, "a FIFO was read as if it were a file"
+    return outcome[0]
+
+
+def test_a_fifo_given_as_an_archive_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.esar"
+    os.mkfifo(fifo)
+    refused = _refused_at_once(fifo, lambda: read_manifest(fifo, trust=None))
+    assert isinstance(refused, ArchiveError)
+    assert str(refused) == f"archive '{fifo}': is not a regular file"
+
+
 def test_a_fifo_in_the_store_is_refused_not_waited_on(tmp_path: Path) -> None:
     """``store.list`` (and ``verify_tree``, after its walk) open files from the store: a
     FIFO there must not hang the thread that holds the store's lock."""
@@ -147,24 +178,8 @@ def test_a_fifo_in_the_store_is_refused_not_waited_on(tmp_path: Path) -> None:
     version_dir.mkdir(parents=True)
     fifo = version_dir / "manifest.json"
     os.mkfifo(fifo)
-    outcome: list[BaseException | None] = []
-
-    def read() -> None:
-        try:
-            read_tree_manifest(version_dir)
-        except BaseException as exc:  # what it raised is the result
-            outcome.append(exc)
-        else:
-            outcome.append(None)
-
-    worker = threading.Thread(target=read, daemon=True)
-    worker.start()
-    worker.join(5)
-    if worker.is_alive():  # the bug: open() waits for a writer; give it one
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        worker.join(5)
-        pytest.fail("reading a FIFO manifest waited for a writer")
-    assert isinstance(outcome[0], ArchiveError)
-    assert "'manifest.json' is not a regular file" in str(outcome[0])
+    refused = _refused_at_once(fifo, lambda: read_tree_manifest(version_dir))
+    assert isinstance(refused, ArchiveError)
+    assert "'manifest.json' is not a regular file" in str(refused)
     store = ModelStore(tmp_path / "models", None, live_state_path=tmp_path / "live.json")
     assert store.list() == []
