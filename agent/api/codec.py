@@ -273,7 +273,8 @@ def _from_raw(
     total: int,
 ) -> tuple[TensorValue, int]:
     if slot.dtype is None:  # BYTES
-        size = _charge(bytes_cost(count, len(data)), max_bytes, total)
+        payload = len(data) - 4 * count  # each element has a 4-byte length
+        size = _charge(bytes_cost(count, max(payload, 0)), max_bytes, total)
         return BytesTensor(split_elements(data, count), shape), size
     expected = count * slot.itemsize
     if len(data) != expected:
@@ -310,7 +311,8 @@ def _from_typed(
         values = contents.bytes_contents
         if len(values) != count:
             raise ContentsError(f"contents.{field} holds {len(values)} elements, expected {count}")
-        size = _charge(bytes_cost(count, contents.ByteSize()), max_bytes, total)
+        payload = contents.ByteSize() - 2 * count  # each element has a tag and a length
+        size = _charge(bytes_cost(count, max(payload, 0)), max_bytes, total)
         return BytesTensor(list(values), shape), size
     # Charged at the widest step: varints decode into their 4- or 8-byte proto type.
     size = _charge(count * max(slot.itemsize, 4), max_bytes, total)
