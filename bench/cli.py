@@ -215,7 +215,7 @@ def run_repeat(
         controller = ctx.get("upload") if case.target in UPLOAD_MODELS else None
         before = controller.before(case.phase) if controller is not None else None
         figures = runner.run(case, capacity)
-        if args.client == BOTH:
+        if args.client == BOTH and case.target not in runner.requests:  # TorchServe: not KServe
             again = runner.run(case, capacity, client=PERF_ANALYZER)
             repeat.setdefault("perf_analyzer", {})[case.name] = again
             _print_case(f"{case.name} (pa)", again)

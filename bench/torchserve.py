@@ -13,7 +13,8 @@
   ``bench/torchserve_handler.py`` and a ``model-config.yaml`` per configuration: one
   worker, and either ``batchSize`` 32 / ``maxBatchDelay`` 5 ms or no batching.
 * **The server**: ``torchserve --foreground`` with every configuration registered (one
-  worker each), loopback only, token auth, system metrics and config snapshots off. The
+  worker each), loopback only, token auth, system metrics and config snapshots off, no
+  per-request access log or metric lines (warnings only: its fastest logging). The
   launcher's own Python process is not counted: the server is the Java front end and
   its workers.
 
@@ -195,6 +196,26 @@ def model_file_of(esar: Path, target: Path) -> Path:
     return target
 
 
+_LOG_CONFIG = """\
+<Configuration status="WARN">
+  <Appenders>
+    <Console name="STDOUT" target="SYSTEM_OUT">
+      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
+    </Console>
+  </Appenders>
+  <Loggers>
+    <Logger name="ACCESS_LOG" level="off" additivity="false"/>
+    <Logger name="TS_METRICS" level="off" additivity="false"/>
+    <Logger name="MODEL_METRICS" level="off" additivity="false"/>
+    <Logger name="MODEL_LOG" level="warn"/>
+    <Root level="warn"><AppenderRef ref="STDOUT"/></Root>
+  </Loggers>
+</Configuration>
+"""
+"""TorchServe's best case: no access log or metric lines per request (its default
+configuration writes several per request, to files and the console); warnings kept."""
+
+
 def _properties(store: Path, grpc_port: int, ports: list[int]) -> str:
     return textwrap.dedent(f"""\
         inference_address=http://127.0.0.1:{ports[0]}
@@ -224,8 +245,11 @@ def start(setup: Setup, work: Path, models: list[PeerModel], timeout: float = 60
     tmp = home / "tmp"  # the launcher's pid file lives in TMPDIR: keep it private
     tmp.mkdir(parents=True, exist_ok=True)
     log_path = work / "torchserve.log"
+    log_config = home / "log4j2.xml"
+    log_config.write_text(_LOG_CONFIG)
     command = [
         str(setup.bin("torchserve")), "--start", "--foreground", "--ncs",
+        "--log-config", str(log_config),
         "--disable-token-auth", "--ts-config", str(config), "--model-store", str(store),
         "--models", *[f"{m.name}={p.name}" for m, p in zip(models, mars, strict=True)],
     ]  # fmt: skip
