@@ -188,7 +188,7 @@ def _key_and_rows(inputs: Mapping[str, Any]) -> tuple[Hashable, int]:
     """The queue key (requests with equal keys can be concatenated along dim 0: name,
     dtype and non-batch shape of every input) and the batch rows (dim 0 of the first
     input; 0-d inputs count as 1). One read of each shape: this runs per request."""
-    parts = []
+    parts: list[tuple[str, Any, tuple[int, ...]]] = []
     rows = 0
     for name, value in inputs.items():
         shape = value.shape
