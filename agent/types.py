@@ -49,8 +49,9 @@ class TensorSpec:
 def batches_along_dim0(inputs: Sequence[TensorSpec]) -> bool:
     """Whether a signature batches along dim 0: dim 0 of every input is -1.
 
-    A manifest has no field of its own for it; the packager records it this way (it
-    probes the model with stacked examples and writes -1 exactly when dim 0 is the batch).
+    The packager writes -1 exactly when dim 0 is the batch (it probes the model with
+    stacked examples). A manifest also says so itself (``Manifest.batches``: its
+    ``max_batch_size`` 0 means no batch dimension, whatever the dims say).
     """
     return all(spec.shape[:1] == (-1,) for spec in inputs)
 
