@@ -142,10 +142,11 @@ def test_pinned_puts_every_thread_of_the_server_on_its_first_cpus() -> None:
     )
     child = subprocess.Popen([sys.executable, "-c", code])
     try:
-        time.sleep(0.5)
         server = Server("child", child, "", "", Path(os.devnull))
-        tasks = list(Path(f"/proc/{child.pid}/task").iterdir())
-        assert len(tasks) >= 4
+        deadline = time.monotonic() + 30  # the child's interpreter starts (a loaded box: s)
+        while len(tasks := list(Path(f"/proc/{child.pid}/task").iterdir())) < 4:
+            assert time.monotonic() < deadline, "the child never started its threads"
+            time.sleep(0.05)
         with pinned(server, 1):
             assert {frozenset(os.sched_getaffinity(int(t.name))) for t in tasks} == {
                 frozenset(every[:1])
