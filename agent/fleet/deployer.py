@@ -4,7 +4,8 @@ States (``deployment.json``, written atomically at every step)::
 
     received -> verified -> downloading -> downloaded -> (deferred) -> installing
              -> warming -> probation -> committed
-    any of them -> rejected (nothing went live) | rolled_back (the previous set is back)
+    up to installing -> rejected (nothing went live: a refusal there is a rejection)
+    warming, probation -> rolled_back (the previous set is back)
 
 ``committed.json`` holds what a restart trusts: the committed serial (fsynced before the
 commit is reported, so a replay stays refused after kill -9), the committed set, the
@@ -35,6 +36,10 @@ deployment downloads or waits for its window supersedes it (``rejected: supersed
 partial downloads are kept); once a set may be live, it finishes first. A document
 refused for its signatures is looked at again when the trust root rotates
 (``fleet/roots.py``). Payloads are never logged.
+
+Crash tests stop the deployer at an exact step with ``EDGESERVE_FLEET_HOLD_AT=<state>``
+(or ``rolling_back``) in the daemon's environment: once that state is persisted it waits
+for good while the daemon serves on, and the test kills it (``_hold``).
 """
 
 from __future__ import annotations
