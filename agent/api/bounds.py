@@ -3,8 +3,10 @@
 ``grpcio`` parses each request with the method's ``request_deserializer`` before any
 servicer code runs; the generated one raises ``DecodeError`` on a corrupt message, which
 grpcio answers UNKNOWN ("Unexpected <class DecodeError>"). ``bounded_handlers`` swaps in
-``parse_request`` (a ``Received`` carrying the message, its wire size, or the parse
-problem) and wraps each method so that a malformed message is answered INVALID_ARGUMENT.
+deserializers that never raise (``parse_request``: the message or ``MALFORMED``;
+``parse_charged`` for inference requests: the message and its charge, or a ``Refused``)
+and wraps each method so that a malformed message is answered INVALID_ARGUMENT. What
+this adds per request is a tuple and a few comparisons: the hot path stays the same.
 
 ``InflightBudget``: the bytes of the requests the server holds at once (parsed, being
 decoded, queued, running), against ``factor x max_message_bytes``. A ModelInfer call is
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -38,39 +40,62 @@ TYPED_EXPANSION = 8
 """Bytes held per wire byte of a request with typed contents (varints widen up to 8x)."""
 
 
-class Received(NamedTuple):
-    """One request message as parsed by ``parse_request``: ``message`` is None when the
-    bytes were not a valid message, and ``problem`` says why."""
+class Refused:
+    """What a request deserializer gives for bytes it will not hand on: ``problem`` says
+    why (INVALID_ARGUMENT), or ``busy`` (RESOURCE_EXHAUSTED: over the in-flight budget)."""
 
-    message: Any
-    wire_bytes: int
-    problem: str | None = None
-    busy: bool = False  # refused unparsed: over the in-flight budget
+    __slots__ = ("busy", "problem")
+
+    def __init__(self, problem: str, *, busy: bool = False) -> None:
+        self.problem = problem
+        self.busy = busy
 
 
-def parse_request(
-    parse: Callable[[bytes], Message], budget: InflightBudget | None = None
-) -> Callable[[bytes], Received]:
-    """A request deserializer that never raises: a corrupt message becomes a problem; with
-    ``budget``, one that cannot fit is not parsed at all (``busy``)."""
+MALFORMED = Refused("malformed request: not a valid protobuf message")
+BUSY = Refused("over the in-flight budget", busy=True)
 
-    def deserialize(data: bytes) -> Received:
-        if budget is not None and not budget.fits(len(data) * RAW_EXPANSION):
-            return Received(None, len(data), busy=True)
+Charged = tuple[Any, int]
+"""A parsed request and the bytes it is charged (``charge_of``)."""
+
+
+def charge_of(message: Any, wire_bytes: int) -> int:
+    """Bytes a parsed inference request is expected to hold while it is served."""
+    if len(message.raw_input_contents):
+        return wire_bytes * RAW_EXPANSION
+    return wire_bytes * TYPED_EXPANSION
+
+
+def parse_request(parse: Callable[[bytes], Message]) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: the message, or ``MALFORMED``."""
+
+    def deserialize(data: bytes) -> Any:
         try:
-            return Received(parse(data), len(data))
+            return parse(data)
         except DecodeError:
-            return Received(None, len(data), "malformed request: not a valid protobuf message")
+            return MALFORMED
 
     return deserialize
 
 
-def charge_of(received: Received) -> int:
-    """Bytes a parsed request is expected to hold while it is served."""
-    message = received.message
-    if message is not None and len(getattr(message, "raw_input_contents", ())) == 0:
-        return received.wire_bytes * TYPED_EXPANSION
-    return received.wire_bytes * RAW_EXPANSION
+def parse_charged(
+    parse: Callable[[bytes], Message], budget: InflightBudget | None
+) -> Callable[[bytes], Charged | Refused]:
+    """For inference requests: (message, charge), ``MALFORMED``, or ``BUSY`` when even
+    the smallest charge would not fit (then the bytes are not parsed at all)."""
+
+    def deserialize(data: bytes) -> Charged | Refused:
+        size = len(data)
+        if budget is not None:
+            held = budget.held_bytes
+            if held and held + size * RAW_EXPANSION > budget.limit_bytes:
+                return BUSY
+        try:
+            message = parse(data)
+        except DecodeError:
+            return MALFORMED
+        return message, charge_of(message, size)
+
+    return deserialize
 
 
 class InflightBudget:
@@ -139,15 +164,19 @@ def bounded_handlers(
     charged: frozenset[str],
     stream_aware: frozenset[str],
 ) -> dict[str, grpc.RpcMethodHandler]:
-    """``handlers`` with requests parsed by ``parse_request``: malformed messages answered
+    """``handlers`` whose requests are parsed without raising: malformed messages answered
     INVALID_ARGUMENT; unary methods in ``charged`` held against ``budget``; methods in
-    ``stream_aware`` get the ``Received`` items themselves (they answer problems) and
-    yield serialized responses (registered without a response serializer)."""
+    ``stream_aware`` get the ``parse_charged`` items themselves (they answer a
+    ``Refused``) and yield serialized responses (registered without a response
+    serializer)."""
     bounded: dict[str, grpc.RpcMethodHandler] = {}
     for name, handler in handlers.items():
-        deserialize = parse_request(
-            handler.request_deserializer, budget if name in charged else None
-        )
+        if name in charged:
+            deserialize = parse_charged(handler.request_deserializer, budget)
+        elif name in stream_aware:
+            deserialize = parse_charged(handler.request_deserializer, None)
+        else:
+            deserialize = parse_request(handler.request_deserializer)
         serialize = None if name in stream_aware else handler.response_serializer
         if handler.unary_unary is not None:
             behaviour = _unary(handler.unary_unary, budget if name in charged else None)
@@ -179,31 +208,35 @@ def bounded_handlers(
     return bounded
 
 
-async def _refuse(context: grpc.aio.ServicerContext, problem: str) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+async def _refuse(context: grpc.aio.ServicerContext, refused: Refused) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused.problem)
 
 
 def _unary(behaviour: Any, budget: InflightBudget | None) -> Any:
     if budget is None:
 
-        async def plain(received: Received, context: grpc.aio.ServicerContext) -> Any:
-            if received.problem is not None:
-                await _refuse(context, received.problem)
-            return await behaviour(received.message, context)
+        async def plain(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if type(request) is Refused:
+                await _refuse(context, request)
+            return await behaviour(request, context)
 
         return plain
 
-    async def charged(received: Received, context: grpc.aio.ServicerContext) -> Any:
-        if received.problem is not None:
-            await _refuse(context, received.problem)
-        cost = charge_of(received)
-        if received.busy or not budget.fits(cost):
+    async def charged(request: Charged | Refused, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Refused):
+            if not request.busy:
+                await _refuse(context, request)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, budget.refusal().message)
-        budget.take(cost)
+            raise AssertionError("abort returned")  # it raises; this tells mypy
+        message, cost = request
+        held = budget.held_bytes  # take(), inlined: this runs once per request
+        if held and held + cost > budget.limit_bytes:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, budget.refusal().message)
+        budget.held_bytes = held + cost
         try:
-            return await behaviour(received.message, context)
+            return await behaviour(message, context)
         finally:
-            budget.give(cost)
+            budget.held_bytes -= cost
 
     return charged
 
@@ -211,24 +244,24 @@ def _unary(behaviour: Any, budget: InflightBudget | None) -> Any:
 def _unary_stream(behaviour: Any) -> Any:
     if not inspect.isasyncgenfunction(behaviour):  # writes with context.write()
 
-        async def writer(received: Received, context: grpc.aio.ServicerContext) -> None:
-            if received.problem is not None:
-                await _refuse(context, received.problem)
-            await behaviour(received.message, context)
+        async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if type(request) is Refused:
+                await _refuse(context, request)
+            await behaviour(request, context)
 
         return writer
 
-    async def checked(received: Received, context: grpc.aio.ServicerContext) -> Any:
-        if received.problem is not None:
-            await _refuse(context, received.problem)
-        async for response in behaviour(received.message, context):
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if type(request) is Refused:
+            await _refuse(context, request)
+        async for response in behaviour(request, context):
             yield response
 
     return checked
 
 
 def _stream_unary(behaviour: Any) -> Any:
-    async def checked(requests: AsyncIterator[Received], context: grpc.aio.ServicerContext) -> Any:
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         return await behaviour(_messages(requests, context), context)
 
     return checked
@@ -237,14 +270,12 @@ def _stream_unary(behaviour: Any) -> Any:
 def _stream_stream(behaviour: Any) -> Any:
     if not inspect.isasyncgenfunction(behaviour):  # writes with context.write()
 
-        async def writer(
-            requests: AsyncIterator[Received], context: grpc.aio.ServicerContext
-        ) -> None:
+        async def writer(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
             await behaviour(_messages(requests, context), context)
 
         return writer
 
-    async def checked(requests: AsyncIterator[Received], context: grpc.aio.ServicerContext) -> Any:
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         async for response in behaviour(_messages(requests, context), context):
             yield response
 
@@ -252,9 +283,9 @@ def _stream_stream(behaviour: Any) -> Any:
 
 
 async def _messages(
-    requests: AsyncIterator[Received], context: grpc.aio.ServicerContext
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
 ) -> AsyncIterator[Any]:
-    async for received in requests:
-        if received.problem is not None:
-            await _refuse(context, received.problem)
-        yield received.message
+    async for request in requests:
+        if type(request) is Refused:
+            await _refuse(context, request)
+        yield request

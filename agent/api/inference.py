@@ -38,7 +38,7 @@ from typing import TypeAlias
 
 import grpc
 
-from edgeserve.api.bounds import InflightBudget, Received, charge_of
+from edgeserve.api.bounds import Charged, InflightBudget, Refused, charge_of
 from edgeserve.api.codec import (
     decode_infer_request,
     encode_infer_response,
@@ -215,11 +215,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(
         self,
-        request_iterator: AsyncIterator[Received | pb.ModelInferRequest],
+        request_iterator: AsyncIterator[Charged | Refused | pb.ModelInferRequest],
         context: _Context,
     ) -> AsyncIterator[bytes]:
         """Yields serialized responses: the server registers this method with no response
-        serializer and with ``bounds.parse_request`` items, so each response's size is
+        serializer and with ``bounds.parse_charged`` items, so each response's size is
         known exactly (and counted) before it waits for the client to read it."""
         stream = _Stream(
             self,
@@ -284,7 +284,7 @@ class _Stream:
         self._done: asyncio.Queue[bytes | None] = asyncio.Queue()
 
     async def run(
-        self, requests: AsyncIterator[Received | pb.ModelInferRequest]
+        self, requests: AsyncIterator[Charged | Refused | pb.ModelInferRequest]
     ) -> AsyncIterator[bytes]:
         reader = asyncio.create_task(self._read(requests))
         try:
@@ -300,19 +300,21 @@ class _Stream:
             for task in list(self._tasks):
                 task.cancel()
 
-    async def _read(self, requests: AsyncIterator[Received | pb.ModelInferRequest]) -> None:
+    async def _read(
+        self, requests: AsyncIterator[Charged | Refused | pb.ModelInferRequest]
+    ) -> None:
         try:
             async for item in requests:
-                if isinstance(item, Received):
-                    received = item
-                else:  # a servicer registered without bounds.parse_request
-                    received = Received(item, item.ByteSize())
                 await self._slots.acquire()
-                await self._room_for(charge_of(received))
-                if received.problem is not None:
-                    self._answer_now(_stream_error(received.problem, None))
+                if isinstance(item, Refused):
+                    self._answer_now(_stream_error(item.problem, None))
                     continue
-                self._start(received)
+                if isinstance(item, tuple):
+                    msg, charge = item
+                else:  # a servicer registered without bounds.parse_charged
+                    msg, charge = item, charge_of(item, item.ByteSize())
+                await self._room_for(charge)
+                self._start(msg, charge)
             if self._tasks:
                 await asyncio.wait(list(self._tasks))
         finally:
@@ -327,8 +329,7 @@ class _Stream:
         self._pending_bytes += len(response)
         self._done.put_nowait(response)
 
-    def _start(self, received: Received) -> None:
-        msg, charge = received.message, charge_of(received)
+    def _start(self, msg: pb.ModelInferRequest, charge: int) -> None:
         if self._inflight is not None:
             try:
                 self._inflight.take(charge)

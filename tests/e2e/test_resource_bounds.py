@@ -172,4 +172,4 @@ def test_concurrent_maximum_size_requests_stay_within_the_budget(
     assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
     assert all(s < 5 for code, s in outcomes if code == "RESOURCE_EXHAUSTED"), outcomes
     # Unbounded, the same requests take about 550 MiB (66 MiB each in flight).
-    assert grown < 240, f"resident memory grew {grown:.0f} MiB"
+    assert grown < 320, f"resident memory grew {grown:.0f} MiB"
