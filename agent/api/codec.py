@@ -37,6 +37,7 @@ alternative, ``bytearray(data)`` per input, is a full copy of every request.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 import weakref
@@ -98,7 +99,17 @@ _consume_readonly_buffer_warnings()
 class _Input:
     """One declared input: what its requests must look like and how they decode."""
 
-    __slots__ = ("name", "datatype", "shape", "tail", "dtype", "itemsize", "torch_dtype")
+    __slots__ = (
+        "name",
+        "datatype",
+        "shape",
+        "rank",
+        "tail",
+        "tail_count",
+        "dtype",
+        "itemsize",
+        "torch_dtype",
+    )
 
     def __init__(self, name: str, datatype: str, shape: tuple[int, ...]) -> None:
         self.name = name
@@ -106,14 +117,16 @@ class _Input:
         self.shape = shape
         # The common signature [-1, fixed...]: a request matches when its tail is equal.
         fixed_tail = bool(shape) and shape[0] == -1 and all(d >= 0 for d in shape[1:])
-        self.tail = shape[1:] if fixed_tail else None
+        self.tail = list(shape[1:]) if fixed_tail else None
+        self.tail_count = math.prod(shape[1:]) if fixed_tail else 0
+        self.rank = len(shape)
         self.dtype = NUMPY_DTYPES.get("INT16" if datatype == "BF16" else datatype)
         self.itemsize = DATATYPE_SIZES[datatype]
         self.torch_dtype = TORCH_DTYPES.get(datatype)
 
 
 class _Plan:
-    """A live model version's inputs by name, and the facts every reply repeats."""
+    """A live model version's inputs by name, and what an error lists."""
 
     __slots__ = ("inputs", "count", "declared")
 
@@ -172,14 +185,15 @@ def decode_infer_request(
     batches = model.batches
     batch = -1
     total = 0
-    for i, inp in enumerate(inputs):
+    for i in range(len(inputs)):  # indexing beats iterating a protobuf repeated field
+        inp = inputs[i]
         slot = plan.inputs.get(inp.name)
         if slot is None or slot.name in tensors:
             _refuse_name(model, plan, inp.name)
         if inp.datatype != slot.datatype:
             problem = f"datatype must be {slot.datatype}, got {clip(inp.datatype) or '(none)'}"
             raise InvalidArgument.for_input(name, slot.name, problem)
-        shape = tuple(inp.shape)
+        shape = inp.shape[:]  # a list: slicing beats tuple() on a repeated field
         count = _checked_count(model, slot, shape)
         first = shape[0] if shape else 1
         if batch < 0:
@@ -229,10 +243,10 @@ def _refuse_name(model: LiveModel, plan: _Plan, name: str) -> NoReturn:
     raise InvalidArgument.for_input(model.name, name, problem)
 
 
-def _checked_count(model: LiveModel, slot: _Input, shape: tuple[int, ...]) -> int:
+def _checked_count(model: LiveModel, slot: _Input, shape: list[int]) -> int:
     """The element count of ``shape``, checked against the signature and the bounds."""
     tail = slot.tail
-    if tail is None or len(shape) != len(slot.shape) or shape[1:] != tail or shape[0] < 0:
+    if tail is None or len(shape) != slot.rank or shape[1:] != tail or shape[0] < 0:
         want = slot.shape
         if len(shape) != len(want):
             _raise_shape(model, slot, shape)
@@ -242,18 +256,22 @@ def _checked_count(model: LiveModel, slot: _Input, shape: tuple[int, ...]) -> in
     if shape and model.batches and not 1 <= shape[0] <= model.max_batch_size:
         problem = f"batch size {shape[0]} (dim 0) is outside 1..{model.max_batch_size}"
         raise InvalidArgument.for_input(model.name, slot.name, problem + " (max_batch_size)")
-    count = element_count(shape)
+    if tail is not None and shape[1:] == tail:  # the count of the common case, no loop
+        count = shape[0] * slot.tail_count
+        if 0 < count <= MAX_ELEMENTS:
+            return count
+    count = element_count(shape)  # zero-element shapes too: their other dims are bounded
     if count is None:
         problem = (
-            f"shape {clip(list(shape))} has more than {MAX_ELEMENTS} elements "
+            f"shape {clip(shape)} has more than {MAX_ELEMENTS} elements "
             "(each dim counted as at least 1)"
         )
         raise InvalidArgument.for_input(model.name, slot.name, problem)
     return count
 
 
-def _raise_shape(model: LiveModel, slot: _Input, shape: tuple[int, ...]) -> NoReturn:
-    problem = f"shape {clip(list(shape))} does not match {list(slot.shape)} (-1 = any size)"
+def _raise_shape(model: LiveModel, slot: _Input, shape: list[int]) -> NoReturn:
+    problem = f"shape {clip(shape)} does not match {list(slot.shape)} (-1 = any size)"
     raise InvalidArgument.for_input(model.name, slot.name, problem)
 
 
@@ -266,7 +284,7 @@ def _charge(size: int, max_bytes: int | None, total: int) -> int:
 
 def _from_raw(
     slot: _Input,
-    shape: tuple[int, ...],
+    shape: list[int],
     count: int,
     data: bytes,
     max_bytes: int | None,
@@ -275,12 +293,12 @@ def _from_raw(
     if slot.dtype is None:  # BYTES
         payload = len(data) - 4 * count  # each element has a 4-byte length
         size = _charge(bytes_cost(count, max(payload, 0)), max_bytes, total)
-        return BytesTensor(split_elements(data, count), shape), size
+        return BytesTensor(split_elements(data, count), tuple(shape)), size
     expected = count * slot.itemsize
     if len(data) != expected:
         raise ContentsError(
             f"raw_input_contents holds {len(data)} bytes, expected {expected} "
-            f"({count} x {slot.datatype} for shape {list(shape)})"
+            f"({count} x {slot.datatype} for shape {shape})"
         )
     size = _charge(expected, max_bytes, total)
     buffer: bytes | bytearray = data
@@ -298,7 +316,7 @@ def _from_raw(
 
 def _from_typed(
     slot: _Input,
-    shape: tuple[int, ...],
+    shape: list[int],
     count: int,
     contents: pb.InferTensorContents,
     max_bytes: int | None,
@@ -313,7 +331,7 @@ def _from_typed(
             raise ContentsError(f"contents.{field} holds {len(values)} elements, expected {count}")
         payload = contents.ByteSize() - 2 * count  # each element has a tag and a length
         size = _charge(bytes_cost(count, max(payload, 0)), max_bytes, total)
-        return BytesTensor(list(values), shape), size
+        return BytesTensor(list(values), tuple(shape)), size
     # Charged at the widest step: varints decode into their 4- or 8-byte proto type.
     size = _charge(count * max(slot.itemsize, 4), max_bytes, total)
     array = typed_array(contents, slot.datatype, count)
@@ -356,26 +374,23 @@ def encode_infer_response(
         id=result.request_id if request_id is None else request_id,
     )
     names = requested or outputs.keys()
-    if raw:
-        add = response.outputs.add
-        append = response.raw_output_contents.append
-        for name in names:
-            value = _output(model, outputs, name)
-            if isinstance(value, BytesTensor):
-                add(name=name, datatype="BYTES", shape=value.shape)
-                append(join_elements(value.items))
-                continue
-            add(name=name, datatype=_datatype(model, name, value), shape=value.shape)
-            if value.dtype is torch.bfloat16:  # numpy has no bfloat16: same bits as int16
-                value = value.view(torch.int16)
-            append(value.numpy().tobytes())
-        return response
-    chosen = [(name, _output(model, outputs, name)) for name in names]
-    if not all(_datatype(model, n, v) in TYPED_FIELDS for n, v in chosen):
-        return encode_infer_response(
-            result, model, raw=True, requested=requested, request_id=request_id
-        )
-    _add_typed_outputs(response, model, chosen)
+    if not raw:
+        chosen = [(name, _output(model, outputs, name)) for name in names]
+        if all(_datatype(model, n, v) in TYPED_FIELDS for n, v in chosen):
+            _add_typed_outputs(response, model, chosen)
+            return response
+    add = response.outputs.add
+    append = response.raw_output_contents.append
+    for name in names:
+        value = _output(model, outputs, name)
+        if isinstance(value, BytesTensor):
+            add(name=name, datatype="BYTES", shape=value.shape)
+            append(join_elements(value.items))
+            continue
+        add(name=name, datatype=_datatype(model, name, value), shape=value.shape)
+        if value.dtype is torch.bfloat16:  # numpy has no bfloat16: same bits as int16
+            value = value.view(torch.int16)
+        append(value.numpy().tobytes())
     return response
 
 
