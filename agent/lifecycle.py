@@ -223,7 +223,7 @@ class Lifecycle:
             self._add(fresh, make_default=make_default)
             is_default = self._registry.default_version(name) == version
             self._deployed("load", name, version, source, default=is_default)
-            if make_default and previous != version:
+            if make_default and previous not in (None, version):  # a first version: no flip
                 self._deployed("set_default", name, version, source, previous=previous)
             return fresh.live
 
