@@ -96,6 +96,7 @@ COUNTED = ("installing", "warming", "probation")  # the candidate may be live: c
 MAY_BE_LIVE = ("warming", "probation")  # a refusal here rolls back; earlier, it rejects
 MAX_BOOTS = 3
 HOLD_ENV = "EDGESERVE_FLEET_HOLD_AT"
+PROGRESS_EVERY_S = 1.0  # download progress is reported at most this often
 SIGNATURE_REASONS = ("unknown_key", "threshold", "bad_signature")
 STAGING = "staging"  # <state_dir>/fleet/staging: the fetcher's dir
 _TICK_S = 1.0
@@ -143,6 +144,7 @@ class Deployer:
         self._newer = asyncio.Event()  # a document arrived while one is in flight
         self._hold_at = os.environ.get(HOLD_ENV)
         self._progress = (0, 0)
+        self._progress_reported = 0.0
 
     # -- before the daemon restores live.json ----------------------------------------------
 
@@ -414,7 +416,9 @@ class Deployer:
 
             def progress(now: int, _total: int, base: int = done) -> None:
                 self._progress = (base + now, total)
-                self.on_change()
+                if time.monotonic() - self._progress_reported >= PROGRESS_EVERY_S:
+                    self._progress_reported = time.monotonic()
+                    self.on_change()  # a report per chunk would cost serving CPU for nothing
 
             try:
                 await self._fetcher.fetch(artifact, self._fleet.topic_prefix, progress=progress)
