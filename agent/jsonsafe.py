@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import accumulate
 from typing import Any, NoReturn
 
 DEFAULT_MAX_BYTES = 1024 * 1024
 DEFAULT_MAX_DEPTH = 32
 
-# A string (escapes included) or one bracket: strings are skipped whole, so brackets
-# inside them never count towards the depth.
-_STRUCTURE = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
+# A JSON string, escapes included (an unterminated one runs to the end). Possessive
+# (3.11): no backtracking, and a run of plain characters is one step.
+_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
+# Every byte but the four brackets (UTF-8 continuation bytes are never brackets).
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 class JsonRefused(ValueError):
@@ -62,15 +66,14 @@ def parse_json(
 
 def check_depth(text: str, max_depth: int) -> None:
     """Refuse ``text`` when its arrays and objects nest deeper than ``max_depth``."""
-    depth = 0
-    for match in _STRUCTURE.finditer(text):
-        char = match.group()
-        if char in "[{":
-            depth += 1
-            if depth > max_depth:
-                raise JsonRefused(f"nested deeper than {max_depth} levels")
-        elif char in "]}":
-            depth -= 1
+    if text.count("[") + text.count("{") <= max_depth:
+        return  # it cannot nest deeper than it opens (a fast path for most documents)
+    # Strings out (brackets in them do not nest), then only the brackets; the first
+    # running sum over the limit ends it. No Python step per character.
+    outside = _STRING.sub("", text).encode("utf-8", "surrogatepass")
+    depths = accumulate(map(_STEP.__getitem__, outside.translate(None, _NOT_BRACKETS)))
+    if next(filter(max_depth.__lt__, depths), None) is not None:
+        raise JsonRefused(f"nested deeper than {max_depth} levels")
 
 
 def _refuse_float(text: str) -> NoReturn:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from edgeserve.jsonsafe import JsonRefused, parse_json
@@ -10,6 +12,10 @@ from edgeserve.jsonsafe import JsonRefused, parse_json
 def test_plain_documents_parse() -> None:
     assert parse_json(b'{"a": [1, 2.5, "x"], "b": null}') == {"a": [1, 2.5, "x"], "b": None}
     assert parse_json('{"s": "[[[[\\"{{{{"}', max_depth=1) == {"s": '[[[["{{{{'}
+    wide = [[i, {"k": ["é["]}] for i in range(20_000)]  # many brackets, three levels
+    assert parse_json(json.dumps(wide), max_depth=4) == wide
+    with pytest.raises(JsonRefused, match="nested deeper than 4 levels"):
+        parse_json(json.dumps([*wide, [[[[[]]]]]]), max_depth=4)
 
 
 @pytest.mark.parametrize(
