@@ -15,10 +15,48 @@ from edgeserve.fleet.documents import ModelEntry
 from edgeserve.store.model_store import LiveEntry
 from edgeserve.types import BatchingSettings
 
+DOWNLOADING = ("received", "verified", "downloading")  # before these end, no bytes are final
 
-def is_past_download(record: Mapping[str, Any]) -> bool:
-    before = ("received", "verified", "downloading")
-    return bool(record.get("verified")) and record.get("state") not in before
+
+def reported_state(
+    record: Mapping[str, Any],
+    committed: Mapping[str, Any],
+    live: Sequence[LiveEntry],
+    *,
+    downloaded: int,
+    root_version: int,
+) -> dict[str, Any]:
+    """``committed_serial``, ``root_version``, ``live`` (with each version's sha256 when a
+    document named it) and ``deployment`` (serial, state, reason, bytes done and total;
+    ``downloaded`` is the bytes done while the state is ``downloading``)."""
+    known = list(committed.get("models") or []) + list(record.get("models") or [])
+    shas = {(m["name"], m["version"]): m.get("sha256") for m in known}
+    deployment = None
+    if record:
+        total = int(record.get("bytes_total") or 0)
+        past = record.get("verified") and record.get("state") not in DOWNLOADING
+        done = downloaded if record.get("state") == "downloading" else total if past else 0
+        deployment = {
+            "serial": record.get("serial"),
+            "state": record.get("state"),
+            "reason": record.get("reason"),
+            "bytes_done": done,
+            "bytes_total": total,
+        }
+    return {
+        "committed_serial": committed.get("serial", 0),
+        "root_version": root_version,
+        "live": [
+            {
+                "name": e.name,
+                "version": e.version,
+                "sha256": shas.get((e.name, e.version)),
+                "default": e.default,
+            }
+            for e in live
+        ],
+        "deployment": deployment,
+    }
 
 
 def inside_window(window: tuple[int, int], now: float) -> bool:

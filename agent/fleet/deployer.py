@@ -67,9 +67,9 @@ from edgeserve.fleet.deploy_record import (
     entries_from_json,
     entries_to_json,
     inside_window,
-    is_past_download,
     model_summary,
     peek_serial,
+    reported_state,
 )
 from edgeserve.fleet.documents import (
     Deployment,
@@ -181,39 +181,14 @@ class Deployer:
     # -- what the reporter shows -----------------------------------------------------------
 
     def report(self) -> dict[str, Any]:
-        record = self._record or {}
-        shas = {(m["name"], m["version"]): m.get("sha256") for m in self._known_models()}
-        deployment = None
-        if record:
-            total = int(record.get("bytes_total") or 0)
-            done = total if is_past_download(record) else 0
-            if record.get("state") == "downloading":
-                done = self._progress[0]
-            deployment = {
-                "serial": record.get("serial"),
-                "state": record.get("state"),
-                "reason": record.get("reason"),
-                "bytes_done": done,
-                "bytes_total": total,
-            }
-        return {
-            "committed_serial": self._committed.get("serial", 0),
-            "root_version": self._root().version,
-            "live": [
-                {
-                    "name": e.name,
-                    "version": e.version,
-                    "sha256": shas.get((e.name, e.version)),
-                    "default": e.default,
-                }
-                for e in self._lifecycle.live_entries()
-            ],
-            "deployment": deployment,
-        }
-
-    def _known_models(self) -> list[dict[str, Any]]:
-        record = self._record or {}
-        return list(self._committed.get("models") or []) + list(record.get("models") or [])
+        """The deployer's part of the reported state (and of ``edgeserve status``)."""
+        return reported_state(
+            self._record or {},
+            self._committed,
+            self._lifecycle.live_entries(),
+            downloaded=self._progress[0],
+            root_version=self._root().version,
+        )
 
     # -- incoming documents ------------------------------------------------------------------
 
