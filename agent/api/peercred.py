@@ -45,6 +45,7 @@ import socket
 import stat
 import struct
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ DEFAULT_MAX_CONNECTIONS = 16
 ROOT_RESERVE = 2
 """Connections past ``max_connections`` that only root gets."""
 DEFAULT_IDLE_TIMEOUT_S = 60.0
+REFUSAL_LOG_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,8 @@ class CredentialRelay:
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
         self.clients = 0  # relayed (admitted) connections now
+        self._refused = 0
+        self._refusal_logged_at = -REFUSAL_LOG_S
         self._mode = socket_mode
         self._gid = socket_gid
         self._private: Path | None = None
@@ -284,12 +288,7 @@ class CredentialRelay:
         try:
             peer = read_peer_credentials(writer.get_extra_info("socket"))
             if not self._admits(peer):
-                log.warning(
-                    "management: %d connections open; closing one from uid %d (pid %d)",
-                    self.clients,
-                    peer.uid,
-                    peer.pid,
-                )
+                self._log_refusal(peer)
                 return
             admitted = True
             self.clients += 1
@@ -311,6 +310,23 @@ class CredentialRelay:
             writer.close()
             if task is not None:
                 self._tasks.discard(task)
+
+    def _log_refusal(self, peer: PeerCredentials) -> None:
+        """One warning per ``REFUSAL_LOG_S`` at most: a client that reconnects in a loop
+        must not flood the journal."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at < REFUSAL_LOG_S:
+            return
+        log.warning(
+            "management: %d connections open; closing one from uid %d (pid %d) "
+            "(%d refused since the last such line)",
+            self.clients,
+            peer.uid,
+            peer.pid,
+            self._refused,
+        )
+        self._refusal_logged_at, self._refused = now, 0
 
     def _admits(self, peer: PeerCredentials) -> bool:
         """Below the cap anyone; root also in the reserve above it."""
