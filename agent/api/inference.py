@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeAlias
 
 import grpc
@@ -57,6 +57,7 @@ DEFAULT_MAX_STREAM_IN_FLIGHT = 1024
 DEFAULT_STREAM_MAX_PENDING_BYTES = 16 << 20
 
 _Context: TypeAlias = grpc.aio.ServicerContext
+_now = time.perf_counter  # four reads per request: one global lookup each, not two
 
 
 def _code_name(exc: BaseException) -> str:
@@ -165,21 +166,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference --------------------------------------------------------------------
 
     @map_errors
-    async def ModelInfer(
+    def ModelInfer(
         self, request: pb.ModelInferRequest, context: _Context
-    ) -> pb.ModelInferResponse:
-        return await self._infer(request, _deadline(context), "ModelInfer")
+    ) -> Awaitable[pb.ModelInferResponse]:
+        # Hands back _infer's coroutine for map_errors to await: one frame less per call.
+        return self._infer(request, _deadline(context), "ModelInfer")
 
     async def _infer(
         self, msg: pb.ModelInferRequest, deadline: float | None, where: str
     ) -> pb.ModelInferResponse:
         model = self._registry.get(msg.model_name, msg.model_version or None)
-        started = time.perf_counter()
+        started = _now()
         try:
             request = decode_infer_request(msg, model, deadline, max_bytes=self._max_request_bytes)
-            decoded = time.perf_counter()
+            decoded = _now()
             result = await model.infer(request)
-            inferred = time.perf_counter()
+            inferred = _now()
             response = encode_infer_response(
                 result,
                 model,
@@ -192,18 +194,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if isinstance(exc, Exception) and not isinstance(exc, EdgeserveError):
                 failure = internal(exc, where)  # logged once, here, under a correlation id
             if model.recorder is not None:
-                model.recorder.observe_request(
-                    _code_name(failure), time.perf_counter() - started, None, None
-                )
+                model.recorder.observe_request(_code_name(failure), _now() - started, None, None)
             if self._errors is not None:
                 self._errors.failed(failure, model.name, model.version)
             if failure is exc:
                 raise
             raise failure from exc
-        if model.recorder is not None:
+        recorder = model.recorder
+        if recorder is not None:
             timings = result.timings
-            finished = time.perf_counter()
-            model.recorder.observe_request(
+            finished = _now()
+            recorder.observe_request(
                 "OK",
                 finished - started,
                 timings.get("queue_s"),

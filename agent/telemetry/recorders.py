@@ -1,10 +1,12 @@
 """In-memory recorders for each live model version: counters, fixed-bucket histograms, gauges.
 
-No I/O and no background thread: the hot path pays a lock, a clock read and a few
-bisects (see ``bench/recorder_overhead.py``). A later rollup turns ``snapshot()`` into
-rows; ``edgeserve status`` and the Prometheus endpoint read the same snapshot; the
-KServe servicer's ModelStatistics (Triton's statistics extension) reads ``totals()``,
-cumulative counts and durations kept beside the histograms by the same calls.
+No I/O and no background thread: a served request costs the hot path a clock read and a
+deque append; the figures take it in groups of ``FOLD_EVERY`` (one lock, a few bisects
+each) or at the next read, whichever comes first (see ``bench/recorder_overhead.py``).
+A later rollup turns ``snapshot()`` into rows; ``edgeserve status`` and the Prometheus
+endpoint read the same snapshot; the KServe servicer's ModelStatistics (Triton's
+statistics extension) reads ``totals()``, cumulative counts and durations kept beside the
+histograms by the same calls.
 
 Who calls what::
 
@@ -31,7 +33,9 @@ does), so their error is bounded by the bucket width. No per-request list is kep
 
 Thread-safety: ``observe_*`` may be called from the event loop and from worker threads
 at once; each ``ModelRecorder`` holds one lock around its writes and its copy in
-``snapshot()``. The queue-depth callable is invoked outside that lock.
+``snapshot()``. Served requests wait in a deque (appends and pops are atomic) and are
+folded in under that lock, by the writer that fills a group or by any reader, so a read
+sees every request observed before it. The queue-depth callable is invoked outside the lock.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import logging
 import threading
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,12 +66,16 @@ WINDOW_SLOT_S = 10.0
 """Width of one slot of the last-minute ring."""
 WINDOW_SLOTS = 6
 """Slots in the ring: the window is WINDOW_SLOTS * WINDOW_SLOT_S = 60 s."""
+FOLD_EVERY = 32
+"""Served requests queued before the writer folds them into the figures (reads fold first)."""
 MAX_BATCH_SIZES_ITEMIZED = 256
 """Distinct batch sizes counted one by one in ``totals()``; a size first seen after that
 many is counted only in the executions (a client chooses its batch sizes: bounded)."""
 
 Clock = Callable[[], float]
 QueueDepthSource = Callable[[], int]
+# One served request until it is folded: (clock time, total, queue, compute, decode, encode).
+_Served = tuple[float, float, float | None, float | None, float | None, float | None]
 
 
 class _Histogram:
@@ -194,6 +203,7 @@ class ModelRecorder:
         self._slot_keys = [-1] * WINDOW_SLOTS
         self._slot_latency = [[0] * n for _ in range(WINDOW_SLOTS)]
         self._slot_codes: list[dict[str, int]] = [{} for _ in range(WINDOW_SLOTS)]
+        self._served: deque[_Served] = deque()
 
     def observe_request(
         self,
@@ -206,46 +216,86 @@ class ModelRecorder:
     ) -> None:
         """Count one finished request; its times (seconds) enter the histograms if OK
         (``decode_s`` and ``encode_s`` only the totals)."""
-        # Written flat, without helper calls: this runs once per request.
         now = self._clock()
+        if status == OK:  # queued, folded in groups: no lock per request (module docstring)
+            served = self._served
+            served.append((now, total_s, queue_s, compute_s, decode_s, encode_s))
+            if len(served) >= FOLD_EVERY:
+                with self._lock:
+                    self._fold()
+            return
         key = int(now // WINDOW_SLOT_S)
-        slot = key % WINDOW_SLOTS
         with self._lock:
-            if self._slot_keys[slot] != key:
-                self._slot_keys[slot] = key
-                self._slot_latency[slot] = [0] * (len(LATENCY_BOUNDS_S) + 1)
-                self._slot_codes[slot] = {}
-            codes = self._slot_codes[slot]
+            codes = self._slot(key)[1]
             codes[status] = codes.get(status, 0) + 1
             codes = self._codes
             codes[status] = codes.get(status, 0) + 1
-            if status != OK:
-                sums = self._failed
-                sums.count += 1
-                sums.seconds += total_s
-                return
-            self._last_ok_at = now
-            bucket = bisect_left(LATENCY_BOUNDS_S, total_s)
-            self._slot_latency[slot][bucket] += 1
-            hist = self._total
-            hist.counts[bucket] += 1
-            hist.sum += total_s
+            sums = self._failed
+            sums.count += 1
+            sums.seconds += total_s
+
+    def _slot(self, key: int) -> tuple[list[int], dict[str, int]]:
+        """The ring slot of window ``key`` (reset when it held an older one); the caller
+        holds the lock and never asks for a key older than the slot's."""
+        slot = key % WINDOW_SLOTS
+        if self._slot_keys[slot] != key:
+            self._slot_keys[slot] = key
+            self._slot_latency[slot] = [0] * (len(LATENCY_BOUNDS_S) + 1)
+            self._slot_codes[slot] = {}
+        return self._slot_latency[slot], self._slot_codes[slot]
+
+    def _fold(self) -> None:
+        """Move the queued served requests into the figures; the caller holds the lock.
+
+        Written flat, with the figures in locals: this runs for every served request. A
+        request queued so long that its window slot has since been reused (no write or
+        read for a whole minute) is past the window and counts only in the cumulative
+        figures.
+        """
+        served = self._served
+        count = len(served)
+        if not count:
+            return
+        pop = served.popleft
+        bounds = LATENCY_BOUNDS_S
+        slot_keys = self._slot_keys
+        total, queue, compute = self._total, self._queue, self._compute
+        total_counts, queue_counts, compute_counts = total.counts, queue.counts, compute.counts
+        total_sum, queue_sum, compute_sum = total.sum, queue.sum, compute.sum
+        decode, encode = self._decode, self._encode
+        latency: list[int] | None = None
+        window_codes: dict[str, int] = {}
+        last_key = -1
+        at = 0.0
+        for _ in range(count):
+            at, total_s, queue_s, compute_s, decode_s, encode_s = pop()
+            key = int(at // WINDOW_SLOT_S)
+            if key != last_key:
+                last_key = key
+                latency = None
+                if slot_keys[key % WINDOW_SLOTS] <= key:
+                    latency, window_codes = self._slot(key)
+            bucket = bisect_left(bounds, total_s)
+            if latency is not None:
+                latency[bucket] += 1
+                window_codes[OK] = window_codes.get(OK, 0) + 1
+            total_counts[bucket] += 1
+            total_sum += total_s
             if queue_s is not None:
-                hist = self._queue
-                hist.counts[bisect_left(LATENCY_BOUNDS_S, queue_s)] += 1
-                hist.sum += queue_s
+                queue_counts[bisect_left(bounds, queue_s)] += 1
+                queue_sum += queue_s
             if compute_s is not None:
-                hist = self._compute
-                hist.counts[bisect_left(LATENCY_BOUNDS_S, compute_s)] += 1
-                hist.sum += compute_s
+                compute_counts[bisect_left(bounds, compute_s)] += 1
+                compute_sum += compute_s
             if decode_s is not None:
-                sums = self._decode
-                sums.count += 1
-                sums.seconds += decode_s
+                decode.count += 1
+                decode.seconds += decode_s
             if encode_s is not None:
-                sums = self._encode
-                sums.count += 1
-                sums.seconds += encode_s
+                encode.count += 1
+                encode.seconds += encode_s
+        total.sum, queue.sum, compute.sum = total_sum, queue_sum, compute_sum
+        self._codes[OK] = self._codes.get(OK, 0) + count
+        self._last_ok_at = at
 
     def observe_batch(self, size: int, compute_s: float) -> None:
         """Count one batch the model ran: its size and how long the model took on it."""
@@ -285,6 +335,7 @@ class ModelRecorder:
         """Plain data (JSON-able) of cumulative figures and the last minute's."""
         now = self._clock()
         with self._lock:
+            self._fold()
             data: dict[str, Any] = {
                 "model": self.name,
                 "version": self.version,
@@ -309,6 +360,7 @@ class ModelRecorder:
         """Cumulative counts and durations (see ``Totals``), read under the lock."""
         now, wall = self._clock(), self._wall_clock()
         with self._lock:
+            self._fold()
             last = self._last_ok_at
             return Totals(
                 served=_duration(self._total),
