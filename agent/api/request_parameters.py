@@ -15,10 +15,13 @@ request  ``timeout`` (int, microseconds)                honoured: a queue deadli
                                                         call's gRPC deadline (the earlier wins)
 request  ``typed_output_contents`` (bool)               edgeserve's own: typed ``contents`` in
                                                         the reply instead of raw
+request  ``triton_enable_empty_final_response``         ignored: it asks a decoupled model for a
+                                                        final empty response; edgeserve's models
+                                                        are not decoupled, and Triton ignores it
+                                                        for those too (perf_analyzer always sends
+                                                        it)
 request  any other ``triton_*``                         refused: reserved for Triton features
-                                                        edgeserve lacks (e.g.
-                                                        ``triton_enable_empty_final_response``
-                                                        of decoupled models)
+                                                        edgeserve lacks
 request  ``priority``                                   ignored: one priority level, as Triton
                                                         does for a model without
                                                         ``priority_levels``
@@ -55,6 +58,9 @@ _REFUSED_REQUEST = {
     "sequence_end": _SEQUENCES,
 }
 _RESERVED_PREFIX = "triton_"
+# Meaningful only for decoupled models, which edgeserve does not have; Triton ignores it
+# for the others, and perf_analyzer sends it true on every request.
+_IGNORED_RESERVED = frozenset({"triton_enable_empty_final_response"})
 _RESERVED = "a Triton feature edgeserve does not implement (models are not decoupled)"
 _REFUSED_TENSOR = {
     "shared_memory_region": _SHARED_MEMORY,
@@ -90,6 +96,8 @@ def request_timeout_s(params: _Parameters, model: str) -> float | None:
         elif key == TYPED_OUTPUT:
             if not isinstance(value, bool):
                 raise InvalidArgument(f"model '{clip(model)}': parameter '{key}' must be a bool")
+        elif key in _IGNORED_RESERVED:
+            continue
         elif key in _REFUSED_REQUEST or key.startswith(_RESERVED_PREFIX):
             if value:
                 reason = _REFUSED_REQUEST.get(key, _RESERVED)

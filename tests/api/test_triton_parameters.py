@@ -101,9 +101,18 @@ def test_parameters_at_their_off_value_ask_for_nothing(api: Api) -> None:
 
 def test_reserved_triton_parameters_are_refused(api: Api) -> None:
     request = typed_request()
-    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    request.parameters["triton_new_feature"].bool_param = True
     message = refused(api, request)
-    assert "parameter 'triton_enable_empty_final_response' is not supported" in message
+    assert "parameter 'triton_new_feature' is not supported" in message
+
+
+def test_empty_final_response_is_ignored_as_triton_does_for_models_not_decoupled(
+    api: Api,
+) -> None:
+    # perf_analyzer sends it true on every request.
+    request = typed_request()
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    assert infer(api, request).outputs[0].name == "y"
 
 
 def test_classification_is_refused_naming_the_output(api: Api) -> None:
