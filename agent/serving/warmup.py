@@ -24,7 +24,6 @@ not the runtime itself.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ from edgeserve.archive.format import member_path
 from edgeserve.archive.manifest import Manifest, Sample
 from edgeserve.dtypes import datatype_of_numpy
 from edgeserve.errors import ArchiveError, WarmupFailed
+from edgeserve.jsonsafe import parse_json
 from edgeserve.serving.torch_dtypes import TORCH_DTYPES
 from edgeserve.types import BytesTensor, TensorSpec, TensorValue
 
@@ -211,11 +211,15 @@ def _read_side(
     return tensors
 
 
+_MAX_SAMPLE_JSON_BYTES = 16 * 1024 * 1024
+
+
 def _read_tensor(path: Path, spec: TensorSpec, is_output: bool) -> TensorValue:
     if spec.datatype == "BYTES":
         if not is_output:
             return BytesTensor([path.read_bytes()], (1,))
-        items = _flatten(json.loads(path.read_text(encoding="utf-8")))
+        # An archive's sample: bounded like its manifest (JsonRefused is a ValueError).
+        items = _flatten(parse_json(path.read_bytes(), max_bytes=_MAX_SAMPLE_JSON_BYTES))
         return BytesTensor([item.encode() for item in items], (len(items),))
     array = np.load(path, allow_pickle=False)
     array = array.astype(array.dtype.newbyteorder("="), copy=False)

@@ -35,6 +35,7 @@ from typing import Any
 from sqlite_utils import Database, Migrations
 
 from edgeserve.errors import InvalidArgument
+from edgeserve.jsonsafe import JsonRefused, parse_json
 
 MIGRATIONS = Migrations("edgeserve.collection")
 MAX_RECORDS_PER_BATCH = 100_000
@@ -100,15 +101,20 @@ class Batch:
     bad_records: int
 
 
+_MAX_MESSAGE_BYTES = 17 * 1024 * 1024
+
+
 def decode_batch(device: str, payload: bytes) -> Batch:
     """An upload message from ``device`` (from its topic); ``MalformedTelemetry`` if it is none.
 
     Records that are not well formed are left out and counted; the envelope must be right.
     """
     try:
-        message = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise MalformedTelemetry("telemetry message is not JSON") from None
+        # A device is an outsider to the controller: bounded (the uploader's batch_bytes
+        # is at most 16 MiB) and never a RecursionError.
+        message = parse_json(payload, max_bytes=_MAX_MESSAGE_BYTES)
+    except JsonRefused as exc:
+        raise MalformedTelemetry(f"telemetry message is not acceptable JSON: {exc}") from None
     if not isinstance(message, dict) or not isinstance(message.get("records"), list):
         raise MalformedTelemetry("telemetry message is not an object with a 'records' list")
     if message.get("device") != device:

@@ -214,12 +214,14 @@ def test_malformed_messages_are_skipped_counted_and_not_logged(
     bad_record = json.loads(batch("dev-e", [7]))
     bad_record["records"].append({"id": "eight", "class": "event", "body": {"s": MARKER}})
     publisher.publish(topic("dev-e"), json.dumps(bad_record).encode())
+    # Nested past the parser's recursion limit: refused by depth, not a RecursionError.
+    publisher.publish(topic("dev-e"), b"[" * 100_000 + b"]" * 100_000)
     publisher.publish(topic("dev-e"), batch("dev-e", range(1, 3)))
     rows = wait_rows(db, 3)
     assert sorted(i for _, i, _ in rows) == [1, 2, 7]
     assert collector.stop() == 0
     err = collector.stderr()
-    assert "stopped: 3 records stored, 0 duplicates, 4 malformed messages skipped" in err
+    assert "stopped: 3 records stored, 0 duplicates, 5 malformed messages skipped" in err
     assert MARKER not in err and "Traceback" not in err
 
 
