@@ -16,7 +16,9 @@ the medians) with the server profiled two ways:
 Raw stacks go to ``OUT/profile-<case>.txt`` (collapsed format, for any flamegraph tool).
 The summary gives shares by *area* of the innermost frame (libc calls by name), by
 *owner* (the innermost frame that is not libc or the interpreter: who caused the work),
-and the top frames by self and inclusive samples.
+owners in issue 12's *groups* (grpc's own work, asyncio's bookkeeping, protobuf, and
+edgeserve's codec, servicer, batching and recorders: which lever a cut would pull), and
+the top frames by self and inclusive samples.
 """
 
 from __future__ import annotations
@@ -54,6 +56,37 @@ _AREAS = (
     ("threading.py", "threading"),
     ("logging/", "logging"),
 )
+
+
+# Owner prefixes -> group, first match wins; "edgeserve (other)" and "other" catch the rest.
+_GROUPS = (
+    ("grpc", "grpc's own work"),
+    ("asyncio", "asyncio bookkeeping"),
+    ("selectors", "asyncio bookkeeping"),
+    ("protobuf", "protobuf parse/serialize"),
+    ("edgeserve.api.codec", "edgeserve codec"),
+    ("edgeserve.api.tensor_contents", "edgeserve codec"),
+    ("edgeserve.api.request_parameters", "edgeserve codec"),
+    ("edgeserve.api.inference", "edgeserve servicer (inference, errors, bounds)"),
+    ("edgeserve.api.errors", "edgeserve servicer (inference, errors, bounds)"),
+    ("edgeserve.api.bounds", "edgeserve servicer (inference, errors, bounds)"),
+    ("edgeserve.handlers", "model compute (torch, numpy, handlers)"),
+    ("edgeserve.serving.worker", "edgeserve instance hand-off (worker)"),
+    ("edgeserve.serving", "edgeserve batching (batcher, queue, policy, registry)"),
+    ("edgeserve.telemetry", "edgeserve recorders and telemetry"),
+    ("edgeserve", "edgeserve (other)"),
+    ("torch", "model compute (torch, numpy, handlers)"),
+    ("numpy", "model compute (torch, numpy, handlers)"),
+    ("bench handler", "model compute (torch, numpy, handlers)"),
+)
+
+
+def group(owner: str) -> str:
+    """Issue 12's group of an owner (``_owner``): which part of the server's work it is."""
+    for prefix, name in _GROUPS:
+        if owner.startswith(prefix):
+            return name
+    return "other"
 
 
 def py_spy() -> str | None:
@@ -97,7 +130,8 @@ def _owner(areas: list[str]) -> str:
 def summarize_stacks(text: str, top: int = 15) -> dict[str, Any]:
     """Shares from py-spy's raw output: ``thread (tid): name;frame;frame... count``."""
     counters: dict[str, Counter[str]] = {
-        k: Counter() for k in ("threads", "areas_self", "owners", "top_self", "top_inclusive")
+        k: Counter()
+        for k in ("threads", "areas_self", "owners", "groups", "top_self", "top_inclusive")
     }
     names: dict[str, str] = {}
     total = 0
@@ -117,7 +151,9 @@ def summarize_stacks(text: str, top: int = 15) -> dict[str, Any]:
         total += count
         counters["threads"][names.get(thread["tid"], "?") if thread else "?"] += count
         counters["areas_self"][parsed[-1][1]] += count
-        counters["owners"][_owner([a for _, a in parsed])] += count
+        owner = _owner([a for _, a in parsed])
+        counters["owners"][owner] += count
+        counters["groups"][group(owner)] += count
         counters["top_self"][parsed[-1][0]] += count
         for key in {k for k, _ in parsed}:
             counters["top_inclusive"][key] += count
@@ -216,6 +252,7 @@ def render(name: str, summary: dict[str, Any]) -> str:
         f"{summary['samples']} GIL samples)\n"
         f"  CPU by thread (cores):\n{rows(summary['thread_cpu_cores'], 'cores')}\n"
         f"  GIL holder by thread:\n{rows(summary['threads'])}\n"
+        f"  GIL time by group (issue 12):\n{rows(summary['groups'])}\n"
         f"  GIL time by owner (innermost non-libc frame):\n{rows(summary['owners'])}\n"
         f"  GIL time by area (innermost frame):\n{rows(summary['areas_self'])}\n"
         f"  top frames (self):\n{rows(summary['top_self'])}\n"
