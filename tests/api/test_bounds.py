@@ -259,3 +259,59 @@ def test_each_bound_is_checked_and_named(tmp_path: Path, key: str, value: float)
     with pytest.raises(ConfigError) as caught:
         load_config(path, env={}, overrides={"run_dir": "/run/es-test"})
     assert str(caught.value).startswith(f"{key}: must be"), caught.value
+
+
+# -- HTTP/2: connection age and ping enforcement, seen as the frames the server sends -------
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_GOAWAY, _PING = 0x7, 0x6
+_ENHANCE_YOUR_CALM = 0xB
+
+
+def _frames_until_goaway(sock: socket.socket, within_s: float, ping_every_s: float = 0) -> int:
+    """Read frames (sending an 8-byte PING every ``ping_every_s``) until a GOAWAY; its
+    error code, or -1 when none came within ``within_s``."""
+    buffer = b""
+    deadline = time.monotonic() + within_s
+    next_ping = time.monotonic()
+    sock.settimeout(0.05)
+    while time.monotonic() < deadline:
+        if ping_every_s and time.monotonic() >= next_ping:
+            sock.sendall(b"\x00\x00\x08" + bytes([_PING, 0]) + b"\x00" * 4 + b"12345678")
+            next_ping += ping_every_s
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not data:
+            return -1
+        buffer += data
+        while len(buffer) >= 9:
+            length = int.from_bytes(buffer[:3], "big")
+            if len(buffer) < 9 + length:
+                break
+            kind, payload = buffer[3], buffer[9 : 9 + length]
+            buffer = buffer[9 + length :]
+            if kind == _GOAWAY:
+                return int.from_bytes(payload[4:8], "big")
+    return -1
+
+
+def test_connections_end_at_their_maximum_age(bounded) -> None:
+    aged, _ = bounded(bounds=ServerBounds(connection_idle_s=600, connection_max_age_s=1))
+    host, port = aged.tcp.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(_PREFACE)
+        assert _frames_until_goaway(sock, within_s=5) == 0  # NO_ERROR: a graceful GOAWAY
+    ageless, _ = bounded(bounds=ServerBounds(connection_idle_s=600))
+    host, port = ageless.tcp.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(_PREFACE)
+        assert _frames_until_goaway(sock, within_s=3) == -1
+
+
+def test_a_client_that_pings_too_often_is_sent_away(api: Api) -> None:
+    host, port = api.tcp.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(_PREFACE)
+        assert _frames_until_goaway(sock, within_s=10, ping_every_s=0.05) == _ENHANCE_YOUR_CALM
