@@ -11,8 +11,9 @@ Addresses (``listen``):
   free port; ``addresses`` reports the real one.
 
 Messages larger than ``max_message_bytes`` are refused by gRPC itself with
-RESOURCE_EXHAUSTED. Bounds on what callers hold (``ServerBounds``, all decided inside grpc
-core from channel args, per listener where it says so):
+RESOURCE_EXHAUSTED. Bounds on what callers hold (``ServerBounds``; grpc core or grpcio
+decides each from channel args, per listener where it says so, except the last two,
+which are ours):
 
 * ``max_connections`` per listener (``grpc.max_allowed_incoming_connections``): grpc core
   closes a connection past it right after accept, so idle TCP clients can neither use up
@@ -31,9 +32,11 @@ core from channel args, per listener where it says so):
 * ``max_concurrent_rpcs``: calls past it are answered RESOURCE_EXHAUSTED at once (grpcio's
   ``maximum_concurrent_rpcs``); the same figure caps streams per connection
   (``grpc.max_concurrent_streams``).
-* ``inflight_bytes``: the server-wide budget of request bytes held (``bounds``), and
-  malformed protobuf messages answered INVALID_ARGUMENT rather than grpcio's UNKNOWN,
+* ``inflight_bytes_factor``: the server-wide budget of request bytes held (``bounds``),
+  and malformed protobuf messages answered INVALID_ARGUMENT rather than grpcio's UNKNOWN,
   for the KServe and health services (reflection stays as grpcio answers it).
+* ``stream_max_pending_bytes``: per ModelStreamInfer stream, requests running plus
+  responses its client has not read (``inference._Stream``).
 
 ``SO_REUSEPORT`` is off, so a second daemon cannot silently share
 our port. Reflection (v1 and v1alpha, ``api.reflection``) answers for every service the
