@@ -156,7 +156,7 @@ def peer_table(summary: dict[str, Any]) -> str | None:
     verdicts = {row["key"]: row for row in summary["targets"]}
     head = (
         f"{'cell':<34}{'edgeserve':>10}{'TorchServe':>11}{'(config)':>9}{'echo':>9}"
-        f"{'raw':>9}{'ratio':>8}  {'wanted':<9}verdict"
+        f"{'raw':>9}{'ratio':>8}  {'wanted':<17}verdict"
     )
     lines = [head, "-" * len(head)]
     for label, kind, level, key, target in _PEER_ROWS:
@@ -175,7 +175,7 @@ def peer_table(summary: dict[str, Any]) -> str | None:
         lines.append(
             f"{label:<34}{_f(mine, digits):>10}{_f(best[0] if best else None, digits):>11}"
             f"{(best[1] if best else '-'):>9}{_f(echo, digits):>9}{_f(raw, digits):>9}"
-            f"{_f(row.get('value'), 3):>8}  {row.get('threshold', ''):<9} {row.get('verdict', '')}"
+            f"{_f(row.get('value'), 3):>8}  {row.get('threshold', ''):<17}{row.get('verdict', '')}"
         )
     idle = summary.get("peers_idle") or {}
     for label, target, mine, theirs in (
@@ -185,7 +185,7 @@ def peer_table(summary: dict[str, Any]) -> str | None:
         row = verdicts.get(target, {})
         lines.append(
             f"{label:<34}{_f(idle.get(mine), 1):>10}{_f(idle.get(theirs), 1):>11}{'':>9}"
-            f"{'':>9}{'':>9}{_f(row.get('value'), 3):>8}  {row.get('threshold', ''):<9}"
+            f"{'':>9}{'':>9}{_f(row.get('value'), 3):>8}  {row.get('threshold', ''):<17}"
             f"{row.get('verdict', '')}"
         )
     lines.append(
