@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -162,3 +163,20 @@ def test_rotate_needs_its_options(folder: Path) -> None:
     done = edgeserve("fleet", "root", "rotate", "--root", folder / "root.json", "-o", folder / "x")
     assert done.code == 2 and "Traceback" not in done.err
     assert "required" in done.err.splitlines()[-1]
+
+
+def test_rotate_with_an_unreachable_broker_writes_the_file_then_exits_3(folder: Path) -> None:
+    init(folder)
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv: list[str | Path] = ["fleet", "root", "rotate", "--root", folder / "root.json"]
+    argv += ["--key", folder / "b.pub", "--threshold", "1"]
+    argv += ["--sign-key", folder / "a.key", "--sign-key", folder / "b.key"]
+    argv += ["-o", folder / "root-2.json", "--broker", f"mqtt://127.0.0.1:{port}"]
+    done = edgeserve(*argv, "--connect-timeout", "1")
+    assert done.code == 3, done.err
+    assert_one_error_line(done.err)
+    assert parse_root((folder / "root-2.json").read_bytes()).version == 2  # kept: publish later
+    bad = edgeserve(*argv[:-2], "--broker", "http://example.org", "-o", folder / "x.json")
+    assert bad.code == 2 and not (folder / "x.json").exists()
