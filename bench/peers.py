@@ -2,7 +2,8 @@
 
 ``start_torchserve`` packages every TorchServe registration the chosen cases use (the
 TorchScript file of the edgeserve archive of the same model), starts TorchServe and
-returns the server with the serialized request of each registration. ``idle`` measures,
+returns the server with the serialized request of each registration, after a few
+seconds of load on each (the JVM's warm-up). ``idle`` measures,
 with nothing sent, the RSS and CPU of edgeserve's peer daemon (both models) and of
 TorchServe as deployed for both models in one configuration (the Java front end and the
 two workers of the batching configuration).
@@ -13,6 +14,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from bench import torchserve
 from bench.cases import Case
@@ -51,7 +54,30 @@ def start_torchserve(work: Path, keys: list[str]) -> tuple[Server, dict[str, tup
         )
         for key in keys
     }
+    _warm(server, requests, WARM_S)
     return server, requests
+
+
+WARM_S = 4.0
+"""Seconds of load per registration before anything is measured: the Java front end's
+JIT compiles its hot paths only after thousands of calls (measured here: single calls
+took 2-3x longer on a fresh TorchServe than after a case)."""
+
+
+def _warm(server: Server, requests: dict[str, tuple[bytes, str]], seconds: float) -> None:
+    """16 calls in flight to each registration for ``seconds``; errors are not expected
+    (each registration already answered once) and end the bench."""
+    channel = grpc.insecure_channel(server.tcp)
+    try:
+        for payload, method in requests.values():
+            call = channel.unary_unary(method)
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                futures = [call.future(payload, timeout=30) for _ in range(16)]
+                for future in futures:
+                    future.result()
+    finally:
+        channel.close()
 
 
 def idle(edgeserve: Server, peer: Server | None, seconds: float) -> dict[str, Any]:
