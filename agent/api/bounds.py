@@ -160,15 +160,17 @@ def captured_handlers(
 def bounded_handlers(
     handlers: Mapping[str, grpc.RpcMethodHandler],
     *,
-    budget: InflightBudget,
-    charged: frozenset[str],
-    stream_aware: frozenset[str],
+    budget: InflightBudget | None = None,
+    charged: frozenset[str] = frozenset(),
+    stream_aware: frozenset[str] = frozenset(),
 ) -> dict[str, grpc.RpcMethodHandler]:
     """``handlers`` whose requests are parsed without raising: malformed messages answered
     INVALID_ARGUMENT; unary methods in ``charged`` held against ``budget``; methods in
     ``stream_aware`` get the ``parse_charged`` items themselves (they answer a
     ``Refused``) and yield serialized responses (registered without a response
     serializer)."""
+    if charged and budget is None:
+        raise ValueError("charged methods need a budget")
     bounded: dict[str, grpc.RpcMethodHandler] = {}
     for name, handler in handlers.items():
         if name in charged:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from edgeserve.api.bounds import bounded_handlers, captured_handlers
 from edgeserve.api.errors import map_errors
 from edgeserve.api.peercred import (
     DEFAULT_IDLE_TIMEOUT_S,
@@ -420,7 +421,14 @@ class ManagementServer:
         await asyncio.to_thread(self._prepare_archive_dir)
         await asyncio.to_thread(self._uploads.prepare)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self._bounds()])
-        pb_grpc.add_ManagementServicer_to_server(self.servicer, server)
+        # Parsed without raising, as the inference services: a malformed message is
+        # INVALID_ARGUMENT, not grpcio's UNKNOWN.
+        service, handlers = captured_handlers(
+            pb_grpc.add_ManagementServicer_to_server, self.servicer
+        )
+        bounded = bounded_handlers(handlers)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, bounded),))
+        server.add_registered_method_handlers(service, bounded)
         try:
             for relay in self._relays:
                 server.add_insecure_port(f"unix://{relay.prepare()}")

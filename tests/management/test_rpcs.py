@@ -175,3 +175,24 @@ def test_serve_management_flag_sets_the_socket(mdaemons, mlp_archive_factory):
         assert not sock.exists(), "the socket is removed on a clean stop"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+CORRUPT = b"\x0a\xff\xff\xff\xff\x0f"  # a length-delimited field that runs past the end
+
+
+@pytest.mark.parametrize("method", ["LoadModel", "UploadModel"])
+def test_a_malformed_message_is_invalid_argument_and_changes_nothing(
+    mdaemons, mlp_archive_factory, client_of, method
+):
+    daemon = mdaemons.start(mlp_archive_factory("1"))
+    path = f"/edgeserve.v1.Management/{method}"
+    with grpc.insecure_channel(management_address(daemon)) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            if method == "UploadModel":
+                channel.stream_unary(path)(iter([CORRUPT]), timeout=30)
+            else:
+                channel.unary_unary(path)(CORRUPT, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    assert "not a valid protobuf message" in caught.value.details()
+    assert [m["version"] for m in client_of(daemon).list_models()] == ["1"]
+    assert _served_version(daemon) == "1"
