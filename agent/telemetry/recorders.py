@@ -262,23 +262,28 @@ class ModelRecorder:
         total, queue, compute = self._total, self._queue, self._compute
         total_counts, queue_counts, compute_counts = total.counts, queue.counts, compute.counts
         total_sum, queue_sum, compute_sum = total.sum, queue.sum, compute.sum
-        decode, encode = self._decode, self._encode
-        latency: list[int] | None = None
+        decode_n = encode_n = 0
+        decode_sum = encode_sum = 0.0
+        latency: list[int] | None = None  # the window slot's buckets; None: past the window
         window_codes: dict[str, int] = {}
-        last_key = -1
+        in_window = 0  # requests counted into ``latency`` not yet in ``window_codes``
+        begins = ends = 0.0  # the clock span of that slot
         at = 0.0
         for _ in range(count):
             at, total_s, queue_s, compute_s, decode_s, encode_s = pop()
-            key = int(at // WINDOW_SLOT_S)
-            if key != last_key:
-                last_key = key
+            if not begins <= at < ends:  # another slot than the last request's
+                if in_window:
+                    window_codes[OK] = window_codes.get(OK, 0) + in_window
+                    in_window = 0
+                key = int(at // WINDOW_SLOT_S)
+                begins, ends = key * WINDOW_SLOT_S, (key + 1) * WINDOW_SLOT_S
                 latency = None
                 if slot_keys[key % WINDOW_SLOTS] <= key:
                     latency, window_codes = self._slot(key)
             bucket = bisect_left(bounds, total_s)
             if latency is not None:
                 latency[bucket] += 1
-                window_codes[OK] = window_codes.get(OK, 0) + 1
+                in_window += 1
             total_counts[bucket] += 1
             total_sum += total_s
             if queue_s is not None:
@@ -288,12 +293,19 @@ class ModelRecorder:
                 compute_counts[bisect_left(bounds, compute_s)] += 1
                 compute_sum += compute_s
             if decode_s is not None:
-                decode.count += 1
-                decode.seconds += decode_s
+                decode_n += 1
+                decode_sum += decode_s
             if encode_s is not None:
-                encode.count += 1
-                encode.seconds += encode_s
+                encode_n += 1
+                encode_sum += encode_s
+        if in_window:
+            window_codes[OK] = window_codes.get(OK, 0) + in_window
         total.sum, queue.sum, compute.sum = total_sum, queue_sum, compute_sum
+        decode, encode = self._decode, self._encode
+        decode.count += decode_n
+        decode.seconds += decode_sum
+        encode.count += encode_n
+        encode.seconds += encode_sum
         self._codes[OK] = self._codes.get(OK, 0) + count
         self._last_ok_at = at
 
