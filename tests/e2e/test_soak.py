@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import grpc
 import numpy as np
@@ -148,22 +149,24 @@ def test_soak(daemons, mlp_archive_factory, wide_archives, accounts) -> None:
         empty_huge.raw_input_contents.append(b"")
         long_name = pb.ModelInferRequest(model_name="m" * 20_000)
         started = time.monotonic()
-        with channel(daemon.tcp) as chan:
-            stub = pb_grpc.GRPCInferenceServiceStub(chan)
-            raw = chan.unary_unary(INFER)
-            while time.monotonic() - started < SOAK_S:
+        while time.monotonic() - started < SOAK_S:
+            # A connection per round: one left idle past connection_idle_s while status
+            # runs would get the server's idle GOAWAY, and a call racing it UNAVAILABLE.
+            with channel(daemon.tcp) as chan:
+                stub = pb_grpc.GRPCInferenceServiceStub(chan)
+                raw = chan.unary_unary(INFER)
                 for name, call in (
-                    ("max size", lambda: stub.ModelInfer(big, timeout=30)),
-                    ("oversize", lambda: stub.ModelInfer(oversize, timeout=30)),
-                    ("malformed", lambda: raw(b"\x0a\xff\xff\xff\xff\x0f", timeout=30)),
-                    ("huge dims, no elements", lambda: stub.ModelInfer(empty_huge, timeout=30)),
-                    ("long model name", lambda: stub.ModelInfer(long_name, timeout=30)),
+                    ("max size", partial(stub.ModelInfer, big, timeout=30)),
+                    ("oversize", partial(stub.ModelInfer, oversize, timeout=30)),
+                    ("malformed", partial(raw, b"\x0a\xff\xff\xff\xff\x0f", timeout=30)),
+                    ("huge dims, no elements", partial(stub.ModelInfer, empty_huge, timeout=30)),
+                    ("long model name", partial(stub.ModelInfer, long_name, timeout=30)),
                 ):
                     hostile.setdefault(name, []).append(_code(call))
-                status = run_cli("status", "--config", str(daemon.config))  # root, valid
-                if not answers(status):
-                    load.failures.append(f"edgeserve status: {status.stdout}{status.stderr}")
-                time.sleep(0.5)
+            status = run_cli("status", "--config", str(daemon.config))  # root, valid
+            if not answers(status):
+                load.failures.append(f"edgeserve status: {status.stdout}{status.stderr}")
+            time.sleep(0.5)
 
         # The hostile clients leave.
         unread.cancel()
