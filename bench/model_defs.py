@@ -29,11 +29,12 @@ def build_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(MLP_FEATURES, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
 
 
-def build_cnn() -> nn.Module:
+def _cnn(channels: int, widths: tuple[int, int, int]) -> nn.Module:
+    """Three conv blocks, global pooling, a 10-way head (the bench's and the peers' CNN)."""
     torch.manual_seed(0)
-    c1, c2, c3 = CNN_WIDTHS
+    c1, c2, c3 = widths
     return nn.Sequential(
-        nn.Conv2d(CNN_INPUT[0], c1, 3, padding=1),
+        nn.Conv2d(channels, c1, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(c1, c2, 3, padding=1),
@@ -45,6 +46,10 @@ def build_cnn() -> nn.Module:
         nn.Flatten(),
         nn.Linear(c3, 10),
     ).eval()
+
+
+def build_cnn() -> nn.Module:
+    return _cnn(CNN_INPUT[0], CNN_WIDTHS)
 
 
 def build_peer_mlp() -> nn.Module:
@@ -56,18 +61,4 @@ def build_peer_mlp() -> nn.Module:
 
 
 def build_peer_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    c1, c2, c3 = PEER_CNN_WIDTHS
-    return nn.Sequential(
-        nn.Conv2d(PEER_CNN_INPUT[0], c1, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(c2, c3, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(c3, 10),
-    ).eval()
+    return _cnn(PEER_CNN_INPUT[0], PEER_CNN_WIDTHS)
