@@ -70,6 +70,12 @@ def closed_count(holder: subprocess.Popen[str]) -> int:
     return int(holder.stdout.readline())
 
 
+def _wait_closed(holder: subprocess.Popen[str], count: int, deadline: float) -> None:
+    """Until ``count`` of the held connections are closed, or the deadline passes."""
+    while closed_count(holder) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def answers(done: subprocess.CompletedProcess[str]) -> bool:
     return done.returncode == 0 and "unreachable" not in (done.stdout + done.stderr)
 
@@ -85,14 +91,14 @@ def test_idle_connections_cannot_lock_root_out(mdaemons, mlp_archive_factory, ac
     holder = hold_connections(accounts.insider, daemon.run_dir / "management.sock", IDLE)
     opened = time.monotonic()
     try:
-        time.sleep(1)
+        _wait_closed(holder, IDLE - 16, time.monotonic() + 10)
         assert closed_count(holder) == IDLE - 16, "past the cap, closed at accept"
         root = run_cli("status", "--config", str(daemon.config))
         assert answers(root), root
         assert time.monotonic() - opened < idle_s, "root got in only after the idle timeout"
         assert "closing one from uid" in daemon.log()
         # Past the idle timeout every idle connection is closed, and members get in again.
-        time.sleep(max(0.0, opened + idle_s + 1 - time.monotonic()))
+        _wait_closed(holder, IDLE, opened + idle_s + 10)
         assert closed_count(holder) == IDLE
         assert answers(accounts.insider.run_cli("status", *at))
     finally:
