@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ import pytest
 import yaml
 
 from tests.conftest import DaemonFactory, RunningDaemon, free_port, wait_ready
-
-WAIT_S = 60.0
 
 # Hangs in `inference` (so in warm-up, the thread probe and requests alike) while the
 # flag file exists; touches "<flag>.entered" first, so a test knows the hang began.
@@ -84,18 +81,6 @@ def start(
     if wait:
         wait_ready(daemon)
     return daemon
-
-
-def eventually(condition: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
-    """Poll ``condition`` until it returns something true; its value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def need_root(what: str) -> None:

@@ -21,7 +21,8 @@ import pytest
 from edgeserve.api.client import ClientError
 from edgeserve.api.management_client import ManagementClient
 from tests.management.conftest import drop_in, management_address
-from tests.management.faults_support import eventually, hang_archive, start
+from tests.management.faults_support import hang_archive, start
+from tests.waiting import eventually
 
 GRACE_S = 3.0
 MARGIN_S = 5.0  # daemon.SHUTDOWN_MARGIN_S

@@ -14,18 +14,12 @@ import pytest
 
 from edgeserve.errors import Expired, Kind
 from edgeserve.serving.bounded import AbandonedThreads, run_bounded
+from tests.waiting import eventually
 
 
 def _hang(release: threading.Event, result: str = "loaded") -> str:
     release.wait(30)
     return result
-
-
-def _eventually(condition, what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_a_result_in_time_is_returned_and_nothing_is_abandoned() -> None:
@@ -82,7 +76,7 @@ def test_a_hang_is_expired_abandoned_and_forgotten_when_it_returns() -> None:
     [stage] = abandoned.list()
     assert (stage.model, stage.version, stage.stage) == ("m", "1", "warm-up")
     release.set()
-    _eventually(lambda: len(abandoned) == 0 and late == ["loaded"], "the late thread")
+    eventually(lambda: len(abandoned) == 0 and late == ["loaded"], "the late thread")
 
 
 def test_a_cancelled_caller_abandons_the_thread() -> None:
@@ -107,4 +101,4 @@ def test_a_cancelled_caller_abandons_the_thread() -> None:
     asyncio.run(main())  # returns at once: the thread is a daemon thread, never joined
     assert [s.stage for s in abandoned.list()] == ["load"]
     release.set()
-    _eventually(lambda: len(abandoned) == 0, "the late thread")
+    eventually(lambda: len(abandoned) == 0, "the late thread")

@@ -18,8 +18,7 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.cli.support import edgeserve
 from tests.conftest import DaemonFactory, RunningDaemon, free_port, wait_ready
 from tests.mqtt_broker import Mosquitto
 from tests.telemetry.test_collector import CollectorProcess
+from tests.waiting import eventually
 
 WAIT_S = 60.0
 """Generous: two shared cores, and another engineer's benchmark may be running."""
@@ -46,18 +46,6 @@ def telemetry_config(**extra: object) -> str:
 
 def fleet_config(broker: Mosquitto, device: str) -> str:
     return f"fleet: {{broker: 'mqtt://{broker.host}:{broker.port}', device_id: {device}}}\n"
-
-
-def eventually(condition: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
-    """Poll ``condition`` until it returns something true; its value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.05)  # the polling interval of a condition wait
 
 
 def status(daemon: RunningDaemon, *, code: int = 0) -> dict[str, Any]:

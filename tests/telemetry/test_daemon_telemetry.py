@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from edgeserve.telemetry.buffer import read_stats
+from tests import waiting
 from tests.cli.support import edgeserve
 from tests.conftest import DaemonFactory, RunningDaemon
 from tests.mqtt_broker import Mosquitto, Observer, Received
@@ -51,14 +52,7 @@ def status(daemon: RunningDaemon) -> tuple[int, dict[str, Any]]:
 
 
 def eventually(condition: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return waiting.eventually(condition, what, timeout_s)
 
 
 def next_matching(observer: Observer, accept: Callable[[Received], bool], what: str) -> Received:
