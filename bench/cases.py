@@ -312,9 +312,11 @@ class CaseRunner:
         return figures
 
     def _probe(self, case: Case, server: Server) -> Callable[[], dict[str, Any]]:
-        """What is read at the window's edges: the server's RSS and, for edgeserve, the
-        model's batch counters and the Prometheus batch histogram."""
-        counter = None if case.target == ECHO else MODELS[case.target].counter_file(self._work)
+        """What is read at the window's edges: the server's RSS and the model's batches
+        (edgeserve: its Prometheus batch histogram; TorchServe: the counters its bench
+        handler writes)."""
+        spec = None if case.target == ECHO else MODELS[case.target]
+        counter = spec.counter_file(self._work) if spec and spec.on_torchserve else None
         hook = self.edge_hooks.get(case.target)
 
         def probe() -> dict[str, Any]:
@@ -323,6 +325,7 @@ class CaseRunner:
                 found["extra"] = hook()
             if counter is not None:
                 found["counters"] = read_counters(counter)
+            elif spec is not None:
                 found["metrics"] = metrics_batches(server)
             return found
 
@@ -354,18 +357,17 @@ def _set_affinity(server: Server, cpus: set[int]) -> None:
 
 
 def _mean_batch(model: str, first: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
-    """Mean rows per batch in the window, from the counting handler and, when the daemon
-    serves it, from Prometheus' ``edgeserve_batch_size`` (preferred)."""
-    c0, m0, c1, m1 = first["counters"], first["metrics"], last["counters"], last["metrics"]
-    batches, rows = c1[0] - c0[0], c1[1] - c0[1]
-    counted = rows / batches if batches else None
-    out: dict[str, Any] = {"mean_batch_counted": counted, "batches": batches}
-    if m0 and m1 and model in m0 and model in m1:
-        total, count = m1[model][0] - m0[model][0], m1[model][1] - m0[model][1]
-        out["mean_batch_metrics"] = total / count if count else None
-    out["mean_batch"] = out.get("mean_batch_metrics") or counted
-    out["batch_source"] = "prometheus" if out.get("mean_batch_metrics") else "handler counters"
-    return out
+    """Mean rows per batch in the window: edgeserve's ``edgeserve_batch_size`` histogram
+    (Prometheus), or the counters TorchServe's bench handler writes."""
+    if "counters" in first:
+        (b0, r0), (b1, r1) = first["counters"], last["counters"]
+        batches, rows = b1 - b0, r1 - r0
+        return {"mean_batch": rows / batches if batches else None, "batches": batches}
+    m0, m1 = first.get("metrics"), last.get("metrics")
+    if not (m0 and m1 and model in m0 and model in m1):
+        return {"mean_batch": None, "batches": None}
+    rows, batches = m1[model][0] - m0[model][0], m1[model][1] - m0[model][1]
+    return {"mean_batch": rows / batches if batches else None, "batches": batches}
 
 
 def _ms(values: np.ndarray, q: float) -> float | None:

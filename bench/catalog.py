@@ -43,7 +43,7 @@ DAEMON_TELEMETRY: dict[str, dict[str, Any]] = {
     },
 }
 """The ``telemetry:`` section of a bench daemon; the others keep the defaults (on)."""
-_COUNTERS = struct.Struct("<qq")  # the layout bench/counting_handler.py writes
+_COUNTERS = struct.Struct("<qq")  # the layout bench/torchserve_handler.py writes
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def build_archives(work: Path, key_file: Path, keys: list[str]) -> dict[str, Any
 
 
 def read_counters(path: Path) -> tuple[int, int]:
-    """(batches, rows) the counting handler has written so far."""
+    """(batches, rows) TorchServe's bench handler has written so far."""
     data = path.read_bytes()
     return _COUNTERS.unpack(data[: _COUNTERS.size]) if len(data) >= _COUNTERS.size else (0, 0)
 

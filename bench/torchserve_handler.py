@@ -6,7 +6,7 @@ TorchScript file the edgeserve archive of the same model holds and ``peer.json``
 Each request is one row of raw little-endian FP32 bytes (gRPC ``input["data"]``); the
 rows of a TorchServe batch are stacked, run in one call under ``torch.inference_mode``,
 and each reply is its output row as raw FP32 bytes: what edgeserve's tensor handler does
-with a KServe request. Like ``bench/counting_handler.py`` it adds each batch and its
+with a KServe request. It adds each batch and its
 rows to the two int64 counters of ``counter_file`` (mean batch size over a case).
 """
 
