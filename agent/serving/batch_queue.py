@@ -184,6 +184,14 @@ class BatchQueue:
         self.depth -= 1
 
 
+def rows_of(inputs: Mapping[str, Any]) -> int:
+    """A request's batch rows: dim 0 of its first input (a 0-d input counts as 1)."""
+    for value in inputs.values():
+        shape = value.shape
+        return int(shape[0]) if len(shape) else 1
+    return 0
+
+
 def _key_and_rows(inputs: Mapping[str, Any]) -> tuple[Hashable, int]:
     """The queue key (requests with equal keys can be concatenated along dim 0: name,
     dtype and non-batch shape of every input) and the batch rows (dim 0 of the first

@@ -23,8 +23,12 @@ synchronously on the loop and, for each idle instance, asks ``batch_policy.decid
 about the queue whose head is oldest, then hands up to ``n`` rows to that instance's
 executor, or arms one timer for ``Wait.until``. At concurrency 1 a request therefore
 costs one hop to the instance thread and one back, with no dispatcher task to wake in
-between. The batcher feeds the policy: arrival times are recorded at submit, and each
-batch's service time (dispatch to results, as the loop sees it) goes into the fit.
+between. A model run on the loop itself (``worker.InlineExecutor``) skips even that: a
+request that finds it idle and nothing queued runs at once in its own coroutine, with no
+future and no loop turn (``_run_now``); such a model never has anything queued, so it
+runs one request at a time, which its size makes the cheapest way. The batcher feeds
+the policy: arrival times are recorded at submit, and each batch's service time
+(dispatch to results, as the loop sees it) goes into the fit.
 
 A request whose own batch dimension is larger than ``max_batch_size`` runs alone, whole
 (it is never split across batches). Stacking and splitting are the executor's job
@@ -58,6 +62,7 @@ from edgeserve.serving.batch_queue import (
     Deadlines,
     Entry,
     Tensors,
+    rows_of,
 )
 from edgeserve.types import (
     BUILT_IN_BATCHING,
@@ -83,6 +88,14 @@ class BatchExecutor(Protocol):
     ) -> None: ...
 
     def close(self, timeout: float | None = None) -> bool: ...
+
+
+class ImmediateExecutor(BatchExecutor, Protocol):
+    """An executor that runs on the loop's own thread (``worker.InlineExecutor``)."""
+
+    def run_now(
+        self, parts: Sequence[Mapping[str, TensorValue]], sizes: Sequence[int]
+    ) -> list[Tensors | BaseException]: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -140,6 +153,12 @@ class AdaptiveBatcher:
         )
         self._executors = tuple(executors)
         self._idle = list(executors)
+        # A model run on the loop itself: a request that finds nothing queued runs at
+        # once in its own coroutine (no future, no loop turn to hand the result back).
+        self._immediate: ImmediateExecutor | None = None
+        if len(executors) == 1 and hasattr(executors[0], "run_now"):
+            self._immediate = executors[0]  # type: ignore[assignment]
+        self._batches = batches
         self._clock = clock
         self._fit = fit or ServiceTimeFit()
         self._arrivals = arrivals or ArrivalRate()
@@ -169,6 +188,8 @@ class AdaptiveBatcher:
         """Queue ``request``, wait for its batch, return its own outputs."""
         if self._state != "ready":
             raise NotReady.model(self.model, self.version, self._state)
+        if self._immediate is not None and self._idle and not self._queue.depth:
+            return self._run_now(request, self._immediate)
         if self._queue.depth >= self._max_queue_size:
             raise Overloaded.queue_full(self.model, self.version, self._max_queue_size)
         loop = self._loop = asyncio.get_running_loop()
@@ -192,6 +213,33 @@ class AdaptiveBatcher:
             request.request_id,
             {"queue_s": dispatched_at - entry.enqueued_at, "compute_s": service},
         )
+
+    def _run_now(self, request: InferRequest, executor: ImmediateExecutor) -> InferResult:
+        """Run ``request`` alone on the loop, now: what the queued path would do with it
+        (a batch of one, dispatched at once), minus the future and the loop turn.
+        Nothing can interleave: no other request sees the executor busy."""
+        now = self._clock()
+        rows = rows_of(request.inputs) if self._batches else 1
+        self._arrivals.record(now, rows)
+        if request.deadline is not None and request.deadline <= now:
+            raise Expired.while_queued(self.model, self.version)
+        try:
+            outputs = executor.run_now((request.inputs,), (rows,))[0]
+            if isinstance(outputs, BaseException):
+                raise outputs
+        except EdgeserveError:
+            raise
+        except Exception as exc:
+            raise self._handler_failed(self._log_failed_batch(1, exc), exc) from exc
+        elapsed = self._clock() - now
+        self._fit.record(rows, elapsed)
+        if self._on_batch is not None:
+            self._observe(self._on_batch, rows, elapsed)
+        wanted = request.requested_outputs
+        if wanted:
+            outputs = {name: outputs[name] for name in wanted if name in outputs}
+        timings = {"queue_s": 0.0, "compute_s": elapsed}
+        return InferResult(self.model, self.version, outputs, request.request_id, timings)
 
     def _enqueue(self, request: InferRequest, now: float, loop: asyncio.AbstractEventLoop) -> Entry:
         entry = self._queue.push(request, loop.create_future(), now)
@@ -281,19 +329,27 @@ class AdaptiveBatcher:
             for entry in entries:
                 entry.fail(error)
             return
+        correlation_id = self._log_failed_batch(len(entries), error)
+        for entry in entries:
+            entry.fail(self._handler_failed(correlation_id, error))
+
+    def _log_failed_batch(self, requests: int, error: BaseException) -> str:
+        """Log a batch that raised, once; returns the correlation id its requests get."""
         correlation_id = uuid.uuid4().hex[:12]
         log.error(
             "model '%s' version '%s': batch of %d requests failed (correlation id %s)",
             self.model,
             self.version,
-            len(entries),
+            requests,
             correlation_id,
             exc_info=error,
         )
-        for entry in entries:
-            wrapped = HandlerFailed(self.model, self.version, correlation_id)
-            wrapped.__cause__ = error
-            entry.fail(wrapped)
+        return correlation_id
+
+    def _handler_failed(self, correlation_id: str, error: BaseException) -> HandlerFailed:
+        wrapped = HandlerFailed(self.model, self.version, correlation_id)
+        wrapped.__cause__ = error
+        return wrapped
 
     # -- deadlines and timers -----------------------------------------------------------
 

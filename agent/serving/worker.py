@@ -237,8 +237,10 @@ class InlineExecutor:
     an instance thread and back (~60 us here) costs more than the model itself.
 
     ``serving.build`` picks it only under the conditions beside ``INLINE_MAX_BATCH_S``,
-    so the loop is held about that long per batch. ``done`` is still called on a later
-    loop iteration, as a thread would.
+    so the loop is held about that long per batch. Through ``submit_parts`` (a batch
+    formed from the queue), ``done`` is still called on a later loop iteration, as a
+    thread would; ``run_now`` is the batcher's direct path for a request that finds the
+    model idle and nothing queued.
     """
 
     def __init__(self, run: RunFn, name: str = "edgeserve-inline") -> None:
@@ -257,12 +259,19 @@ class InlineExecutor:
         done: PartsDone,
     ) -> None:
         try:
-            with torch.inference_mode():
-                results = run_isolating(self._run, parts, sizes)
+            results = self.run_now(parts, sizes)
         except Exception as exc:  # handed to the batcher as the batch error
             loop.call_soon(done, None, exc)
         else:
             loop.call_soon(done, results, None)
+
+    def run_now(
+        self, parts: Sequence[Mapping[str, TensorValue]], sizes: Sequence[int]
+    ) -> list[Tensors | BaseException]:
+        """Run the batch here and now (the batcher's path for a request that finds the
+        model idle and nothing queued); raises what the batch raised."""
+        with torch.inference_mode():
+            return run_isolating(self._run, parts, sizes)
 
     def close(self, timeout: float | None = None) -> bool:
         return True
