@@ -99,12 +99,17 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
             yield response
 
 
-async def serve(listen: list[str], reply: pb.ModelInferResponse, input_shape: list[int]) -> None:
+async def serve(
+    listen: list[str],
+    reply: pb.ModelInferResponse,
+    input_shape: list[int],
+    reuseport: bool = False,
+) -> None:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
             ("grpc.max_send_message_length", MESSAGE_LIMIT),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuseport)),
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(reply, input_shape), server)
@@ -130,10 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="output__0", help="output name put in the reply")
     parser.add_argument("--shape", default="1,10", help="output shape, comma-separated")
     parser.add_argument("--input-shape", default="64", help="one input row's shape")
+    parser.add_argument(
+        "--reuseport",
+        action="store_true",
+        help="SO_REUSEPORT on TCP: several echo processes share one port (bench.frontend_ceiling)",
+    )
     args = parser.parse_args(argv)
     shape = [int(d) for d in args.shape.split(",")]
     input_shape = [int(d) for d in args.input_shape.split(",")]
-    asyncio.run(serve(args.listen, fixed_reply(args.model, args.output, shape), input_shape))
+    reply = fixed_reply(args.model, args.output, shape)
+    asyncio.run(serve(args.listen, reply, input_shape, args.reuseport))
     return 0
 
 
