@@ -65,7 +65,11 @@ class EchoGroup:
             for _ in range(count)
         ]
         self.processes = [psutil.Process(p.pid) for p in self._popen]
-        self._wait_ready(timeout)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout: float) -> None:
         # Every process must have bound before the load connects, or the first ones
