@@ -269,9 +269,9 @@ class InlineExecutor:
         self, parts: Sequence[Mapping[str, TensorValue]], sizes: Sequence[int]
     ) -> list[Tensors | BaseException]:
         """Run the batch here and now (the batcher's path for a request that finds the
-        model idle and nothing queued); raises what the batch raised."""
-        with torch.inference_mode():
-            return run_isolating(self._run, parts, sizes)
+        model idle and nothing queued); raises what the batch raised. ``run`` enters
+        inference mode itself (``LoadedModel.run``); stacking and splitting need none."""
+        return run_isolating(self._run, parts, sizes)
 
     def close(self, timeout: float | None = None) -> bool:
         return True
