@@ -30,6 +30,7 @@ from tests.api.support import (
     start_api,
     wait_for,
 )
+from tests.waiting import eventually
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -214,7 +215,11 @@ def test_connections_past_the_cap_do_not_lock_out_the_unix_socket(bounded) -> No
     host, port = api.tcp.rsplit(":", 1)
     idle = [socket.create_connection((host, int(port))) for _ in range(30)]
     try:
-        time.sleep(0.3)
+        eventually(
+            lambda: sum(_closed_by_peer(s) for s in idle) >= 30 - 8,
+            "the connections past the cap to be closed",
+            WAIT_S,
+        )
         x = np.ones((1, 4), np.float32)
         with api.channel(api.uds) as channel:
             answer = api.stub(channel).ModelInfer(_raw_request("twice_fp32", x), timeout=WAIT_S)

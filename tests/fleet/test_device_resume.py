@@ -30,6 +30,7 @@ from tests.fleet.device_support import (
     signed_fields,
 )
 from tests.mqtt_broker import Mosquitto, Observer
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -66,16 +67,6 @@ def _saved_bytes(chunks: Path, length: int) -> int:
     return 0 if saved is None else length - len(saved.missing()) * CHUNK_BYTES
 
 
-def _saved_bytes_until(chunks: Path, length: int, done: Any, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        saved = _saved_bytes(chunks, length)
-        if done(saved):
-            return saved
-        time.sleep(0.002)
-    raise AssertionError(f"{chunks.name} never got that far")
-
-
 def test_a_download_killed_part_way_resumes_from_where_it_was(
     daemons: DaemonFactory,
     mosquitto: Mosquitto,
@@ -100,7 +91,7 @@ def test_a_download_killed_part_way_resumes_from_where_it_was(
         # reported at most once a second, and on a quiet machine the whole artifact can
         # arrive between two reports.
         chunks = daemon.state_dir / "fleet" / "staging" / f"{sha256}.chunks"
-        _saved_bytes_until(chunks, length, lambda saved: saved >= SIZE // 4)
+        eventually(lambda: _saved_bytes(chunks, length) >= SIZE // 4, "a quarter saved")
         daemon.process.kill()
         daemon.process.wait()
         first = _saved_bytes(chunks, length)  # what the restarted daemon can keep

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.conftest import SLOW_HANDLER_SOURCE
 from tests.management.conftest import drop_in, management_address, open_run_dir, run_cli
+from tests.waiting import eventually
 
 IDLE = 70
 """Idle connections a member of the allowed group opens (issue 10 saw 70 lock root out)."""
@@ -70,12 +71,6 @@ def closed_count(holder: subprocess.Popen[str]) -> int:
     return int(holder.stdout.readline())
 
 
-def _wait_closed(holder: subprocess.Popen[str], count: int, deadline: float) -> None:
-    """Until ``count`` of the held connections are closed, or the deadline passes."""
-    while closed_count(holder) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def answers(done: subprocess.CompletedProcess[str]) -> bool:
     return done.returncode == 0 and "unreachable" not in (done.stdout + done.stderr)
 
@@ -91,14 +86,20 @@ def test_idle_connections_cannot_lock_root_out(mdaemons, mlp_archive_factory, ac
     holder = hold_connections(accounts.insider, daemon.run_dir / "management.sock", IDLE)
     opened = time.monotonic()
     try:
-        _wait_closed(holder, IDLE - 16, time.monotonic() + 10)
+        eventually(
+            lambda: closed_count(holder) >= IDLE - 16, "the connections past the cap closed", 10
+        )
         assert closed_count(holder) == IDLE - 16, "past the cap, closed at accept"
         root = run_cli("status", "--config", str(daemon.config))
         assert answers(root), root
         assert time.monotonic() - opened < idle_s, "root got in only after the idle timeout"
         assert "closing one from uid" in daemon.log()
         # Past the idle timeout every idle connection is closed, and members get in again.
-        _wait_closed(holder, IDLE, opened + idle_s + 10)
+        eventually(
+            lambda: closed_count(holder) >= IDLE,
+            "every idle connection closed",
+            opened + idle_s + 10 - time.monotonic(),
+        )
         assert closed_count(holder) == IDLE
         assert answers(accounts.insider.run_cli("status", *at))
     finally:
