@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -155,14 +154,6 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def close_all(sockets: Iterator[socket.socket] | list[socket.socket]) -> None:

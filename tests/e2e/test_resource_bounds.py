@@ -25,9 +25,9 @@ from tests.e2e.bounds_support import (
     open_fds,
     rss_bytes,
     start_daemon,
-    wait_until,
 )
 from tests.management.conftest import run_cli
+from tests.waiting import eventually
 
 MIB = 1 << 20
 
@@ -80,16 +80,16 @@ def test_idle_connections_do_not_starve_new_clients(daemons, mlp_archive_factory
         # Management (its own listener and relay) answers too.
         assert _status_ok(daemon)
         # TCP: the silent sockets go after the handshake timeout, the others when idle.
-        wait_until(
+        eventually(
             lambda: all(closed_by_peer(s) for s in silent + talking),
             "the daemon to close every idle connection",
-            timeout=20,
+            timeout_s=20,
         )
         with InferenceClient(daemon.tcp) as client:
             assert client.server_ready(timeout=5)
     finally:
         close_all(silent + talking)
-    wait_until(lambda: open_fds(pid) <= baseline + 4, "descriptors back to baseline", 10)
+    eventually(lambda: open_fds(pid) <= baseline + 4, "descriptors back to baseline", 10)
     assert "server.max_connections lowered from 512 to 128" in daemon.log()
 
 

@@ -28,10 +28,10 @@ from tests.e2e.bounds_support import (
     open_fds,
     rss_bytes,
     start_daemon,
-    wait_until,
 )
 from tests.management.conftest import open_run_dir, run_cli
 from tests.management.test_relay_bounds import answers, hold_connections
+from tests.waiting import eventually
 
 SOAK_S = 30.0
 MIB = 1 << 20
@@ -194,8 +194,8 @@ def test_soak(daemons, mlp_archive_factory, wide_archives, accounts) -> None:
     grown = (rss.peak - rss_before) / MIB
     print(f"soak: {load.ok} valid requests, peak RSS +{grown:.0f} MiB, hostile {codes}")
     assert grown < 400, f"resident memory grew {grown:.0f} MiB"
-    wait_until(
+    eventually(
         lambda: open_fds(pid) <= fds_before + 2,
         f"open descriptors back to {fds_before} (now {open_fds(pid)})",
-        timeout=20,
+        timeout_s=20,
     )
