@@ -28,6 +28,7 @@ from tests.fleet.device_support import (
     wait_for_state,
 )
 from tests.mqtt_broker import Mosquitto
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +133,18 @@ def test_a_newer_serial_supersedes_a_deployment_waiting_for_its_window(
     assert "deployment 2 committed" in daemon.log()
 
 
+def _wait_saved_since(broker: Mosquitto, since: float) -> None:
+    """Until the broker has written its persistence file twice after ``since``: the second
+    save began after the first ended, so it holds everything retained before ``since``."""
+    db = broker.directory / "data" / "mosquitto.db"
+
+    def saved_after(moment: float) -> float:
+        return db.stat().st_mtime if db.exists() and db.stat().st_mtime > moment else 0.0
+
+    first = eventually(lambda: saved_after(since), "the broker's autosave", 30)
+    eventually(lambda: saved_after(first), "a second autosave", 30)
+
+
 def test_broker_sigkilled_mid_deployment_the_device_serves_and_reconverges(
     daemons: DaemonFactory,
     mosquitto_factory: Callable[..., Mosquitto],
@@ -146,7 +159,7 @@ def test_broker_sigkilled_mid_deployment_the_device_serves_and_reconverges(
     assert publish(broker, prefix, device_keys / "root.key", "--model",
                    mlp_archive_factory("2"), "--activation-window", WINDOW).code == 0  # fmt: skip
     wait_for_state(broker, prefix, lambda r: state_of(r)[1] == "deferred")
-    time.sleep(2)  # past the autosave: the retained documents survive the SIGKILL
+    _wait_saved_since(broker, time.time())  # the retained documents survive the SIGKILL
     broker.kill()
     versions = set()
     while time.time() < opens + 8:  # the window opens while the broker is away
