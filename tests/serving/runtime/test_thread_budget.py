@@ -31,6 +31,46 @@ def test_more_threads_are_kept_only_when_clearly_faster():
     assert marginal.threads == 1
 
 
+def _costs_by_rows(one_thread: dict[int, float], more_threads: dict[int, float], seen=None):
+    """A run whose cost depends on the thread count and on the rows of its input."""
+
+    def run(inputs):
+        threads = torch.get_num_threads()
+        if seen is not None:
+            seen.append(threads)
+        rows = int(inputs["x"].shape[0])
+        time.sleep((one_thread if threads == 1 else more_threads)[rows])
+
+    return run
+
+
+def test_a_heavy_row_is_judged_by_the_full_batch():
+    x = {"x": torch.zeros(1, 4)}
+    full = {"x": torch.zeros(8, 4)}
+    # 2 ms a row either way (the one-row figure is noise there), the full batch halved.
+    heavy = _costs_by_rows({1: 0.002, 8: 0.012}, {1: 0.002, 8: 0.006})
+    assert choose_intra_op_threads(heavy, x, full, 2, budget_s=0.4).threads == 2
+    # The same shape of costs on a light row (the issue-12 MLP): one thread stays.
+    light = _costs_by_rows({1: 0.0002, 8: 0.004}, {1: 0.0002, 8: 0.002})
+    assert choose_intra_op_threads(light, x, full, 2, budget_s=0.4).threads == 1
+    # A heavy row that more threads make clearly slower: one thread stays.
+    slower = _costs_by_rows({1: 0.002, 8: 0.012}, {1: 0.004, 8: 0.006})
+    assert choose_intra_op_threads(slower, x, full, 2, budget_s=0.4).threads == 1
+    # Without a full batch to judge by, a heavy row must itself be clearly faster.
+    alone = _costs_by_rows({1: 0.002}, {1: 0.002})
+    assert choose_intra_op_threads(alone, x, None, 2, budget_s=0.2).threads == 1
+
+
+def test_thread_counts_take_turns_one_size_at_a_time():
+    seen: list[int] = []
+    run = _costs_by_rows({1: 0.0005, 8: 0.001}, {1: 0.0005, 8: 0.001}, seen)
+    x = {"x": torch.zeros(1, 4)}
+    choose_intra_op_threads(run, x, {"x": torch.zeros(8, 4)}, 2, budget_s=0.1)
+    # Per size: one first run with each count, then rounds of 1, 2 (never 1, 1 or 2, 2).
+    assert seen[:4] == [1, 2, 1, 2]
+    assert all(a != b for a, b in zip(seen, seen[1:], strict=False))
+
+
 def test_the_callers_thread_budget_is_untouched():
     before = torch.get_num_threads()
     choose_intra_op_threads(_costs(0.001, 0.001), {"x": torch.zeros(1)}, None, 2, budget_s=0.05)
