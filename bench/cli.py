@@ -45,7 +45,7 @@ from bench.catalog import (
     build_archives,
 )
 from bench.references import baselines, idle_daemon, raw_torch, telemetry_cost
-from bench.server import DaemonSetup, Server, start_daemon, start_echo
+from bench.server import DaemonSetup, Server, start_daemon, start_echo, wait_quiet
 
 DAEMON = "edgeserve"  # the main bench daemon (the thread-budget variants have their own)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -54,6 +54,8 @@ DAEMON_TELEMETRY_MODELS = {
 }
 UPLOAD_MODELS = {k for k, m in MODELS.items() if m.daemon == TELEMETRY_UPLOAD}
 MAX_QUEUE_SIZE = 256
+QUIET_START_TIMEOUT_S = 60.0
+"""Longest wait for a quiet machine before a bench daemon starts (``wait_quiet``)."""
 BOTH = "both"
 
 
@@ -297,6 +299,9 @@ def _start_servers(cases: list[Case], ctx: dict[str, Any], args: argparse.Namesp
             telemetry=DAEMON_TELEMETRY.get(name),
             fleet=fleet,
         )
+        waited, busy = wait_quiet(args.quiet_cores, QUIET_START_TIMEOUT_S)
+        if busy > args.quiet_cores:
+            print(f"  {name}: starting on a busy machine ({busy:.2f} cores after {waited:.0f} s)")
         ctx["servers"][name] = start_daemon(ctx["work"], name, setup)
 
 

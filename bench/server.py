@@ -193,6 +193,26 @@ class DaemonSetup:
     """The config's ``fleet`` section (broker, device_id); None: no broker."""
 
 
+QUIET_WINDOW_S = 0.5
+
+
+def wait_quiet(max_cores: float, timeout_s: float) -> tuple[float, float]:
+    """Wait until the whole machine uses at most ``max_cores`` over a ``QUIET_WINDOW_S``
+    window, or ``timeout_s`` has passed: (seconds waited, cores in the last window).
+
+    The daemon times each model's intra-op thread counts while it loads
+    (``serving.thread_budget``), once: a server started just before (TorchServe's Java
+    front end compiles and collects for a while after its warm-up) would decide that
+    for edgeserve by chance."""
+    started = time.monotonic()
+    cpus = psutil.cpu_count() or 1
+    while True:
+        busy = psutil.cpu_percent(interval=QUIET_WINDOW_S) / 100 * cpus
+        waited = time.monotonic() - started
+        if busy <= max_cores or waited >= timeout_s:
+            return waited, busy
+
+
 def _config_text(
     setup: DaemonSetup, state: Path, run_dir: Path, listen: tuple[str, str], port: int | None
 ) -> str:
