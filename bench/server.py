@@ -201,9 +201,9 @@ def wait_quiet(max_cores: float, timeout_s: float) -> tuple[float, float]:
     window, or ``timeout_s`` has passed: (seconds waited, cores in the last window).
 
     The daemon times each model's intra-op thread counts while it loads
-    (``serving.thread_budget``), once: a server started just before (TorchServe's Java
-    front end compiles and collects for a while after its warm-up) would decide that
-    for edgeserve by chance."""
+    (``serving.thread_budget``), once: work still running from what the bench did just
+    before (another server's start or warm-up, another session's tests) would decide
+    that for edgeserve by chance."""
     started = time.monotonic()
     cpus = psutil.cpu_count() or 1
     while True:

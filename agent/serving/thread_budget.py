@@ -8,8 +8,8 @@ thread and with the instance's share of the cores, and keeps more threads only w
 are clearly faster (``_MUST_BEAT``) at both sizes.
 
 One exception: a row that takes at least ``_HEAVY_ROW_S`` on one thread. There a team's
-wake-ups and barriers (tens of microseconds per parallel region here) are a few percent,
-and the one-row comparison measures mostly noise: issue 12's CNN (2.2-3.0 ms a row)
+wake-ups and barriers are small next to the work, and the one-row comparison measures
+mostly noise: issue 12's CNN (2.2-3.0 ms a row)
 timed 0.57-1.15 with 2 threads from one load to the next, and kept 1 thread in most
 loads, while served with 2 it did 424-493 req/s at 32 in flight against 309-325 with 1,
 and 3.3-4.3 ms p50 at 1 in flight against 5.0-5.3 (``python -m bench --only
