@@ -298,10 +298,12 @@ def target_table(summary: dict[str, Any]) -> str:
 def reference_table(summary: dict[str, Any]) -> str:
     lines = []
     for model, raw in (summary.get("raw") or {}).items():
+        idle = raw.get("batch1_after_idle")  # absent from results written before it
+        after = f", {idle['p50_ms']:.3f} ms after {idle['gap_ms']:.0f} ms idle" if idle else ""
         lines.append(
             f"raw torch {model:<10} {raw['threads']} thread(s): batch 1 p50 "
-            f"{raw['batch1']['p50_ms']:.3f} ms ({raw['batch1']['throughput']:.0f}/s); best "
-            f"batch {raw['best_batch']}: {raw['best_throughput']:.0f} samples/s"
+            f"{raw['batch1']['p50_ms']:.3f} ms ({raw['batch1']['throughput']:.0f}/s){after}; "
+            f"best batch {raw['best_batch']}: {raw['best_throughput']:.0f} samples/s"
         )
     idle, base, daemon = summary.get("idle"), summary.get("baselines"), summary.get("daemon")
     if idle:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,8 @@ def test_quick_bench_writes_sane_json(tmp_path: Path) -> None:
     assert cases["mlp-uds-c1"]["mean_batch"] == pytest.approx(1.0)
     raw = document["median"]["raw"]["mlp"]
     assert raw["best_throughput"] > 0 and raw["batch1"]["p50_ms"] > 0
+    assert raw["batch1_after_idle"]["p50_ms"] > 0 and raw["batch1_after_idle"]["gap_ms"] == 1.0
+    assert re.search(r"raw torch mlp .* ms after 1 ms idle", done.stdout)
     ratios = document["median"]["ratios"]["mlp-uds-c1"]
     assert ratios["vs_echo_throughput"] > 0 and ratios["vs_raw_throughput"] > 0
     verdicts = {row["key"]: row["verdict"] for row in document["median"]["targets"]}
