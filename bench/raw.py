@@ -54,35 +54,24 @@ def load_module(archive: Path) -> tuple[torch.jit.ScriptModule, list[int]]:
     return module.eval(), list(manifest.inputs[0].shape[1:])
 
 
-def _batch_one(module: torch.jit.ScriptModule, x: torch.Tensor, seconds: float) -> dict[str, Any]:
+def _batch_one(
+    module: torch.jit.ScriptModule, x: torch.Tensor, seconds: float, gap_s: float = 0.0
+) -> dict[str, Any]:
+    """Single calls for ``seconds``, each after ``gap_s`` of sleep (0: back to back)."""
     times = []
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    while time.perf_counter() < deadline or not times:
+        if gap_s:
+            time.sleep(gap_s)
         started = time.perf_counter()
         module(x)
         times.append(time.perf_counter() - started)
     arr = np.asarray(times)
     return {
+        "gap_ms": gap_s * 1e3,
         "p50_ms": float(np.percentile(arr, 50) * 1e3),
         "p99_ms": float(np.percentile(arr, 99) * 1e3),
         "throughput": float(1.0 / np.median(arr)),
-        "calls": len(times),
-    }
-
-
-def _batch_one_after_idle(
-    module: torch.jit.ScriptModule, x: torch.Tensor, seconds: float
-) -> dict[str, Any]:
-    times = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or not times:
-        time.sleep(IDLE_GAP_S)
-        started = time.perf_counter()
-        module(x)
-        times.append(time.perf_counter() - started)
-    return {
-        "gap_ms": IDLE_GAP_S * 1e3,
-        "p50_ms": float(np.percentile(times, 50) * 1e3),
         "calls": len(times),
     }
 
@@ -125,7 +114,7 @@ def measure(archive: Path, threads: int, batches: list[int], seconds: float) -> 
                 module(torch.randn(size, *sample_shape))
         start = _busy()
         single = _batch_one(module, torch.randn(1, *sample_shape), per_batch_s)
-        after_idle = _batch_one_after_idle(module, torch.randn(1, *sample_shape), per_batch_s)
+        after_idle = _batch_one(module, torch.randn(1, *sample_shape), per_batch_s, IDLE_GAP_S)
         for size in batches:
             call_s, cpu_s = _per_call_s(module, torch.randn(size, *sample_shape), per_batch_s)
             sweep[str(size)] = {
