@@ -9,12 +9,20 @@ import torch
 from edgeserve.serving.thread_budget import choose_intra_op_threads, first_row, full_batch_of
 from edgeserve.types import BytesTensor
 
+Cost = float | dict[int, float]
 
-def _costs(one_thread_s: float, more_threads_s: float):
-    """A run whose cost depends on the intra-op thread count of the calling thread."""
+
+def _costs(one_thread: Cost, more_threads: Cost, seen: list[int] | None = None):
+    """A run whose cost depends on the intra-op thread count of the calling thread, and
+    on the rows of its input where a cost is given per row count; ``seen`` collects the
+    thread counts it ran with."""
 
     def run(inputs):
-        time.sleep(one_thread_s if torch.get_num_threads() == 1 else more_threads_s)
+        threads = torch.get_num_threads()
+        if seen is not None:
+            seen.append(threads)
+        cost = one_thread if threads == 1 else more_threads
+        time.sleep(cost[int(inputs["x"].shape[0])] if isinstance(cost, dict) else cost)
 
     return run
 
@@ -31,39 +39,26 @@ def test_more_threads_are_kept_only_when_clearly_faster():
     assert marginal.threads == 1
 
 
-def _costs_by_rows(one_thread: dict[int, float], more_threads: dict[int, float], seen=None):
-    """A run whose cost depends on the thread count and on the rows of its input."""
-
-    def run(inputs):
-        threads = torch.get_num_threads()
-        if seen is not None:
-            seen.append(threads)
-        rows = int(inputs["x"].shape[0])
-        time.sleep((one_thread if threads == 1 else more_threads)[rows])
-
-    return run
-
-
 def test_a_heavy_row_is_judged_by_the_full_batch():
     x = {"x": torch.zeros(1, 4)}
     full = {"x": torch.zeros(8, 4)}
     # 2 ms a row either way (the one-row figure is noise there), the full batch halved.
-    heavy = _costs_by_rows({1: 0.002, 8: 0.012}, {1: 0.002, 8: 0.006})
+    heavy = _costs({1: 0.002, 8: 0.012}, {1: 0.002, 8: 0.006})
     assert choose_intra_op_threads(heavy, x, full, 2, budget_s=0.4).threads == 2
     # The same shape of costs on a light row (the issue-12 MLP): one thread stays.
-    light = _costs_by_rows({1: 0.0002, 8: 0.004}, {1: 0.0002, 8: 0.002})
+    light = _costs({1: 0.0002, 8: 0.004}, {1: 0.0002, 8: 0.002})
     assert choose_intra_op_threads(light, x, full, 2, budget_s=0.4).threads == 1
     # A heavy row that more threads make clearly slower: one thread stays.
-    slower = _costs_by_rows({1: 0.002, 8: 0.012}, {1: 0.004, 8: 0.006})
+    slower = _costs({1: 0.002, 8: 0.012}, {1: 0.004, 8: 0.006})
     assert choose_intra_op_threads(slower, x, full, 2, budget_s=0.4).threads == 1
     # Without a full batch to judge by, a heavy row must itself be clearly faster.
-    alone = _costs_by_rows({1: 0.002}, {1: 0.002})
+    alone = _costs({1: 0.002}, {1: 0.002})
     assert choose_intra_op_threads(alone, x, None, 2, budget_s=0.2).threads == 1
 
 
 def test_thread_counts_take_turns_one_size_at_a_time():
     seen: list[int] = []
-    run = _costs_by_rows({1: 0.0005, 8: 0.001}, {1: 0.0005, 8: 0.001}, seen)
+    run = _costs({1: 0.0005, 8: 0.001}, {1: 0.0005, 8: 0.001}, seen)
     x = {"x": torch.zeros(1, 4)}
     choose_intra_op_threads(run, x, {"x": torch.zeros(8, 4)}, 2, budget_s=0.1)
     # Per size: one first run with each count, then rounds of 1, 2 (never 1, 1 or 2, 2).
