@@ -159,7 +159,10 @@ def test_concurrent_maximum_size_requests_stay_within_the_budget(
         threads = [threading.Thread(target=send) for _ in range(8)]
         for thread in threads:
             thread.start()
-        time.sleep(0.5)
+        # The budget is full (a first refusal came back) while the rest are in flight.
+        eventually(
+            lambda: any(code == "RESOURCE_EXHAUSTED" for code, _ in outcomes), "a refusal", 60
+        )
         with InferenceClient(daemon.tcp) as client:  # valid small requests beside them
             for _ in range(5):
                 _, outputs = client.infer("mlp", {"x": np.ones((2, 16), np.float32)})

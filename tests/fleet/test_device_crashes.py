@@ -9,7 +9,6 @@ at``, and waits for good while the daemon goes on serving; the test then kills i
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from tests.fleet.device_support import (
     wait_for_state,
 )
 from tests.mqtt_broker import Mosquitto
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +33,14 @@ FORWARD = ["received", "verified", "downloading", "downloaded", "installing", "w
 
 
 def _held(daemon: RunningDaemon, state: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if f"holding at {state}" in daemon.log():
-            return
+    def holding() -> bool:
         assert daemon.process.poll() is None, daemon.log()[-3000:]
-        time.sleep(0.2)
-    raise AssertionError(f"never held at {state}:\n{daemon.log()[-3000:]}")
+        return f"holding at {state}" in daemon.log()
+
+    try:
+        eventually(holding, f"the deployment to hold at {state}", timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{daemon.log()[-3000:]}") from None
 
 
 def _persisted_state(daemon: RunningDaemon) -> dict[str, Any]:

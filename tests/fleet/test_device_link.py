@@ -6,7 +6,6 @@ needs anyone else's."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from tests.cli.support import edgeserve
 from tests.conftest import DaemonFactory
 from tests.fleet.device_support import DEVICE, serves
 from tests.mqtt_broker import Mosquitto
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +39,13 @@ def test_tls_with_a_wrong_ca_is_refused_and_the_device_serves_on(
         f" key_file: {files.client_key}}}\n"
     )
     daemon = daemons.start(mlp_archive_factory("1"), extra_config=config)
-    deadline = time.monotonic() + 30
-    fleet: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+
+    def failed_link() -> dict[str, Any] | None:
         done = edgeserve("status", "--config", daemon.config, "--json", "--timeout", "10")
-        fleet = json.loads(done.out)["fleet"]
-        if fleet["last_error"]:
-            break
-        time.sleep(0.5)
+        fleet: dict[str, Any] = json.loads(done.out)["fleet"]
+        return fleet if fleet["last_error"] else None
+
+    fleet = eventually(failed_link, "the link's first error in status", 30)
     assert fleet["connected"] is False
     assert "certificate" in str(fleet["last_error"]).lower(), fleet
     assert serves(daemon) == "1"

@@ -27,6 +27,7 @@ from edgeserve.archive.format import read_manifest, write_archive
 from edgeserve.proto import kserve_v2_pb2 as kpb
 from edgeserve.proto import kserve_v2_pb2_grpc as kpb_grpc
 from tests.management.conftest import drop_in
+from tests.waiting import eventually
 
 WORST_LAG_S = 1.0
 """The slowest probe answer accepted while an operation runs: generous for a shared,
@@ -113,7 +114,8 @@ def test_a_fifo_named_as_an_archive_is_refused_at_once(mdaemons, mlp_archive_fac
             with pytest.raises(ClientError) as caught:
                 client.load(archive="pipe.esar")
             took = time.monotonic() - started
-            time.sleep(0.3)  # the probe keeps asking after the refusal, too
+            asked = len(probe.latencies)  # the probe keeps asking after the refusal, too
+            eventually(lambda: len(probe.latencies) >= asked + 10, "10 probes after it", 30)
         finally:
             _release(fifo)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT, caught.value
